@@ -1,0 +1,120 @@
+//! Upstream address policy: the SSRF gate between the tunnel and the private network.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// The three RFC 1918 ranges: the reference proxy's default allowlist.
+pub const RFC1918: [&str; 3] = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"];
+
+/// Which resolved upstream addresses may be dialled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpPolicy {
+    /// Only addresses inside one of these networks.
+    Allow(Vec<IpNet>),
+    /// `disable_ip_validation = true`: any address (isolated testing only).
+    Disabled,
+}
+
+impl Default for IpPolicy {
+    fn default() -> Self {
+        IpPolicy::Allow(
+            RFC1918
+                .iter()
+                .map(|n| n.parse().expect("static CIDR"))
+                .collect(),
+        )
+    }
+}
+
+impl IpPolicy {
+    /// Whether `ip` may be dialled; an IPv4-mapped IPv6 address is judged as the IPv4 it maps.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        match self {
+            IpPolicy::Disabled => true,
+            IpPolicy::Allow(nets) => {
+                let ip = ip.to_canonical();
+                nets.iter().any(|n| n.contains(&ip))
+            }
+        }
+    }
+
+    /// Checks a whole DNS answer: every address must be allowed (a mixed answer fails closed).
+    /// Returns the first refused address.
+    pub fn check_all(&self, ips: &[IpAddr]) -> Result<(), IpAddr> {
+        match ips.iter().find(|ip| !self.allows(**ip)) {
+            Some(bad) => Err(bad.to_canonical()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Parses one `allowed_ips` entry: a CIDR or a single address (taken as /32 or /128).
+pub fn parse_entry(entry: &str) -> Result<IpNet, String> {
+    let entry = entry.trim();
+    if let Ok(net) = entry.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    entry.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+        format!("expected a CIDR such as \"10.0.0.0/8\" or a single address, found {entry:?}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn default_is_rfc1918() {
+        let p = IpPolicy::default();
+        for ok in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(p.allows(ip(ok)), "{ok}");
+        }
+        for bad in [
+            "172.32.0.1",
+            "127.0.0.1",
+            "8.8.8.8",
+            "169.254.169.254",
+            "::1",
+            "fd00::1",
+        ] {
+            assert!(!p.allows(ip(bad)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mixed_answer_fails_closed() {
+        let p = IpPolicy::default();
+        assert_eq!(
+            p.check_all(&[ip("10.0.0.1"), ip("8.8.8.8")]),
+            Err(ip("8.8.8.8"))
+        );
+        assert_eq!(p.check_all(&[ip("10.0.0.1"), ip("192.168.0.1")]), Ok(()));
+        assert_eq!(p.check_all(&[ip("::ffff:1.2.3.4")]), Err(ip("1.2.3.4")));
+    }
+
+    #[test]
+    fn entries() {
+        assert_eq!(
+            parse_entry("127.0.0.1").unwrap().to_string(),
+            "127.0.0.1/32"
+        );
+        assert_eq!(parse_entry("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert!(parse_entry("10.0.0.0/33").is_err());
+        assert!(
+            parse_entry("localhost")
+                .unwrap_err()
+                .contains("expected a CIDR")
+        );
+    }
+}

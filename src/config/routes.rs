@@ -1,0 +1,292 @@
+//! The route table: which upstream serves which hostname, and the matching rules.
+//!
+//! Matching follows the reference proxy (exact full hostname first, then the subdomain left
+//! after stripping `tunnel_domain`) and settles what it leaves open: comparison is
+//! case-insensitive, and a port or a trailing dot on the incoming name is ignored.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// Upstream scheme: the reference accepts exactly these two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// A parsed `scheme://host:port` upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    /// Host as written (DNS name or IP literal, without IPv6 brackets), lowercased.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Upstream {
+    /// The reference proxy's wording, kept so operators can search for it.
+    pub const FORMAT_ERROR: &'static str = "invalid upstream (must be scheme://host:port)";
+
+    /// Parses exactly `scheme://host:port`; the `Err` says what was wrong with the value.
+    pub fn parse(value: &str) -> Result<Upstream, String> {
+        let fail = |why: &str| Err(format!("{} : {value:?} {why}", Self::FORMAT_ERROR));
+        let Some((scheme, rest)) = value.split_once("://") else {
+            return fail("has no scheme");
+        };
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            _ => return fail("has a scheme other than http or https"),
+        };
+        if let Some(pos) = rest.find(['/', '?', '#']) {
+            return fail(if rest.as_bytes()[pos] == b'/' {
+                "has a path (put the path in the connector URL instead)"
+            } else {
+                "has a query or fragment"
+            });
+        }
+        if rest.contains('@') {
+            return fail("has user information");
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let Some((host, after)) = v6.split_once(']') else {
+                return fail("has an unclosed IPv6 bracket");
+            };
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return fail("has an invalid IPv6 address");
+            }
+            (host, after.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        let Some(port) = port else {
+            return fail("has no port");
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            return fail("has an invalid port");
+        };
+        if port == 0 {
+            return fail("has port 0");
+        }
+        if host.is_empty() || !valid_host(host) {
+            return fail("has an invalid host");
+        }
+        Ok(Upstream {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// `host:port` as it goes into a URI or a `Host` header (IPv6 bracketed).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme.as_str(), self.authority())
+    }
+}
+
+fn valid_host(host: &str) -> bool {
+    host.parse::<std::net::Ipv6Addr>().is_ok()
+        || host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+/// One configured route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The key as configured (normalised): a bare subdomain or a full hostname.
+    pub name: String,
+    pub upstream: Upstream,
+    /// Send the caller's `Host` upstream instead of the upstream's own authority.
+    pub preserve_host: bool,
+}
+
+/// Immutable lookup table, built once per config snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: HashMap<String, Arc<Route>>,
+    /// Lowercased, without trailing dot; `None` when routes are full hostnames only.
+    tunnel_domain: Option<String>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Route>, tunnel_domain: Option<&str>) -> RouteTable {
+        RouteTable {
+            routes: routes
+                .into_iter()
+                .map(|r| (r.name.clone(), Arc::new(r)))
+                .collect(),
+            tunnel_domain: tunnel_domain.map(normalize_name).filter(|d| !d.is_empty()),
+        }
+    }
+
+    /// Finds the route for an incoming `Host` / `:authority` / SNI value.
+    pub fn lookup(&self, host: &str) -> Option<&Arc<Route>> {
+        let name = normalize_host(host);
+        if name.is_empty() {
+            return None;
+        }
+        if let Some(route) = self.routes.get(&name) {
+            return Some(route);
+        }
+        let domain = self.tunnel_domain.as_deref()?;
+        let sub = name.strip_suffix(domain)?.strip_suffix('.')?;
+        if sub.is_empty() {
+            return None;
+        }
+        self.routes.get(sub)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// Lowercases and drops one trailing dot: `Echo.Example.COM.` -> `echo.example.com`.
+pub fn normalize_name(name: &str) -> String {
+    let name = name.trim();
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+/// Strips a port (and IPv6 brackets) from a `Host` value, then normalises it.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let bare = if let Some(v6) = host.strip_prefix('[') {
+        v6.split_once(']').map_or(v6, |(h, _)| h)
+    } else if host.matches(':').count() == 1 {
+        host.split_once(':').map_or(host, |(h, _)| h)
+    } else {
+        host
+    };
+    normalize_name(bare)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(domain: Option<&str>, names: &[&str]) -> RouteTable {
+        let routes = names
+            .iter()
+            .map(|n| Route {
+                name: n.to_string(),
+                upstream: Upstream::parse(&format!("http://{n}-up:9000")).unwrap(),
+                preserve_host: false,
+            })
+            .collect();
+        RouteTable::new(routes, domain)
+    }
+
+    #[test]
+    fn matching_table() {
+        let t = table(
+            Some("Tunnel.Example.com."),
+            &["echo", "wiki.internal.example.org", "a.b"],
+        );
+        let cases: &[(&str, Option<&str>)] = &[
+            ("echo.tunnel.example.com", Some("echo")),
+            ("ECHO.Tunnel.Example.COM", Some("echo")),
+            ("echo.tunnel.example.com.", Some("echo")),
+            ("echo.tunnel.example.com:443", Some("echo")),
+            ("echo.tunnel.example.com.:8443", Some("echo")),
+            ("echo", Some("echo")),
+            (
+                "wiki.internal.example.org",
+                Some("wiki.internal.example.org"),
+            ),
+            (
+                "WIKI.internal.example.org:443",
+                Some("wiki.internal.example.org"),
+            ),
+            ("a.b.tunnel.example.com", Some("a.b")),
+            ("b.tunnel.example.com", None),
+            ("tunnel.example.com", None),
+            (".tunnel.example.com", None),
+            ("xecho.tunnel.example.com", None),
+            ("echotunnel.example.com", None),
+            ("echo.tunnel.example.com.evil.net", None),
+            ("echo.other.example.com", None),
+            ("", None),
+            ("[::1]:443", None),
+        ];
+        for (host, want) in cases {
+            let got = t.lookup(host).map(|r| r.name.as_str());
+            assert_eq!(got, *want, "host {host:?}");
+        }
+    }
+
+    #[test]
+    fn without_tunnel_domain_only_exact_names_match() {
+        let t = table(None, &["echo.tunnel.example.com", "echo"]);
+        assert_eq!(
+            t.lookup("echo.tunnel.example.com").unwrap().name,
+            "echo.tunnel.example.com"
+        );
+        assert!(t.lookup("other.tunnel.example.com").is_none());
+    }
+
+    #[test]
+    fn upstream_accepts_exact_form() {
+        let u = Upstream::parse("http://hello-mcp:9000").unwrap();
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port),
+            (Scheme::Http, "hello-mcp", 9000)
+        );
+        let u = Upstream::parse("HTTPS://10.0.12.7:8443").unwrap();
+        assert_eq!(u.to_string(), "https://10.0.12.7:8443");
+        let u = Upstream::parse("http://[fd00::1]:80").unwrap();
+        assert_eq!(u.authority(), "[fd00::1]:80");
+    }
+
+    #[test]
+    fn upstream_refuses_everything_else() {
+        for (bad, why) in [
+            ("http://hello:9000/mcp", "has a path"),
+            ("http://hello:9000/", "has a path"),
+            ("http://hello", "has no port"),
+            ("hello:9000", "has no scheme"),
+            ("ftp://hello:21", "other than http"),
+            ("http://hello:99999", "invalid port"),
+            ("http://hello:0", "port 0"),
+            ("http://user@hello:80", "user information"),
+            ("http://hello:80?x=1", "query"),
+            ("http://:80", "invalid host"),
+            ("http://hel lo:80", "invalid host"),
+        ] {
+            let err = Upstream::parse(bad).unwrap_err();
+            assert!(err.starts_with(Upstream::FORMAT_ERROR), "{bad}: {err}");
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+}

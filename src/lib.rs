@@ -1,0 +1,14 @@
+//! mcp-tunnel: one supervisor process that connects Claude to MCP servers in a private
+//! network. The binary (`main.rs`) only parses arguments; everything lives here so that
+//! integration tests drive the same code.
+
+#![forbid(unsafe_code)]
+
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod lifecycle;
+pub mod proxy;
+pub mod supervisor;
+pub mod telemetry;

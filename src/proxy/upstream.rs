@@ -1,0 +1,305 @@
+//! Reaching upstreams: resolve, check every resolved address against the allowlist, dial
+//! only an address that was checked (no second lookup, so no DNS-rebinding window), and
+//! wrap in TLS for `https://`. Connections are pooled by hyper-util's client; every new
+//! connection resolves and checks again, so a changed DNS answer is always judged.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::IpPolicy;
+
+/// What the connector needs from the current config snapshot.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub ip_policy: IpPolicy,
+    pub tls: Option<Arc<ClientConfig>>,
+    pub connect_timeout: Duration,
+}
+
+/// Why no upstream connection was made. The proxy maps each to a status and a log line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("IP validation failed: {ip} is not a private address")]
+    NotAllowed { host: String, ip: IpAddr },
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("{host} resolved to no address")]
+    NoAddress { host: String },
+    #[error("dial tcp {addr}: {source}")]
+    Dial { addr: SocketAddr, source: io::Error },
+    #[error("connecting to {host} timed out after {after:?}")]
+    Timeout { host: String, after: Duration },
+    #[error("TLS with upstream {host} failed: {source}")]
+    Tls { host: String, source: io::Error },
+    #[error(
+        "https upstream {host} has no trust anchor (set upstream.tls.ca_file or include_system_cas)"
+    )]
+    NoTrustAnchor { host: String },
+    #[error("invalid upstream URI {0}")]
+    BadUri(String),
+}
+
+/// Resolves `host` (an IP literal is used as is) and checks the whole answer.
+pub async fn resolve_checked(
+    policy: &IpPolicy,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, ConnectError> {
+    let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                host: host.to_string(),
+                source,
+            })?
+            .collect(),
+    };
+    if addrs.is_empty() {
+        return Err(ConnectError::NoAddress {
+            host: host.to_string(),
+        });
+    }
+    let ips: Vec<IpAddr> = addrs.iter().map(|a| a.ip()).collect();
+    policy
+        .check_all(&ips)
+        .map_err(|ip| ConnectError::NotAllowed {
+            host: host.to_string(),
+            ip,
+        })?;
+    // Dial the canonical form, so a mapped address goes out as the IPv4 it was judged as.
+    Ok(addrs
+        .into_iter()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+        .collect())
+}
+
+async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(source) => {
+                last = Some(ConnectError::Dial {
+                    addr: *addr,
+                    source,
+                })
+            }
+        }
+    }
+    Err(last.expect("resolve_checked never returns an empty list"))
+}
+
+/// hyper-util connector enforcing the policy of the current snapshot.
+#[derive(Clone)]
+pub struct Connector {
+    settings: Arc<ArcSwap<UpstreamSettings>>,
+}
+
+impl Connector {
+    pub fn new(settings: Arc<ArcSwap<UpstreamSettings>>) -> Connector {
+        Connector { settings }
+    }
+
+    async fn connect(
+        settings: Arc<UpstreamSettings>,
+        uri: Uri,
+    ) -> Result<UpstreamIo, ConnectError> {
+        let host = uri
+            .host()
+            .ok_or_else(|| ConnectError::BadUri(uri.to_string()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let https = uri.scheme_str() == Some("https");
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let work = async {
+            let addrs = resolve_checked(&settings.ip_policy, &host, port).await?;
+            let tcp = dial(&addrs).await?;
+            if !https {
+                return Ok(UpstreamIo(TokioIo::new(Stream::Plain(tcp))));
+            }
+            let tls = settings
+                .tls
+                .clone()
+                .ok_or_else(|| ConnectError::NoTrustAnchor { host: host.clone() })?;
+            let name = ServerName::try_from(host.clone()).map_err(|e| ConnectError::Tls {
+                host: host.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, e),
+            })?;
+            let stream = TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|source| ConnectError::Tls {
+                    host: host.clone(),
+                    source,
+                })?;
+            Ok(UpstreamIo(TokioIo::new(Stream::Tls(Box::new(stream)))))
+        };
+        tokio::time::timeout(settings.connect_timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConnectError::Timeout {
+                    host: host.clone(),
+                    after: settings.connect_timeout,
+                })
+            })
+    }
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(Connector::connect(self.settings.load_full(), uri))
+    }
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// An upstream connection, plain or TLS.
+pub struct UpstreamIo(TokioIo<Stream>);
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Finds the connector's own error inside a hyper-util client error.
+pub fn find_connect_error<'a>(
+    mut err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a ConnectError> {
+    loop {
+        if let Some(c) = err.downcast_ref::<ConnectError>() {
+            return Some(c);
+        }
+        err = err.source()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn literal_addresses_are_checked_without_lookup() {
+        let policy = IpPolicy::default();
+        let ok = resolve_checked(&policy, "10.1.2.3", 80).await.unwrap();
+        assert_eq!(ok, vec!["10.1.2.3:80".parse().unwrap()]);
+        let mapped = resolve_checked(&policy, "::ffff:192.168.1.2", 80)
+            .await
+            .unwrap();
+        assert_eq!(mapped, vec!["192.168.1.2:80".parse().unwrap()]);
+        match resolve_checked(&policy, "127.0.0.1", 80).await {
+            Err(ConnectError::NotAllowed { ip, .. }) => assert_eq!(ip.to_string(), "127.0.0.1"),
+            other => panic!("expected NotAllowed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn hostname_resolving_outside_the_set_is_refused() {
+        // "localhost" resolves to loopback, which the RFC 1918 default does not allow.
+        let err = resolve_checked(&IpPolicy::default(), "localhost", 80)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::NotAllowed { .. }), "{err:?}");
+        assert!(err.to_string().contains("is not a private address"));
+    }
+}

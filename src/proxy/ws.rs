@@ -1,0 +1,106 @@
+//! A WebSocket connection seen as a byte stream (`AsyncRead + AsyncWrite`), so that a TLS
+//! session can run inside it as the edge runs it.
+//!
+//! Text and binary messages both carry payload bytes; ping, pong and close stay in the
+//! WebSocket layer (tungstenite answers pings itself). A close frame or the end of the
+//! connection reads as end-of-file.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// WebSocket settings for tunnel sessions: modest buffers, since thousands of sessions can
+/// sit idle, and the crate's default message limits.
+pub fn session_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+}
+
+/// Byte-stream view of a WebSocket.
+pub struct WsByteStream<S> {
+    inner: WebSocketStream<S>,
+    /// Unread rest of the last received message.
+    pending: Bytes,
+    eof: bool,
+}
+
+impl<S> WsByteStream<S> {
+    pub fn new(inner: WebSocketStream<S>) -> Self {
+        WsByteStream {
+            inner,
+            pending: Bytes::new(),
+            eof: false,
+        }
+    }
+}
+
+fn to_io(e: WsError) -> io::Error {
+    match e {
+        WsError::Io(e) => e,
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            io::Error::new(io::ErrorKind::NotConnected, e)
+        }
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                Some(Ok(Message::Binary(b))) => self.pending = b,
+                Some(Ok(Message::Text(t))) => self.pending = Bytes::from(t),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Close(_))) | None => self.eof = true,
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => self.eof = true,
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsByteStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut sink = Pin::new(&mut self.inner);
+        ready!(sink.as_mut().poll_ready(cx)).map_err(to_io)?;
+        sink.start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .map_err(to_io)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx).map_err(to_io)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match ready!(Pin::new(&mut self.inner).poll_close(cx)) {
+            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(to_io(e))),
+        }
+    }
+}
