@@ -1,0 +1,312 @@
+//! The `mcp-tunnel` binary as an operator runs it: `check` messages, streaming large bodies
+//! in bounded memory, and SIGTERM draining.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use mcp_tunnel::proxy::edge::WsTarget;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn check(pki: &TestPki, text: &str) -> (i32, String) {
+    let path = pki.path("check.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let mut all = String::from_utf8_lossy(&out.stderr).into_owned();
+    all.push_str(&String::from_utf8_lossy(&out.stdout));
+    (out.status.code().unwrap_or(-1), all)
+}
+
+#[test]
+fn check_accepts_a_good_config_and_names_each_problem() {
+    let pki = TestPki::new();
+    let good = config_text(&pki, "", "echo = \"http://10.0.0.5:9000\"", "");
+    let (code, out) = check(&pki, &good);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok (1 route"), "{out}");
+
+    let file = pki.path("check.toml").display().to_string();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!(
+                "routes = [\"http://10.0.0.5:9000\"]\n{}",
+                good.replace("[routes]\necho = \"http://10.0.0.5:9000\"", "")
+            ),
+            "routes: expected a table of name = \"scheme://host:port\" entries, found an array (routes is a map, not a list)",
+        ),
+        (
+            good.replace("http://10.0.0.5:9000", "http://10.0.0.5:9000/mcp"),
+            "routes.echo: invalid upstream (must be scheme://host:port)",
+        ),
+        (
+            good.replace("http://10.0.0.5:9000", "http://10.0.0.5"),
+            "has no port",
+        ),
+        (
+            good.replace(
+                "[upstream]\n",
+                "[upstream]\nallowed_ips = [\"10.0.0.0/8\"]\ndisable_ip_validation = true\n",
+            ),
+            "upstream.allowed_ips: allowed_ips and disable_ip_validation are mutually exclusive",
+        ),
+        (good.replace("tls.key", "missing.key"), "tls.key_file ("),
+        (
+            good.replace("tls.key", "ca.key"),
+            "does not match the certificate in tls.cert_file",
+        ),
+        (
+            good.replace("[upstream]\n", "[upstream]\nallowed_ipz = []\n"),
+            "unknown field `allowed_ipz`",
+        ),
+        (
+            good.replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"5\""),
+            "expected a duration",
+        ),
+        (
+            good.replace("http://10.0.0.5:9000", "https://10.0.0.5:9000"),
+            "routes.echo: an https upstream needs a trust anchor",
+        ),
+    ];
+    for (text, want) in cases {
+        let (code, out) = check(&pki, &text);
+        assert_eq!(code, 78, "expected EX_CONFIG for {want:?}: {out}");
+        assert!(out.contains(want), "expected {want:?} in:\n{out}");
+        assert!(out.contains(&file), "error must name the file: {out}");
+    }
+    // A missing key names the path and the OS reason.
+    let (_, out) = check(&pki, &good.replace("tls.key", "missing.key"));
+    assert!(
+        out.contains("missing.key") && out.contains("No such file"),
+        "{out}"
+    );
+}
+
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Running {
+    async fn start(pki: &TestPki, routes: &str) -> Running {
+        let port = free_port();
+        let text = config_text(pki, "", routes, "allowed_ips = [\"127.0.0.0/8\"]")
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+        let path = pki.path("run.toml");
+        std::fs::write(&path, text).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Running { child, addr };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("mcp-tunnel run did not start listening");
+    }
+
+    fn target(&self) -> WsTarget {
+        WsTarget::parse(&format!("ws://{}", self.addr)).unwrap()
+    }
+
+    /// Peak resident set of the proxy process, in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    async fn edge(
+        &self,
+        pki: &TestPki,
+        sni: &str,
+    ) -> hyper::client::conn::http1::SendRequest<Body> {
+        let tls = mcp_tunnel::proxy::tls::client_config(pki.roots(), vec![b"http/1.1".to_vec()]);
+        let stream = self.target().connect_tls(tls, sni).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CHUNK: usize = 64 * 1024;
+const TOTAL: u64 = 100 * 1024 * 1024;
+
+fn generated_body(total: u64) -> Body {
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    let n = total.div_ceil(CHUNK as u64);
+    let stream = futures_util::stream::iter(
+        (0..n).map(move |_| Ok::<_, hyper::Error>(Frame::data(chunk.clone()))),
+    );
+    StreamBody::new(stream).boxed()
+}
+
+async fn count_body(mut body: Incoming) -> u64 {
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            n += data.len() as u64;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_100_mb_each_way_without_growing_memory() {
+    let pki = TestPki::new();
+    let received = Arc::new(AtomicU64::new(0));
+    let up = {
+        let received = received.clone();
+        upstream(move |req: Request<Incoming>| {
+            let received = received.clone();
+            async move {
+                if req.uri().path() == "/download" {
+                    return Response::new(generated_body(TOTAL));
+                }
+                let n = count_body(req.into_body()).await;
+                received.store(n, Ordering::SeqCst);
+                Response::new(full(n.to_string()))
+            }
+        })
+        .await
+    };
+    let proxy = Running::start(&pki, &format!("big = \"http://{up}\"")).await;
+    let mut edge = proxy.edge(&pki, "big.tunnel.test").await;
+    // Warm up: one small request, then take the baseline.
+    let warm = Request::post("/upload")
+        .header("host", "big.tunnel.test")
+        .body(full("hi"))
+        .unwrap();
+    let resp = edge.send_request(warm).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    let before = proxy.peak_rss_kib();
+
+    edge.ready().await.unwrap();
+    let up_req = Request::post("/upload")
+        .header("host", "big.tunnel.test")
+        .body(generated_body(TOTAL))
+        .unwrap();
+    let resp = edge.send_request(up_req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&body), TOTAL.to_string());
+    assert_eq!(received.load(Ordering::SeqCst), TOTAL);
+
+    edge.ready().await.unwrap();
+    let down_req = Request::get("/download")
+        .header("host", "big.tunnel.test")
+        .body(full(""))
+        .unwrap();
+    let resp = edge.send_request(down_req).await.unwrap();
+    assert_eq!(count_body(resp.into_body()).await, TOTAL);
+
+    let after = proxy.peak_rss_kib();
+    let growth_mib = after.saturating_sub(before) / 1024;
+    println!(
+        "proxy peak RSS: {before} KiB before, {after} KiB after 2 x 100 MiB (growth {growth_mib} MiB)"
+    );
+    assert!(
+        growth_mib < 24,
+        "peak RSS grew by {growth_mib} MiB while streaming 100 MiB each way"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_request_then_exits_zero() {
+    let pki = TestPki::new();
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let up = upstream(move |_req: Request<Incoming>| {
+        let mut go = go_rx.clone();
+        let started = started_tx.clone();
+        async move {
+            let _ = started.send(());
+            let _ = go.wait_for(|g| *g).await;
+            Response::new(full("finished after SIGTERM"))
+        }
+    })
+    .await;
+    let mut proxy = Running::start(&pki, &format!("slow = \"http://{up}\"")).await;
+    let mut edge = proxy.edge(&pki, "slow.tunnel.test").await;
+    let req = Request::get("/")
+        .header("host", "slow.tunnel.test")
+        .body(full(""))
+        .unwrap();
+    let in_flight = tokio::spawn(async move {
+        let resp = edge.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    });
+    started_rx.recv().await.unwrap();
+
+    let status = Command::new("kill")
+        .args(["-TERM", &proxy.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The listener closes while the request is still in flight.
+    let mut closed = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(proxy.addr).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(closed, "listener still accepting after SIGTERM");
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "exited before the in-flight request finished"
+    );
+    go_tx.send(true).unwrap();
+    let (code, body) = in_flight.await.unwrap();
+    assert_eq!((code, &body[..]), (200, &b"finished after SIGTERM"[..]));
+    let exit = tokio::task::spawn_blocking(move || {
+        let s = proxy.child.wait().unwrap();
+        std::mem::forget(proxy);
+        s
+    })
+    .await
+    .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
