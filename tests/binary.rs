@@ -122,9 +122,11 @@ impl Running {
             .spawn()
             .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // Owned by `Running` from here on, so that its Drop reaps the child on any failure.
+        let running = Running { child, addr };
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return Running { child, addr };
+                return running;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

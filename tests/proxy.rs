@@ -459,7 +459,7 @@ async fn sse_events_arrive_one_by_one_before_the_upstream_finishes() {
                 let k: usize = event
                     .split("\"progress\":")
                     .nth(1)
-                    .and_then(|s| s.trim_end_matches(|c| c == '}' || c == '\n').parse().ok())
+                    .and_then(|s| s.trim_end_matches(['}', '\n']).parse().ok())
                     .unwrap();
                 // The upstream has produced exactly this event and no later one.
                 assert_eq!(

@@ -65,14 +65,13 @@ impl Session {
         // for a different upstream); SNI naming no route (the bare domain) does not pin one.
         if let Some(sni) = &self.sni
             && let Some(sni_route) = snapshot.routes.lookup(sni)
+            && sni_route.name != route.name
         {
-            if sni_route.name != route.name {
-                info!(%host, %sni, "misdirected request: TLS server name and Host select different routes");
-                return Ok(own(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    "Misdirected request: the TLS server name and the Host header name different routes\n",
-                ));
-            }
+            info!(%host, %sni, "misdirected request: TLS server name and Host select different routes");
+            return Ok(own(
+                StatusCode::MISDIRECTED_REQUEST,
+                "Misdirected request: the TLS server name and the Host header name different routes\n",
+            ));
         }
         if req.method() == Method::CONNECT {
             return Ok(own(
