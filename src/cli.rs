@@ -57,6 +57,22 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Issue a new server certificate from the CA in DIR (no network), as the reference
+    /// `setup renew-cert` does; a no-op while more than --renew-before remains.
+    RenewCert {
+        /// Holds ca.crt, ca.key, tls.crt, tls.key (and tunnel-domain, when provisioned).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Skip when the current certificate has more than this left ("0s": always renew).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        renew_before: std::time::Duration,
+        #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+        cert_duration: std::time::Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::duration::parse(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,26 +132,102 @@ pub fn dispatch(cli: Cli) -> u8 {
         }
         Command::Certs {
             command: CertsCommand::Init { tunnel_domain, dir },
-        } => {
-            let issued = crate::certs::issue::generate(
-                &tunnel_domain,
-                crate::certs::issue::CA_VALIDITY,
-                crate::certs::issue::SERVER_VALIDITY,
-            )
-            .and_then(|pki| pki.write_to(&dir));
-            match issued {
-                Ok(()) => {
-                    println!(
-                        "wrote ca.crt, ca.key, tls.crt, tls.key for *.{tunnel_domain} in {}",
-                        dir.display()
-                    );
-                    0
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    1
-                }
-            }
+        } => certs_init(&tunnel_domain, &dir),
+        Command::RenewCert {
+            dir,
+            renew_before,
+            cert_duration,
+        } => renew_cert(&dir, renew_before, cert_duration),
+    }
+}
+
+fn certs_init(domain: &str, dir: &std::path::Path) -> u8 {
+    use crate::certs::issue;
+    let issued = issue::generate(domain, issue::CA_VALIDITY, issue::SERVER_VALIDITY)
+        .and_then(|pki| pki.write_to(dir));
+    if let Err(e) = issued {
+        eprintln!("error: {e}");
+        return 1;
+    }
+    let d = dir.display();
+    println!("Wrote in {d}:");
+    println!("  ca.crt   tunnel CA certificate (ECDSA P-256, 5 years)   <- upload this one");
+    println!("  ca.key   tunnel CA private key (0600): keep it here for renewal, or offline");
+    println!("  tls.crt  server certificate for {domain} and *.{domain} (90 days)");
+    println!("  tls.key  server private key (0600)");
+    println!();
+    println!("Next: Console > Manage > MCP tunnels > your tunnel > Add certificate, and upload");
+    println!("  {d}/ca.crt");
+    println!("Then set [tls] cert_file/key_file to {d}/tls.crt and {d}/tls.key, and, so that");
+    println!("the service renews the server certificate itself, [certs] ca_cert_file/ca_key_file.");
+    0
+}
+
+fn renew_cert(
+    dir: &std::path::Path,
+    renew_before: std::time::Duration,
+    cert_duration: std::time::Duration,
+) -> u8 {
+    use crate::certs::{self, preflight, renew};
+    let now = crate::supervisor::reload::unix_now();
+    let cert_file = dir.join("tls.crt");
+    let facts = certs::load_certs("tls.crt", &cert_file)
+        .map_err(|e| e.to_string())
+        .and_then(|c| preflight::facts(&c[0]).map_err(|e| e.to_string()));
+    let facts = match facts {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    if !renew::due(facts.not_after, now, renew_before) {
+        println!(
+            "{}: {} days left, more than --renew-before: nothing to do",
+            cert_file.display(),
+            (facts.not_after - now).div_euclid(86400)
+        );
+        return 0;
+    }
+    let domain = std::fs::read_to_string(dir.join("tunnel-domain"))
+        .ok()
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .or_else(|| {
+            facts
+                .dns_names
+                .iter()
+                .find(|n| !n.starts_with("*."))
+                .cloned()
+        });
+    let Some(domain) = domain else {
+        eprintln!(
+            "error: cannot tell the tunnel domain: no {}/tunnel-domain and no plain DNS name in the current certificate",
+            dir.display()
+        );
+        return 1;
+    };
+    let result = std::fs::read_to_string(dir.join("ca.crt"))
+        .and_then(|c| std::fs::read_to_string(dir.join("ca.key")).map(|k| (c, k)))
+        .map_err(|e| format!("reading the CA in {}: {e}", dir.display()))
+        .and_then(|(c, k)| {
+            renew::issue_from_ca(&c, &k, &domain, cert_duration, Default::default(), now)
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|pair| {
+            renew::write_pair(&pair, &cert_file, &dir.join("tls.key")).map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(()) => {
+            println!(
+                "renewed {} for {domain} and *.{domain}",
+                cert_file.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
         }
     }
 }
@@ -146,9 +238,18 @@ fn check(path: &std::path::Path) -> u8 {
         Err(e) => return fail_config(&e),
     };
     let mut failed = false;
-    if let Err(e) = crate::certs::load_server_pair(&config.tls) {
-        eprintln!("{}: {e}", path.display());
-        failed = true;
+    let now = crate::supervisor::reload::unix_now();
+    match crate::supervisor::reload::load_checked(&config, now) {
+        Ok((_, facts)) => println!(
+            "server certificate: serial {}, SAN {:?}, expires in {} days",
+            facts.serial,
+            facts.dns_names,
+            (facts.not_after - now).div_euclid(86400)
+        ),
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            failed = true;
+        }
     }
     if let Err(e) = crate::proxy::tls::upstream_client_config(&config.upstream) {
         eprintln!("{}: {e}", path.display());

@@ -1,6 +1,7 @@
 //! Configuration: the TOML schema, its defaults, and validation that names file, field and
 //! expectation. Field names follow the reference stack so operators recognise them.
 
+pub mod certs;
 pub mod duration;
 pub mod ipset;
 pub mod routes;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use certs::CertsConfig;
 pub use ipset::IpPolicy;
 pub use routes::{Route, RouteTable, Scheme, Upstream};
 
@@ -53,6 +55,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub upstream: UpstreamConfig,
     pub cloudflared: CloudflaredConfig,
+    pub certs: CertsConfig,
 }
 
 /// The inner-TLS server certificate and key.
@@ -132,6 +135,8 @@ struct RawConfig {
     upstream: RawUpstream,
     #[serde(default)]
     cloudflared: RawCloudflared,
+    #[serde(default)]
+    certs: certs::RawCerts,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +290,12 @@ impl Config {
             }
         }
 
+        let mut section_problems = Vec::new();
+        let certs = raw.certs.validate(base, &mut section_problems);
+        for (field, message) in section_problems {
+            v.push(&field, message);
+        }
+
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -308,6 +319,7 @@ impl Config {
             cloudflared: CloudflaredConfig {
                 enabled: raw.cloudflared.enabled.unwrap_or(false),
             },
+            certs,
         };
         if v.problems.is_empty() {
             Ok(config)
@@ -317,6 +329,17 @@ impl Config {
                 problems: v.problems,
             })
         }
+    }
+
+    /// Full hostnames the server certificate must cover (bare keys joined to the domain).
+    pub fn route_hosts(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .map(|r| match &self.tunnel_domain {
+                Some(d) if !r.name.ends_with(d.as_str()) => format!("{}.{d}", r.name),
+                _ => r.name.clone(),
+            })
+            .collect()
     }
 
     /// The route table for this config.

@@ -1,23 +1,63 @@
 //! One request inside a tunnel session: route, check, forward, stream back.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
 
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
 
-/// Response body: the upstream's, streamed, or a short one of the proxy's own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// Response body: the upstream's, streamed under its route's lease, or a short one of the
+/// proxy's own.
+pub type ProxyBody = Either<LeasedBody, Full<Bytes>>;
+
+/// An upstream response body that ends with an error (aborting the stream towards the
+/// client) once its route's lease is cancelled by a reload.
+pub struct LeasedBody {
+    inner: Incoming,
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+/// The stream was closed because its route was removed or is no longer allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("stream closed: its route was removed, changed or is no longer allowed")]
+pub struct RouteRevoked;
+
+impl Body for LeasedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(RouteRevoked))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Per-session facts every request of the session shares.
 pub struct Session {
@@ -83,19 +123,33 @@ impl Session {
         let path = req.uri().path().to_owned();
         info!(route = %route.name, %method, %path, "request started");
 
+        let lease = snapshot
+            .leases
+            .get(&route.name)
+            .cloned()
+            .unwrap_or_default();
+        let plane = self.proxy.upstream.load_full();
         let upstream_req = self.upstream_request(req, &route, &host);
-        let sent = tokio::time::timeout(
-            snapshot.response_header_timeout,
-            self.proxy.client.request(upstream_req),
-        )
-        .await;
+        let sent = tokio::select! {
+            r = tokio::time::timeout(snapshot.response_header_timeout, plane.client.request(upstream_req)) => Some(r),
+            _ = lease.cancelled() => None,
+        };
         let resp = match sent {
-            Ok(Ok(mut resp)) => {
+            None => own(
+                StatusCode::BAD_GATEWAY,
+                "Route removed or no longer allowed\n",
+            ),
+            Some(Ok(Ok(mut resp))) => {
                 strip_hop_by_hop(resp.headers_mut());
-                resp.map(Either::Left)
+                resp.map(|inner| {
+                    Either::Left(LeasedBody {
+                        inner,
+                        revoked: Box::pin(lease.cancelled_owned()),
+                    })
+                })
             }
-            Ok(Err(e)) => error_response(&route, &e),
-            Err(_) => {
+            Some(Ok(Err(e))) => error_response(&route, &e),
+            Some(Err(_)) => {
                 warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
                 own(
                     StatusCode::GATEWAY_TIMEOUT,

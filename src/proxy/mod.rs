@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod edge;
 mod forward;
+pub mod state;
 pub mod tls;
 pub mod upstream;
 pub mod ws;
@@ -18,7 +19,6 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -28,10 +28,11 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, info, warn};
 
 use crate::certs::{self, CertError};
-use crate::config::{Config, RouteTable};
+use crate::config::Config;
 use crate::lifecycle::Shutdown;
+use state::{ApplyReport, Snapshot, UpstreamPlane};
 use tls::CertStore;
-use upstream::{Connector, Resolve, SystemResolver, UpstreamSettings};
+use upstream::{Resolve, SystemResolver};
 
 /// Time allowed for the inner TLS handshake once the WebSocket is up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -48,20 +49,15 @@ pub enum ProxyError {
     },
 }
 
-/// The parts of the config the request path reads; replaced as a whole on reload.
-pub struct Snapshot {
-    pub routes: RouteTable,
-    pub response_header_timeout: Duration,
-}
-
 /// Shared proxy state. Readers on the request path load snapshots without locking.
 pub struct Proxy {
     resolver: Arc<dyn Resolve>,
     snapshot: ArcSwap<Snapshot>,
-    upstream: Arc<ArcSwap<UpstreamSettings>>,
+    upstream: ArcSwap<UpstreamPlane>,
     certs: Arc<CertStore>,
     acceptor: TlsAcceptor,
-    client: Client<Connector, Incoming>,
+    /// Serialises reloads so two never interleave their lease bookkeeping.
+    apply_lock: tokio::sync::Mutex<()>,
 }
 
 impl Proxy {
@@ -77,17 +73,14 @@ impl Proxy {
     ) -> Result<Arc<Proxy>, ProxyError> {
         let pair = certs::load_server_pair(&config.tls)?;
         let certs = Arc::new(CertStore::new(pair));
-        let upstream = Arc::new(ArcSwap::from_pointee(upstream_settings(config, &resolver)?));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(Connector::new(upstream.clone()));
+        let upstream = ArcSwap::from_pointee(UpstreamPlane::new(&config.upstream, &resolver)?);
         let proxy = Proxy {
             resolver,
-            snapshot: ArcSwap::from_pointee(snapshot(config)),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             upstream,
             acceptor: TlsAcceptor::from(tls::server_config(certs.clone())),
             certs,
-            client,
+            apply_lock: tokio::sync::Mutex::new(()),
         };
         for route in config.route_table().iter() {
             info!(route = %route.name, upstream = %route.upstream, preserve_host = route.preserve_host, "route configured");
@@ -95,13 +88,36 @@ impl Proxy {
         Ok(Arc::new(proxy))
     }
 
-    /// Replaces routes and upstream policy with those of `config`; in-flight requests keep
-    /// the snapshot they started with.
-    pub fn apply(&self, config: &Config) -> Result<(), ProxyError> {
-        let settings = upstream_settings(config, &self.resolver)?;
-        self.upstream.store(Arc::new(settings));
-        self.snapshot.store(Arc::new(snapshot(config)));
-        Ok(())
+    /// Replaces routes and upstream policy with those of `config`. Requests in flight keep
+    /// what they started with; streams on routes that were removed, changed, or are no longer
+    /// allowed are closed, each logged; every other stream is untouched.
+    pub async fn apply(&self, config: &Config) -> Result<ApplyReport, ProxyError> {
+        let _serial = self.apply_lock.lock().await;
+        let old_plane = self.upstream.load_full();
+        let policy_changed = old_plane.config != config.upstream;
+        let plane = if policy_changed {
+            Arc::new(UpstreamPlane::new(&config.upstream, &self.resolver)?)
+        } else {
+            old_plane
+        };
+        let old = self.snapshot.load_full();
+        let (next, cancel, report) =
+            state::next_snapshot(&old, config, &plane, policy_changed).await;
+        self.upstream.store(plane);
+        self.snapshot.store(Arc::new(next));
+        for closed in &report.closed {
+            warn!(route = %closed.route, reason = %closed.reason, "closing the route's open streams");
+        }
+        for lease in cancel {
+            lease.cancel();
+        }
+        for name in &report.added {
+            info!(route = %name, "route configured");
+        }
+        for name in &report.removed {
+            info!(route = %name, "route removed");
+        }
+        Ok(report)
     }
 
     /// The certificate store, for rotation.
@@ -268,25 +284,6 @@ impl Proxy {
             debug!(client = %client_ip, error = %e, "tunnel session ended with an error");
         }
     }
-}
-
-fn snapshot(config: &Config) -> Snapshot {
-    Snapshot {
-        routes: config.route_table(),
-        response_header_timeout: config.upstream.response_header_timeout,
-    }
-}
-
-fn upstream_settings(
-    config: &Config,
-    resolver: &Arc<dyn Resolve>,
-) -> Result<UpstreamSettings, CertError> {
-    Ok(UpstreamSettings {
-        resolver: resolver.clone(),
-        ip_policy: config.upstream.ip_policy.clone(),
-        tls: tls::upstream_client_config(&config.upstream)?,
-        connect_timeout: config.upstream.connect_timeout,
-    })
 }
 
 /// Checks the RFC 6455 upgrade request; returns the `Sec-WebSocket-Accept` value.

@@ -1,5 +1,10 @@
 //! `mcp-tunnel run`: starts the parts in order and owns signals and shutdown.
 
+pub mod reload;
+pub mod watch;
+
+use std::sync::Arc;
+
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -18,6 +23,8 @@ pub enum RunError {
         file: String,
         listen: std::net::SocketAddr,
     },
+    #[error(transparent)]
+    Cert(#[from] reload::CertRefused),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -30,12 +37,19 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             listen: config.listen_addr,
         });
     }
+    let (_, facts) = reload::load_checked(&config, reload::unix_now())?;
     let proxy = Proxy::new(&config)?;
     let listener = Proxy::bind(&config).await?;
     let addr = listener.local_addr().map_err(RunError::Signals)?;
     info!(listen = %addr, routes = config.routes.len(), "proxy listening");
     let shutdown = Shutdown::new();
-    tokio::spawn(proxy.serve(listener, shutdown.clone()));
+    tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
+    let reloader = Arc::new(reload::Reloader::new(config.clone(), proxy, facts));
+    tokio::spawn(reload::run_loop(
+        reloader,
+        Arc::new(reload::NoHooks),
+        shutdown.clone(),
+    ));
     let signal = termination_signal().await.map_err(RunError::Signals)?;
     info!(signal, active = shutdown.active(), timeout = ?config.shutdown_timeout, "shutting down: draining in-flight requests");
     let left = shutdown.drain(config.shutdown_timeout).await;

@@ -1,0 +1,98 @@
+//! Renewal: deciding when (pure functions of injected time) and issuing a new server
+//! certificate from the local CA.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rcgen::{Issuer, KeyPair};
+
+use super::issue::{IssuedPair, KeyType, server_params_at};
+use super::{CertError, write_atomic};
+
+/// Whether a certificate expiring at `not_after` is due for renewal at `now`.
+pub fn due(not_after: i64, now: i64, renew_before: Duration) -> bool {
+    not_after - now <= renew_before.as_secs() as i64
+}
+
+/// Days-left thresholds at which an expiry without a CA key to renew it is announced.
+pub const WARN_DAYS: [i64; 4] = [30, 14, 7, 1];
+
+/// The tightest warning threshold reached at `now` (`Some(7)` with 5 days left), or `None`.
+pub fn warning_threshold(not_after: i64, now: i64) -> Option<i64> {
+    let left_days = (not_after - now).div_euclid(86400);
+    WARN_DAYS.iter().rev().copied().find(|d| left_days <= *d)
+}
+
+/// Issues a server certificate for `domain` signed by the CA in PEM form, valid from `now`.
+pub fn issue_from_ca(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    domain: &str,
+    validity: Duration,
+    key_type: KeyType,
+    now: i64,
+) -> Result<IssuedPair, CertError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
+    let key = key_type.generate()?;
+    let cert = server_params_at(domain, now, validity)?.signed_by(&key, &issuer)?;
+    Ok(IssuedPair {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Writes a renewed pair: key first, then certificate, each atomically (key 0600).
+/// A watcher that sees the key before the certificate refuses the mismatched pair and
+/// keeps the old one until the certificate lands.
+pub fn write_pair(pair: &IssuedPair, cert_file: &Path, key_file: &Path) -> Result<(), CertError> {
+    write_atomic(key_file, pair.key_pem.as_bytes(), 0o600)?;
+    write_atomic(cert_file, pair.cert_pem.as_bytes(), 0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86400;
+
+    #[test]
+    fn due_table() {
+        let month = Duration::from_secs(30 * DAY as u64);
+        for (left_days, want) in [
+            (90, false),
+            (31, false),
+            (30, true),
+            (29, true),
+            (0, true),
+            (-3, true),
+        ] {
+            assert_eq!(
+                due(1_000 * DAY + left_days * DAY, 1_000 * DAY, month),
+                want,
+                "{left_days} days left"
+            );
+        }
+        assert!(!due(5, 0, Duration::ZERO) && due(0, 0, Duration::ZERO));
+    }
+
+    #[test]
+    fn warning_table() {
+        let now = 1_000 * DAY;
+        for (left, want) in [
+            (60 * DAY, None),
+            (31 * DAY, None),
+            (30 * DAY, Some(30)),
+            (29 * DAY, Some(30)),
+            (14 * DAY, Some(14)),
+            (13 * DAY, Some(14)),
+            (7 * DAY, Some(7)),
+            (5 * DAY, Some(7)),
+            (DAY, Some(1)),
+            (DAY / 2, Some(1)),
+            (-DAY, Some(1)),
+        ] {
+            assert_eq!(warning_threshold(now + left, now), want, "{left}s left");
+        }
+    }
+}
