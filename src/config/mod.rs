@@ -3,6 +3,7 @@
 
 pub mod duration;
 pub mod ipset;
+pub mod provision;
 pub mod routes;
 
 use std::fmt;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use ipset::IpPolicy;
+pub use provision::ProvisionConfig;
 pub use routes::{Route, RouteTable, Scheme, Upstream};
 
 /// Where the packaged service reads its config.
@@ -53,6 +55,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub upstream: UpstreamConfig,
     pub cloudflared: CloudflaredConfig,
+    /// `[provision]`, when the appliance provisions itself through the Tunnels API.
+    pub provision: Option<ProvisionConfig>,
 }
 
 /// The inner-TLS server certificate and key.
@@ -132,6 +136,7 @@ struct RawConfig {
     upstream: RawUpstream,
     #[serde(default)]
     cloudflared: RawCloudflared,
+    provision: Option<provision::RawProvision>,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +290,10 @@ impl Config {
             }
         }
 
+        let provision = raw
+            .provision
+            .map(|p| p.validate(base, &mut |field, message| v.push(field, message)));
+
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -308,6 +317,7 @@ impl Config {
             cloudflared: CloudflaredConfig {
                 enabled: raw.cloudflared.enabled.unwrap_or(false),
             },
+            provision,
         };
         if v.problems.is_empty() {
             Ok(config)
