@@ -168,7 +168,8 @@ impl ApiClient {
         for cert in extra_roots {
             let _ = roots.add(cert.clone());
         }
-        let tls = crate::proxy::tls::client_config(roots, vec![b"http/1.1".to_vec()]);
+        // hyper-rustls sets ALPN itself (enable_http1) and refuses a preset list.
+        let tls = crate::proxy::tls::client_config(roots, Vec::new());
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config((*tls).clone())
             .https_or_http()
