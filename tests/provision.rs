@@ -654,3 +654,52 @@ async fn token_rotation_schedule_and_rotation() {
         t.token
     );
 }
+
+/// The binary: `setup init` reads the environment and the `[provision]` section, prints no
+/// secret, and a rerun reports that nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_init_cli_uses_env_and_config_section() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fake, env) = setup(tmp.path()).await;
+    let out = tmp.path().join("state");
+    let config = tmp.path().join("mcp-tunnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tunnel_domain = \"x.example\"\n[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[provision]\nstate_dir = \"state\"\ntoken_version = \"7\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
+            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
+        ),
+    )
+    .unwrap();
+    let run = |config: std::path::PathBuf, url: String| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+                .env_clear()
+                .env("API_URL", url)
+                .args(["setup", "init", "--config"])
+                .arg(config)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let first = run(config.clone(), fake.url.clone()).await;
+    let stdout = String::from_utf8_lossy(&first.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&first.stderr).to_string();
+    assert!(first.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("provisioned") && stdout.contains("wrote"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("token-version")).unwrap(),
+        "7"
+    );
+    let again = run(config, fake.url.clone()).await;
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing changed"));
+    let all = format!("{stdout}{stderr}{}", String::from_utf8_lossy(&again.stderr));
+    for secret in fake.with(|s| s.secrets()) {
+        assert!(!all.contains(&secret), "a secret reached the terminal");
+    }
+}
