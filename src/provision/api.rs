@@ -8,7 +8,6 @@
 //! retried only when it provably never reached the server (connect failure, 429): a second
 //! `POST /v1/tunnels` would allocate a second tunnel.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -515,9 +514,6 @@ fn seg(s: &str) -> String {
     }
     out
 }
-
-/// Keeps the client type nameable for callers that share one.
-pub type SharedClient = Arc<ApiClient>;
 
 #[cfg(test)]
 mod tests {

@@ -508,7 +508,7 @@ fn tunnel_op(
                 .iter()
                 .filter(|c| c.tunnel_id == tid && (include || c.archived_at.is_none()))
                 .collect();
-            all.sort_by(|a, b| b.seq.cmp(&a.seq));
+            all.sort_by_key(|c| std::cmp::Reverse(c.seq));
             let page: Vec<Value> = all
                 .iter()
                 .skip(offset)
