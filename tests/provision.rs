@@ -696,6 +696,15 @@ async fn setup_init_cli_uses_env_and_config_section() {
         std::fs::read_to_string(out.join("token-version")).unwrap(),
         "7"
     );
+    // `run` at start: provisioned already, nothing to do; an empty state dir provisions.
+    let mut cfg = mcp_tunnel::config::Config::load(&config).unwrap();
+    cfg.provision.as_mut().unwrap().api_url = Some(fake.url.clone());
+    assert_eq!(provision::provision_at_start(&cfg).await.unwrap(), None);
+    cfg.provision.as_mut().unwrap().state_dir = tmp.path().join("fresh");
+    let at_start = provision::provision_at_start(&cfg).await.unwrap().unwrap();
+    assert!(at_start.created_tunnel);
+    assert!(tmp.path().join("fresh/tls.crt").exists());
+
     let again = run(config, fake.url.clone()).await;
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing changed"));
     let all = format!("{stdout}{stderr}{}", String::from_utf8_lossy(&again.stderr));

@@ -2,7 +2,8 @@
 //! `setup renew-cert` flows, and the run-time CA and token rotations built on them.
 //!
 //! API for `run`:
-//! - [`StateDir::is_unprovisioned`] then [`ensure`]: provision at start.
+//! - [`provision_at_start`] (or [`StateDir::is_unprovisioned`] then [`ensure`]): provision
+//!   at start, before the proxy loads `tls.crt`.
 //! - [`ca_rotation_due`] then [`rotate_ca`] with the proxy's [`CertStore`] (or any
 //!   [`InstallCert`]): a new CA in the second slot, a server certificate from it swapped in,
 //!   then the old CA archived, with no window in which the presented certificate is untrusted.
@@ -847,6 +848,25 @@ pub async fn rotate_token(settings: &Settings, reason: &str) -> Result<String, P
     dir.write(state::TUNNEL_TOKEN, token.tunnel_token.expose())?;
     info!(tunnel_id = %tunnel_id, token_id = %token.id, "rotated tunnel token");
     Ok(token.id)
+}
+
+/// For `run`, before the proxy loads its certificate: when `[provision]` is configured and
+/// its state directory holds no tunnel yet, provision (as `setup init`, with the process
+/// environment over the section). `None` when there was nothing to do.
+pub async fn provision_at_start(
+    config: &crate::config::Config,
+) -> Result<Option<Outcome>, ProvisionError> {
+    let Some(section) = &config.provision else {
+        return Ok(None);
+    };
+    if !StateDir::open(&section.state_dir).is_unprovisioned() {
+        return Ok(None);
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let settings = Settings::resolve(&Overrides::default(), &env, Some(section))?;
+    let outcome = ensure(&settings).await?;
+    info!(tunnel_id = %outcome.tunnel_id, domain = %outcome.domain, "provisioned at start");
+    Ok(Some(outcome))
 }
 
 /// Loads the stored server pair as the proxy would (for tests and `run`).
