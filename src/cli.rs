@@ -52,6 +52,11 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Programmatic provisioning through the Tunnels API (the reference `setup` component).
+    Setup {
+        #[command(subcommand)]
+        command: SetupCommand,
+    },
     /// Certificate tools.
     Certs {
         #[command(subcommand)]
@@ -84,6 +89,186 @@ pub enum CertsCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SetupCommand {
+    /// Attach to (or create) a tunnel, make and register a CA, issue the server certificate,
+    /// fetch the tunnel token, and write everything to the output directory. Idempotent.
+    ///
+    /// Credentials come from the environment (ANTHROPIC_FEDERATION_RULE_ID,
+    /// ANTHROPIC_ORGANIZATION_ID, ANTHROPIC_WORKSPACE_ID, ANTHROPIC_SERVICE_ACCOUNT_ID and one of
+    /// ANTHROPIC_IDENTITY_TOKEN_FILE / ANTHROPIC_IDENTITY_TOKEN; or API_TOKEN) or from the
+    /// [provision] section of the config file.
+    Init {
+        /// Claude API base URL [env: API_URL]
+        #[arg(long)]
+        api_url: Option<String>,
+        /// Tunnel to attach to (tnl_...); omitted: the stored one, else a new tunnel [env: TUNNEL_ID]
+        #[arg(long)]
+        tunnel_id: Option<String>,
+        /// dir:PATH [default: provision.state_dir or /var/lib/mcp-tunnel]
+        #[arg(long)]
+        output: Option<String>,
+        /// Server certificate validity
+        #[arg(long, value_parser = config::duration::parse)]
+        cert_duration: Option<std::time::Duration>,
+        /// Change-detection string: a new value rotates the tunnel token
+        #[arg(long)]
+        token_version: Option<String>,
+        /// Config file whose [provision] section supplies defaults (read when it exists)
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Issue a new server certificate from the stored CA; no API calls.
+    RenewCert {
+        /// dir:PATH [default: provision.state_dir or /var/lib/mcp-tunnel]
+        #[arg(long)]
+        output: Option<String>,
+        /// New certificate validity
+        #[arg(long, value_parser = config::duration::parse, default_value = "2160h")]
+        cert_duration: std::time::Duration,
+        /// Skip while the current certificate has more than this left (0: always renew)
+        #[arg(long, value_parser = parse_renew_before, default_value = "0")]
+        renew_before: std::time::Duration,
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}
+
+/// `--renew-before` takes a duration, or the reference's bare `0`.
+fn parse_renew_before(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    config::duration::parse(s)
+}
+
+/// The `[provision]` section of `path` when the file exists; a broken file is an error.
+fn provision_section(path: &std::path::Path) -> Result<Option<config::ProvisionConfig>, u8> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    match Config::load(path) {
+        Ok(c) => Ok(c.provision),
+        Err(e) => Err(fail_config(&e)),
+    }
+}
+
+fn setup(command: SetupCommand) -> u8 {
+    use crate::provision::{self, ErrorClass, Overrides, Settings};
+    match command {
+        SetupCommand::Init {
+            api_url,
+            tunnel_id,
+            output,
+            cert_duration,
+            token_version,
+            config,
+        } => {
+            let section = match provision_section(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let flags = Overrides {
+                api_url,
+                tunnel_id,
+                output,
+                cert_duration,
+                token_version,
+            };
+            let env = |k: &str| std::env::var(k).ok();
+            let settings = match Settings::resolve(&flags, &env, section.as_ref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_CONFIG;
+                }
+            };
+            crate::telemetry::init("info");
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return 1;
+                }
+            };
+            match rt.block_on(provision::ensure(&settings)) {
+                Ok(o) => {
+                    println!(
+                        "tunnel {} ({}) provisioned in {}: {}",
+                        o.tunnel_id,
+                        o.domain,
+                        settings.output.display(),
+                        if o.changed.is_empty() {
+                            "nothing changed".to_string()
+                        } else {
+                            format!("wrote {}", o.changed.join(", "))
+                        }
+                    );
+                    if o.rotated_token {
+                        println!(
+                            "the tunnel token was rotated: restart cloudflared (systemctl restart mcp-tunnel)"
+                        );
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    if e.class() == ErrorClass::Config {
+                        EXIT_CONFIG
+                    } else {
+                        1
+                    }
+                }
+            }
+        }
+        SetupCommand::RenewCert {
+            output,
+            cert_duration,
+            renew_before,
+            config,
+        } => {
+            let section = match provision_section(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let dir = match output {
+                Some(o) => match provision::parse_output(&o) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return EXIT_CONFIG;
+                    }
+                },
+                None => section.map_or_else(
+                    || PathBuf::from(config::provision::DEFAULT_STATE_DIR),
+                    |s| s.state_dir,
+                ),
+            };
+            match provision::renew_cert(&dir, cert_duration, renew_before) {
+                Ok(true) => {
+                    println!("issued a new server certificate in {}", dir.display());
+                    0
+                }
+                Ok(false) => {
+                    println!(
+                        "{}: the server certificate has more than {} left; nothing to do",
+                        dir.display(),
+                        humantime::format_duration(renew_before)
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    1
+                }
+            }
+        }
+    }
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -126,6 +311,7 @@ pub fn dispatch(cli: Cli) -> u8 {
                 Ok(())
             })
         }
+        Command::Setup { command } => setup(command),
         Command::Demo { port, dir } => {
             crate::telemetry::init("warn");
             runtime(crate::demo::run(port, dir))

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod lifecycle;
+pub mod provision;
 pub mod proxy;
 pub mod supervisor;
 pub mod telemetry;

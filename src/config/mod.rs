@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod duration;
 pub mod ipset;
+pub mod provision;
 pub mod routes;
 
 use std::fmt;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 
 pub use certs::CertsConfig;
 pub use ipset::IpPolicy;
+pub use provision::ProvisionConfig;
 pub use routes::{Route, RouteTable, Scheme, Upstream};
 
 /// Where the packaged service reads its config.
@@ -56,6 +58,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cloudflared: CloudflaredConfig,
     pub certs: CertsConfig,
+    /// `[provision]`, when the appliance provisions itself through the Tunnels API.
+    pub provision: Option<ProvisionConfig>,
 }
 
 /// The inner-TLS server certificate and key.
@@ -137,6 +141,7 @@ struct RawConfig {
     cloudflared: RawCloudflared,
     #[serde(default)]
     certs: certs::RawCerts,
+    provision: Option<provision::RawProvision>,
 }
 
 #[derive(Deserialize)]
@@ -295,6 +300,9 @@ impl Config {
         for (field, message) in section_problems {
             v.push(&field, message);
         }
+        let provision = raw
+            .provision
+            .map(|p| p.validate(base, &mut |field, message| v.push(field, message)));
 
         let config = Config {
             path: path.to_path_buf(),
@@ -320,6 +328,7 @@ impl Config {
                 enabled: raw.cloudflared.enabled.unwrap_or(false),
             },
             certs,
+            provision,
         };
         if v.problems.is_empty() {
             Ok(config)
