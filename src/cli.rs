@@ -393,16 +393,14 @@ fn renew_cert(
         );
         return 1;
     };
-    let result = std::fs::read_to_string(dir.join("ca.crt"))
-        .and_then(|c| std::fs::read_to_string(dir.join("ca.key")).map(|k| (c, k)))
-        .map_err(|e| format!("reading the CA in {}: {e}", dir.display()))
-        .and_then(|(c, k)| {
-            renew::issue_from_ca(&c, &k, &domain, cert_duration, Default::default(), now)
-                .map_err(|e| e.to_string())
-        })
-        .and_then(|pair| {
-            renew::write_pair(&pair, &cert_file, &dir.join("tls.key")).map_err(|e| e.to_string())
-        });
+    let (ca_cert, ca_key, key_file) = (dir.join("ca.crt"), dir.join("ca.key"), dir.join("tls.key"));
+    let files = renew::RenewFiles {
+        ca_cert: &ca_cert,
+        ca_key: &ca_key,
+        cert_file: &cert_file,
+        key_file: &key_file,
+    };
+    let result = renew::renew_files(&files, &domain, cert_duration, Default::default(), now);
     match result {
         Ok(()) => {
             println!(

@@ -118,15 +118,28 @@ pub fn issue_server(
     domain: &str,
     validity: Duration,
 ) -> Result<IssuedPair, CertError> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    issue_server_at(ca, domain, validity, KeyType::default(), now)
+}
+
+/// As `issue_server`, valid from `now` (Unix seconds; injected so renewal is testable) with
+/// a chosen key type.
+pub fn issue_server_at(
+    ca: &IssuedPair,
+    domain: &str,
+    validity: Duration,
+    key_type: KeyType,
+    now: i64,
+) -> Result<IssuedPair, CertError> {
     let ca_key = KeyPair::from_pem(&ca.key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, &ca_key)?;
-    let mut params = server_params(domain, validity)?;
+    let mut params = server_params_at(domain, now, validity)?;
     if let Some(ca_not_after) = not_after_pem(&ca.cert_pem)
         && params.not_after > ca_not_after
     {
         params.not_after = ca_not_after;
     }
-    let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let server_key = key_type.generate()?;
     let server_cert = params.signed_by(&server_key, &issuer)?;
     Ok(IssuedPair {
         cert_pem: server_cert.pem(),

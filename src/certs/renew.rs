@@ -4,10 +4,40 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rcgen::{Issuer, KeyPair};
-
-use super::issue::{IssuedPair, KeyType, server_params_at};
+use super::issue::{IssuedPair, KeyType, issue_server_at};
 use super::{CertError, write_atomic};
+
+/// Where renewal reads the CA and writes the server pair.
+pub struct RenewFiles<'a> {
+    pub ca_cert: &'a Path,
+    pub ca_key: &'a Path,
+    pub cert_file: &'a Path,
+    pub key_file: &'a Path,
+}
+
+/// Issues a server certificate for `domain` from the CA on disk, valid from `now`, and
+/// writes it over the current pair.
+pub fn renew_files(
+    files: &RenewFiles<'_>,
+    domain: &str,
+    validity: Duration,
+    key_type: KeyType,
+    now: i64,
+) -> Result<(), CertError> {
+    let read = |field: &'static str, path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| CertError::Read {
+            field,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let ca = IssuedPair {
+        cert_pem: read("certs.ca_cert_file", files.ca_cert)?,
+        key_pem: read("certs.ca_key_file", files.ca_key)?,
+    };
+    let pair = issue_server_at(&ca, domain, validity, key_type, now)?;
+    write_pair(&pair, files.cert_file, files.key_file)
+}
 
 /// Whether a certificate expiring at `not_after` is due for renewal at `now`.
 pub fn due(not_after: i64, now: i64, renew_before: Duration) -> bool {
@@ -21,25 +51,6 @@ pub const WARN_DAYS: [i64; 4] = [30, 14, 7, 1];
 pub fn warning_threshold(not_after: i64, now: i64) -> Option<i64> {
     let left_days = (not_after - now).div_euclid(86400);
     WARN_DAYS.iter().rev().copied().find(|d| left_days <= *d)
-}
-
-/// Issues a server certificate for `domain` signed by the CA in PEM form, valid from `now`.
-pub fn issue_from_ca(
-    ca_cert_pem: &str,
-    ca_key_pem: &str,
-    domain: &str,
-    validity: Duration,
-    key_type: KeyType,
-    now: i64,
-) -> Result<IssuedPair, CertError> {
-    let ca_key = KeyPair::from_pem(ca_key_pem)?;
-    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
-    let key = key_type.generate()?;
-    let cert = server_params_at(domain, now, validity)?.signed_by(&key, &issuer)?;
-    Ok(IssuedPair {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
 }
 
 /// Writes a renewed pair: key first, then certificate, each atomically (key 0600).

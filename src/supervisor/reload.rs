@@ -265,24 +265,19 @@ impl Reloader {
             warn!("certificate renewal needs tunnel_domain (the SAN of the new certificate)");
             return None;
         };
-        let issued = std::fs::read_to_string(ca_cert)
-            .and_then(|c| std::fs::read_to_string(ca_key).map(|k| (c, k)))
-            .map_err(|e| e.to_string())
-            .and_then(|(c, k)| {
-                renew::issue_from_ca(
-                    &c,
-                    &k,
-                    &domain,
-                    certs_cfg.cert_duration,
-                    certs_cfg.key_type,
-                    now,
-                )
-                .map_err(|e| e.to_string())
-            })
-            .and_then(|pair| {
-                renew::write_pair(&pair, &config.tls.cert_file, &config.tls.key_file)
-                    .map_err(|e| e.to_string())
-            });
+        let files = renew::RenewFiles {
+            ca_cert,
+            ca_key,
+            cert_file: &config.tls.cert_file,
+            key_file: &config.tls.key_file,
+        };
+        let issued = renew::renew_files(
+            &files,
+            &domain,
+            certs_cfg.cert_duration,
+            certs_cfg.key_type,
+            now,
+        );
         if let Err(e) = issued {
             error!(error = %e, "certificate renewal failed; will retry at the next check");
             return None;
