@@ -249,24 +249,7 @@ fn setup(command: SetupCommand) -> u8 {
                     |s| s.state_dir,
                 ),
             };
-            match provision::renew_cert(&dir, cert_duration, renew_before) {
-                Ok(true) => {
-                    println!("issued a new server certificate in {}", dir.display());
-                    0
-                }
-                Ok(false) => {
-                    println!(
-                        "{}: the server certificate has more than {} left; nothing to do",
-                        dir.display(),
-                        humantime::format_duration(renew_before)
-                    );
-                    0
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    1
-                }
-            }
+            renew_cert(&dir, cert_duration, renew_before)
         }
     }
 }
@@ -323,14 +306,14 @@ pub fn dispatch(cli: Cli) -> u8 {
             dir,
             renew_before,
             cert_duration,
-        } => renew_cert(&dir, renew_before, cert_duration),
+        } => renew_cert(&dir, cert_duration, renew_before),
     }
 }
 
 fn certs_init(domain: &str, dir: &std::path::Path) -> u8 {
     use crate::certs::issue;
     let issued = issue::generate(domain, issue::CA_VALIDITY, issue::SERVER_VALIDITY)
-        .and_then(|pki| pki.write_to(dir));
+        .and_then(|pki| pki.write_to_with_domain(dir, domain));
     if let Err(e) = issued {
         eprintln!("error: {e}");
         return 1;
@@ -349,63 +332,23 @@ fn certs_init(domain: &str, dir: &std::path::Path) -> u8 {
     0
 }
 
+/// `renew-cert` and `setup renew-cert`: the reference semantics (no network; a no-op while
+/// more than `renew_before` remains; `0` always renews).
 fn renew_cert(
     dir: &std::path::Path,
-    renew_before: std::time::Duration,
     cert_duration: std::time::Duration,
+    renew_before: std::time::Duration,
 ) -> u8 {
-    use crate::certs::{self, preflight, renew};
-    let now = crate::supervisor::reload::unix_now();
-    let cert_file = dir.join("tls.crt");
-    let facts = certs::load_certs("tls.crt", &cert_file)
-        .map_err(|e| e.to_string())
-        .and_then(|c| preflight::facts(&c[0]).map_err(|e| e.to_string()));
-    let facts = match facts {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 1;
+    match crate::provision::renew_cert(dir, cert_duration, renew_before) {
+        Ok(true) => {
+            println!("issued a new server certificate in {}", dir.display());
+            0
         }
-    };
-    if !renew::due(facts.not_after, now, renew_before) {
-        println!(
-            "{}: {} days left, more than --renew-before: nothing to do",
-            cert_file.display(),
-            (facts.not_after - now).div_euclid(86400)
-        );
-        return 0;
-    }
-    let domain = std::fs::read_to_string(dir.join("tunnel-domain"))
-        .ok()
-        .map(|d| d.trim().to_string())
-        .filter(|d| !d.is_empty())
-        .or_else(|| {
-            facts
-                .dns_names
-                .iter()
-                .find(|n| !n.starts_with("*."))
-                .cloned()
-        });
-    let Some(domain) = domain else {
-        eprintln!(
-            "error: cannot tell the tunnel domain: no {}/tunnel-domain and no plain DNS name in the current certificate",
-            dir.display()
-        );
-        return 1;
-    };
-    let (ca_cert, ca_key, key_file) = (dir.join("ca.crt"), dir.join("ca.key"), dir.join("tls.key"));
-    let files = renew::RenewFiles {
-        ca_cert: &ca_cert,
-        ca_key: &ca_key,
-        cert_file: &cert_file,
-        key_file: &key_file,
-    };
-    let result = renew::renew_files(&files, &domain, cert_duration, Default::default(), now);
-    match result {
-        Ok(()) => {
+        Ok(false) => {
             println!(
-                "renewed {} for {domain} and *.{domain}",
-                cert_file.display()
+                "{}: the server certificate has more than {} left; nothing to do",
+                dir.display(),
+                humantime::format_duration(renew_before)
             );
             0
         }

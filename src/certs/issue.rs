@@ -182,6 +182,13 @@ pub fn certified_key(pair: &IssuedPair) -> Result<std::sync::Arc<CertifiedKey>, 
 
 impl Pki {
     /// Writes `ca.crt`, `ca.key`, `tls.crt`, `tls.key` (the reference `dir:` layout); keys 0600.
+    /// Writes the pair and the domain in the reference `dir:` layout (`tunnel-domain`
+    /// included, so that `renew-cert` knows the SAN to issue).
+    pub fn write_to_with_domain(&self, dir: &Path, domain: &str) -> Result<(), CertError> {
+        self.write_to(dir)?;
+        write_atomic(&dir.join("tunnel-domain"), domain.as_bytes(), 0o644)
+    }
+
     pub fn write_to(&self, dir: &Path) -> Result<(), CertError> {
         std::fs::create_dir_all(dir).map_err(|source| CertError::Write {
             path: dir.to_path_buf(),
