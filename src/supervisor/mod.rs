@@ -1,5 +1,7 @@
 //! `mcp-tunnel run`: starts the parts in order and owns signals and shutdown.
 
+pub mod notify;
+
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -36,7 +38,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     info!(listen = %addr, routes = config.routes.len(), "proxy listening");
     let shutdown = Shutdown::new();
     tokio::spawn(proxy.serve(listener, shutdown.clone()));
+    let notifier = notify::Notifier::new();
+    notifier.ready(&format!("{} routes; listening on {addr}", config.routes.len()));
     let signal = termination_signal().await.map_err(RunError::Signals)?;
+    notifier.stopping("stopping: draining in-flight requests");
     info!(signal, active = shutdown.active(), timeout = ?config.shutdown_timeout, "shutting down: draining in-flight requests");
     let left = shutdown.drain(config.shutdown_timeout).await;
     if left > 0 {
