@@ -39,7 +39,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let shutdown = Shutdown::new();
     tokio::spawn(proxy.serve(listener, shutdown.clone()));
     let notifier = notify::Notifier::new();
-    notifier.ready(&format!("{} routes; listening on {addr}", config.routes.len()));
+    notifier.ready(&format!(
+        "{} routes; listening on {addr}",
+        config.routes.len()
+    ));
     let signal = termination_signal().await.map_err(RunError::Signals)?;
     notifier.stopping("stopping: draining in-flight requests");
     info!(signal, active = shutdown.active(), timeout = ?config.shutdown_timeout, "shutting down: draining in-flight requests");
