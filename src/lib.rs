@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod cloudflared;
 pub mod cli;
 pub mod config;
 pub mod demo;
