@@ -5,8 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
-pub mod cloudflared;
 pub mod cli;
+pub mod cloudflared;
 pub mod config;
 pub mod demo;
 pub mod lifecycle;

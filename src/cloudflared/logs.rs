@@ -80,8 +80,14 @@ mod tests {
         assert_eq!(l.level, Level::Info);
         assert_eq!(l.message, "Registered tunnel connection");
         assert_eq!(l.fields, r#"{"connIndex":2,"protocol":"quic"}"#);
-        assert_eq!(parse(r#"{"level":"fatal","message":"x"}"#).unwrap().level, Level::Error);
-        assert_eq!(parse(r#"{"level":"warn","message":"x"}"#).unwrap().fields, "");
+        assert_eq!(
+            parse(r#"{"level":"fatal","message":"x"}"#).unwrap().level,
+            Level::Error
+        );
+        assert_eq!(
+            parse(r#"{"level":"warn","message":"x"}"#).unwrap().fields,
+            ""
+        );
         assert!(parse("2026-01-01T00:00:00Z INF Starting tunnel").is_none());
         assert!(parse("[1,2]").is_none());
     }

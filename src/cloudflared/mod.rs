@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::CloudflaredConfig;
-use policy::{Decision, Ending, Health, HealthLimits, HealthTracker, Probe, RestartPolicy, RestartReason};
+use policy::{
+    Decision, Ending, Health, HealthLimits, HealthTracker, Probe, RestartPolicy, RestartReason,
+};
 use spawn::{Launcher, SpawnError, Spawner};
 use token::{Token, TokenError};
 
@@ -98,7 +100,10 @@ impl Status {
     }
 
     pub fn last_problem(&self) -> Option<String> {
-        self.last_problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.last_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -113,7 +118,9 @@ pub struct Supervision {
 impl Supervision {
     /// Resolves when supervision ends by itself (permanent failure).
     pub async fn finished(&mut self) -> Outcome {
-        (&mut self.task).await.unwrap_or_else(|e| Outcome::Permanent(format!("supervision task failed: {e}")))
+        (&mut self.task)
+            .await
+            .unwrap_or_else(|e| Outcome::Permanent(format!("supervision task failed: {e}")))
     }
 
     /// Graceful stop: SIGTERM, wait up to the grace period, then SIGKILL.
@@ -121,9 +128,9 @@ impl Supervision {
         self.stop.cancel();
     }
 
-    /// Ends the grace period now (second signal).
-    pub fn force(&self) {
-        self.force.cancel();
+    /// Cancelling it ends the grace period now (second signal).
+    pub fn force_token(&self) -> CancellationToken {
+        self.force.clone()
     }
 
     pub async fn stopped(self) -> Outcome {
@@ -200,7 +207,11 @@ impl Run {
         loop {
             let metrics = match self.metrics_addr().await {
                 Ok(a) => a,
-                Err(e) => return self.give_up(format!("cannot choose a loopback port for cloudflared's metrics: {e}")),
+                Err(e) => {
+                    return self.give_up(format!(
+                        "cannot choose a loopback port for cloudflared's metrics: {e}"
+                    ));
+                }
             };
             let args = spawn::args(&self.cfg, &self.log_level, metrics, self.origin);
             let env = spawn::env(&self.cfg, &token);
@@ -277,19 +288,39 @@ impl Run {
             self.status.set_health(Health::Stopped);
             let ready_for = tracker.ready_for(Instant::now());
             if let Ending::Exited(c) | Ending::Signaled(c) = ending {
-                let how = if matches!(ending, Ending::Exited(_)) { "exited" } else { "killed by signal" };
+                let how = if matches!(ending, Ending::Exited(_)) {
+                    "exited"
+                } else {
+                    "killed by signal"
+                };
                 warn!(pid, code = c, "cloudflared {how}");
                 self.status.problem(format!("cloudflared {how} {c}"));
             }
-            match policy.decide(&mut history, ending, ready_for, Instant::now(), fastrand::f64()) {
+            match policy.decide(
+                &mut history,
+                ending,
+                ready_for,
+                Instant::now(),
+                fastrand::f64(),
+            ) {
                 Decision::Permanent(why) => return self.give_up(why),
-                Decision::Restart { delay, cap, attempt, crash_loop } => {
+                Decision::Restart {
+                    delay,
+                    cap,
+                    attempt,
+                    crash_loop,
+                } => {
                     self.status.restarts.fetch_add(1, Ordering::Relaxed);
                     self.status.crash_loop.store(crash_loop, Ordering::Relaxed);
                     if crash_loop {
                         error!(restarts_in_window = self.cfg.crash_loop_restarts, window = ?self.cfg.crash_loop_window, "cloudflared is crash-looping: check its log lines above (target cloudflared)");
                     }
-                    info!(attempt, delay_ms = delay.as_millis() as u64, backoff_cap_ms = cap.as_millis() as u64, "cloudflared restart scheduled");
+                    info!(
+                        attempt,
+                        delay_ms = delay.as_millis() as u64,
+                        backoff_cap_ms = cap.as_millis() as u64,
+                        "cloudflared restart scheduled"
+                    );
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.stop.cancelled() => return Outcome::Stopped,
@@ -350,8 +381,15 @@ impl Run {
 
 fn log_health(h: Health) {
     match h {
-        Health::Connected(n) | Health::Degraded(n) => info!(connections = n, expected = policy::EXPECTED_CONNECTIONS, state = h.name(), "cloudflared connected to the edge"),
-        Health::Disconnected => warn!("cloudflared lost its edge connections; it keeps retrying by itself"),
+        Health::Connected(n) | Health::Degraded(n) => info!(
+            connections = n,
+            expected = policy::EXPECTED_CONNECTIONS,
+            state = h.name(),
+            "cloudflared connected to the edge"
+        ),
+        Health::Disconnected => {
+            warn!("cloudflared lost its edge connections; it keeps retrying by itself")
+        }
         Health::Hung => warn!("cloudflared's metrics server stopped answering"),
         _ => info!(state = h.name(), "cloudflared state"),
     }
@@ -381,7 +419,9 @@ fn forward_logs(child: &mut Child) {
 pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Probe {
     let get = async {
         let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.ok()?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .ok()?;
         tokio::spawn(conn);
         let req = http::Request::get("/ready")
             .header(http::header::HOST, addr.to_string())
@@ -407,13 +447,19 @@ pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Probe {
 
 /// Watches the token file's directory (files are replaced by rename, which a watch on the
 /// file itself would miss). Returns the watcher, which must be kept alive.
-fn watch_token_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+fn watch_token_file(
+    path: &Path,
+    tx: mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let dir = path.parent()?.to_path_buf();
     let name = path.file_name()?.to_owned();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
-            && ev.paths.iter().any(|p| p.file_name() == Some(name.as_os_str()))
+            && ev
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(name.as_os_str()))
         {
             let _ = tx.send(());
         }

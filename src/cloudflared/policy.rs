@@ -40,7 +40,10 @@ pub enum Health {
 impl Health {
     /// Whether the tunnel can carry traffic now.
     pub fn is_ready(self) -> bool {
-        matches!(self, Health::Connected(_) | Health::Degraded(_) | Health::Disabled)
+        matches!(
+            self,
+            Health::Connected(_) | Health::Degraded(_) | Health::Disabled
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -303,14 +306,30 @@ mod tests {
         let cases: Vec<(Vec<(Probe, u64)>, Health, Option<RestartReason>)> = vec![
             (vec![(NoAnswer, 1)], Starting, None),
             (vec![(NotReady, 1)], Starting, None),
-            (vec![(NotReady, 61)], Starting, Some(RestartReason::StartupDeadline)),
-            (vec![(NoAnswer, 61)], Starting, Some(RestartReason::StartupDeadline)),
+            (
+                vec![(NotReady, 61)],
+                Starting,
+                Some(RestartReason::StartupDeadline),
+            ),
+            (
+                vec![(NoAnswer, 61)],
+                Starting,
+                Some(RestartReason::StartupDeadline),
+            ),
             (vec![(Ready(4), 2)], Connected(4), None),
             (vec![(Ready(2), 2)], Degraded(2), None),
             (vec![(Ready(4), 2), (NotReady, 100)], Disconnected, None),
             (vec![(Ready(4), 2), (NoAnswer, 10)], Connected(4), None),
-            (vec![(Ready(4), 2), (NoAnswer, 17)], Hung, Some(RestartReason::Hung)),
-            (vec![(NotReady, 2), (NoAnswer, 17)], Hung, Some(RestartReason::Hung)),
+            (
+                vec![(Ready(4), 2), (NoAnswer, 17)],
+                Hung,
+                Some(RestartReason::Hung),
+            ),
+            (
+                vec![(NotReady, 2), (NoAnswer, 17)],
+                Hung,
+                Some(RestartReason::Hung),
+            ),
             // Ready late but before the deadline: never a startup restart afterwards.
             (vec![(Ready(1), 59), (Ready(4), 70)], Connected(4), None),
         ];
@@ -331,7 +350,10 @@ mod tests {
         l.disconnected_restart_after = Some(Duration::from_secs(30));
         let mut t = HealthTracker::new(t0);
         t.observe(Probe::Ready(4), t0, &l);
-        assert_eq!(t.observe(Probe::NotReady, t0 + Duration::from_secs(5), &l), None);
+        assert_eq!(
+            t.observe(Probe::NotReady, t0 + Duration::from_secs(5), &l),
+            None
+        );
         assert_eq!(
             t.observe(Probe::NotReady, t0 + Duration::from_secs(36), &l),
             Some(RestartReason::Disconnected)
@@ -380,8 +402,17 @@ mod tests {
             p.decide(&mut h, Ending::Exited(1), Duration::ZERO, t0, 1.0);
         }
         let d = p.decide(&mut h, Ending::Exited(1), Duration::from_secs(121), t0, 1.0);
-        assert!(matches!(d, Decision::Restart { cap, attempt: 0, .. } if cap == Duration::from_secs(1)), "{d:?}");
-        let d = p.decide(&mut h, Ending::Replaced(RestartReason::Hung), Duration::from_secs(5), t0, 1.0);
+        assert!(
+            matches!(d, Decision::Restart { cap, attempt: 0, .. } if cap == Duration::from_secs(1)),
+            "{d:?}"
+        );
+        let d = p.decide(
+            &mut h,
+            Ending::Replaced(RestartReason::Hung),
+            Duration::from_secs(5),
+            t0,
+            1.0,
+        );
         assert!(matches!(d, Decision::Restart { attempt: 1, .. }), "{d:?}");
     }
 
@@ -396,7 +427,10 @@ mod tests {
         ));
         h.attempt = 5;
         let d = p.decide(&mut h, Ending::TokenChanged, Duration::ZERO, t0, 0.9);
-        assert!(matches!(d, Decision::Restart { delay, .. } if delay.is_zero()), "{d:?}");
+        assert!(
+            matches!(d, Decision::Restart { delay, .. } if delay.is_zero()),
+            "{d:?}"
+        );
         assert_eq!(h.attempt, 5, "a token change is not a failure");
     }
 
@@ -407,13 +441,37 @@ mod tests {
         let t0 = Instant::now();
         let loops: Vec<bool> = (0..6u64)
             .map(|i| {
-                let d = p.decide(&mut h, Ending::Exited(1), Duration::ZERO, t0 + Duration::from_secs(i), 0.1);
-                matches!(d, Decision::Restart { crash_loop: true, .. })
+                let d = p.decide(
+                    &mut h,
+                    Ending::Exited(1),
+                    Duration::ZERO,
+                    t0 + Duration::from_secs(i),
+                    0.1,
+                );
+                matches!(
+                    d,
+                    Decision::Restart {
+                        crash_loop: true,
+                        ..
+                    }
+                )
             })
             .collect();
         assert_eq!(loops, [false, false, false, false, true, true]);
         // much later, the window has emptied
-        let d = p.decide(&mut h, Ending::Exited(1), Duration::ZERO, t0 + Duration::from_secs(1000), 0.1);
-        assert!(matches!(d, Decision::Restart { crash_loop: false, .. }));
+        let d = p.decide(
+            &mut h,
+            Ending::Exited(1),
+            Duration::ZERO,
+            t0 + Duration::from_secs(1000),
+            0.1,
+        );
+        assert!(matches!(
+            d,
+            Decision::Restart {
+                crash_loop: false,
+                ..
+            }
+        ));
     }
 }

@@ -41,7 +41,10 @@ pub enum SpawnError {
 
 /// Finds the binary: the configured path (a bare name is looked up on PATH), else the
 /// bundled one, else `cloudflared` on PATH.
-pub fn resolve_binary(configured: Option<&Path>, path_var: Option<&OsString>) -> Result<PathBuf, SpawnError> {
+pub fn resolve_binary(
+    configured: Option<&Path>,
+    path_var: Option<&OsString>,
+) -> Result<PathBuf, SpawnError> {
     let on_path = |name: &Path| {
         path_var.and_then(|p| {
             std::env::split_paths(p)
@@ -50,9 +53,8 @@ pub fn resolve_binary(configured: Option<&Path>, path_var: Option<&OsString>) ->
         })
     };
     match configured {
-        Some(p) if p.components().count() == 1 => {
-            on_path(p).ok_or_else(|| SpawnError::NotFound(format!("{} (searched PATH)", p.display())))
-        }
+        Some(p) if p.components().count() == 1 => on_path(p)
+            .ok_or_else(|| SpawnError::NotFound(format!("{} (searched PATH)", p.display()))),
         Some(p) => is_executable(p)
             .then(|| p.to_path_buf())
             .ok_or_else(|| SpawnError::NotFound(p.display().to_string())),
@@ -74,11 +76,20 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// cloudflared's argv (without the program): the token is never on it.
-pub fn args(cfg: &CloudflaredConfig, log_level: &str, metrics: SocketAddr, origin: SocketAddr) -> Vec<String> {
+pub fn args(
+    cfg: &CloudflaredConfig,
+    log_level: &str,
+    metrics: SocketAddr,
+    origin: SocketAddr,
+) -> Vec<String> {
     let origin = match origin {
         // The proxy listens on every interface; cloudflared reaches it on loopback.
-        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
-        SocketAddr::V6(a) if a.ip().is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port())),
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
         a => a,
     };
     vec![
@@ -89,7 +100,9 @@ pub fn args(cfg: &CloudflaredConfig, log_level: &str, metrics: SocketAddr, origi
         "--output".into(),
         "json".into(),
         "--loglevel".into(),
-        cfg.loglevel.clone().unwrap_or_else(|| log_level.to_string()),
+        cfg.loglevel
+            .clone()
+            .unwrap_or_else(|| log_level.to_string()),
         "--grace-period".into(),
         format!("{}s", cfg.grace_period.as_secs().max(1)),
         "run".into(),
@@ -102,7 +115,10 @@ pub fn args(cfg: &CloudflaredConfig, log_level: &str, metrics: SocketAddr, origi
 /// directories is the unit's job) and `HOME`-less defaults; the token; the configured extras.
 pub fn env(cfg: &CloudflaredConfig, token: &Token) -> Vec<(String, String)> {
     let mut env = vec![
-        ("PATH".to_string(), "/usr/local/bin:/usr/bin:/bin".to_string()),
+        (
+            "PATH".to_string(),
+            "/usr/local/bin:/usr/bin:/bin".to_string(),
+        ),
         ("TUNNEL_TOKEN".to_string(), token.value().to_string()),
     ];
     for (k, v) in &cfg.env {
@@ -152,7 +168,10 @@ impl Spawner {
                 // Never returns while the process lives, so the parent-death signal only
                 // fires when the supervisor itself is gone.
                 while let Ok((mut cmd, binary, reply)) = rx.recv() {
-                    let _ = reply.send(cmd.spawn().map_err(|source| SpawnError::Spawn { binary, source }));
+                    let _ = reply.send(
+                        cmd.spawn()
+                            .map_err(|source| SpawnError::Spawn { binary, source }),
+                    );
                 }
                 loop {
                     std::thread::park();
@@ -163,7 +182,12 @@ impl Spawner {
 
     /// Starts `binary args` with exactly `env`, in a new process group, stdout and stderr
     /// piped for log forwarding.
-    pub async fn spawn(&self, binary: &Path, args: &[String], env: &[(String, String)]) -> Result<Child, SpawnError> {
+    pub async fn spawn(
+        &self,
+        binary: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Child, SpawnError> {
         let mut cmd = match &self.launcher {
             Launcher::Trampoline(exe) => {
                 let mut c = Command::new(exe);
@@ -188,8 +212,14 @@ impl Spawner {
         let binary = binary.display().to_string();
         self.tx
             .send((cmd, binary.clone(), tx))
-            .map_err(|_| SpawnError::Spawn { binary: binary.clone(), source: io::Error::other("spawner thread is gone") })?;
-        rx.await.map_err(|_| SpawnError::Spawn { binary, source: io::Error::other("spawner thread is gone") })?
+            .map_err(|_| SpawnError::Spawn {
+                binary: binary.clone(),
+                source: io::Error::other("spawner thread is gone"),
+            })?;
+        rx.await.map_err(|_| SpawnError::Spawn {
+            binary,
+            source: io::Error::other("spawner thread is gone"),
+        })?
     }
 }
 
@@ -216,7 +246,10 @@ pub fn exec_child(parent: u32, argv: &[OsString]) -> u8 {
         return 2;
     };
     let err = nix::unistd::execv(&cprog, &cargs).unwrap_err();
-    eprintln!("mcp-tunnel {EXEC_CHILD}: cannot execute {}: {err}", program.to_string_lossy());
+    eprintln!(
+        "mcp-tunnel {EXEC_CHILD}: cannot execute {}: {err}",
+        program.to_string_lossy()
+    );
     127
 }
 
@@ -231,7 +264,12 @@ mod tests {
             "listen_addr = \":8080\"\n[tls]\ncert_file=\"a\"\nkey_file=\"b\"\n[routes]\n\"a.example.com\" = \"http://10.0.0.1:80\"\n",
         )
         .unwrap();
-        let a = args(&cfg.cloudflared, "info", "127.0.0.1:20241".parse().unwrap(), cfg.listen_addr);
+        let a = args(
+            &cfg.cloudflared,
+            "info",
+            "127.0.0.1:20241".parse().unwrap(),
+            cfg.listen_addr,
+        );
         assert_eq!(a.last().unwrap(), "http://127.0.0.1:8080");
         assert!(a.windows(2).any(|w| w == ["--metrics", "127.0.0.1:20241"]));
         assert!(!a.iter().any(|x| x.contains("token")));
@@ -244,6 +282,12 @@ mod tests {
         let path = OsString::from("/nonexistent-dir");
         let e = resolve_binary(Some(Path::new("cloudflared-xyz")), Some(&path)).unwrap_err();
         assert!(e.to_string().contains("searched PATH"), "{e}");
-        assert!(resolve_binary(Some(Path::new("sh")), Some(&OsString::from("/bin:/usr/bin"))).is_ok());
+        assert!(
+            resolve_binary(
+                Some(Path::new("sh")),
+                Some(&OsString::from("/bin:/usr/bin"))
+            )
+            .is_ok()
+        );
     }
 }

@@ -41,10 +41,16 @@ impl Token {
         }
         let raw = base64::engine::general_purpose::STANDARD
             .decode(value)
-            .map_err(|_| "not base64 (expected the token exactly as the Console or `setup` gave it)")?;
-        let json: serde_json::Value =
-            serde_json::from_slice(&raw).map_err(|_| "not a cloudflared tunnel token (no JSON inside)")?;
-        let field = |k: &str| json.get(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+            .map_err(
+                |_| "not base64 (expected the token exactly as the Console or `setup` gave it)",
+            )?;
+        let json: serde_json::Value = serde_json::from_slice(&raw)
+            .map_err(|_| "not a cloudflared tunnel token (no JSON inside)")?;
+        let field = |k: &str| {
+            json.get(k)
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+        };
         let (Some(_), Some(t), Some(_)) = (field("a"), field("t"), field("s")) else {
             return Err("not a cloudflared tunnel token (expected fields a, t and s)");
         };

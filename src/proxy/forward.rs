@@ -12,8 +12,8 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
-use super::upstream::{ConnectError, find_connect_error};
 use super::metrics::Refusal;
+use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
 
