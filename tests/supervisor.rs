@@ -690,3 +690,28 @@ async fn missing_binary_is_a_config_error() {
         env.log()
     );
 }
+
+#[tokio::test]
+async fn cloudflared_dies_with_the_supervisor() {
+    let env = Env::new().await;
+    let cfg = env.config(None, "", &[]);
+    let mut sup = env.start(&cfg, false);
+    let pid = env.wait_events("ready", 1, Duration::from_secs(10)).await[0]["pid"]
+        .as_u64()
+        .unwrap();
+    sup.start_kill().unwrap();
+    let _ = sup.wait().await;
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting for its new parent to reap it.
+        if stat.is_empty() || stat.contains(") Z ") {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "cloudflared outlived a SIGKILLed supervisor: {stat}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
