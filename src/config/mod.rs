@@ -1,7 +1,9 @@
 //! Configuration: the TOML schema, its defaults, and validation that names file, field and
 //! expectation. Field names follow the reference stack so operators recognise them.
 
+pub mod admin;
 pub mod certs;
+pub mod cloudflared;
 pub mod duration;
 pub mod ipset;
 pub mod provision;
@@ -14,7 +16,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use admin::AdminConfig;
 pub use certs::CertsConfig;
+pub use cloudflared::CloudflaredConfig;
 pub use ipset::IpPolicy;
 pub use provision::ProvisionConfig;
 pub use routes::{Route, RouteTable, Scheme, Upstream};
@@ -60,6 +64,7 @@ pub struct Config {
     pub certs: CertsConfig,
     /// `[provision]`, when the appliance provisions itself through the Tunnels API.
     pub provision: Option<ProvisionConfig>,
+    pub admin: AdminConfig,
 }
 
 /// The inner-TLS server certificate and key.
@@ -77,12 +82,6 @@ pub struct UpstreamConfig {
     pub include_system_cas: bool,
     pub connect_timeout: Duration,
     pub response_header_timeout: Duration,
-}
-
-/// cloudflared supervision settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloudflaredConfig {
-    pub enabled: bool,
 }
 
 /// Every problem found in one config file; `Display` prints one `file: field: problem` line
@@ -138,7 +137,9 @@ struct RawConfig {
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
-    cloudflared: RawCloudflared,
+    cloudflared: cloudflared::RawCloudflared,
+    #[serde(default)]
+    admin: admin::RawAdmin,
     #[serde(default)]
     certs: certs::RawCerts,
     provision: Option<provision::RawProvision>,
@@ -169,12 +170,6 @@ struct RawUpstream {
 struct RawUpstreamTls {
     ca_file: Option<PathBuf>,
     include_system_cas: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawCloudflared {
-    enabled: Option<bool>,
 }
 
 impl Config {
@@ -304,6 +299,8 @@ impl Config {
             .provision
             .map(|p| p.validate(base, &mut |field, message| v.push(field, message)));
 
+        let cloudflared = cloudflared::validate(raw.cloudflared, base, &mut v);
+        let admin = admin::validate(raw.admin, &mut v);
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -324,9 +321,8 @@ impl Config {
                     .response_header_timeout
                     .unwrap_or(Duration::from_secs(300)),
             },
-            cloudflared: CloudflaredConfig {
-                enabled: raw.cloudflared.enabled.unwrap_or(false),
-            },
+            cloudflared,
+            admin,
             certs,
             provision,
         };

@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod edge;
 mod forward;
+pub mod metrics;
 pub mod state;
 pub mod tls;
 pub mod upstream;
@@ -58,6 +59,7 @@ pub struct Proxy {
     acceptor: TlsAcceptor,
     /// Serialises reloads so two never interleave their lease bookkeeping.
     apply_lock: tokio::sync::Mutex<()>,
+    metrics: Arc<metrics::ProxyMetrics>,
 }
 
 impl Proxy {
@@ -81,6 +83,7 @@ impl Proxy {
             acceptor: TlsAcceptor::from(tls::server_config(certs.clone())),
             certs,
             apply_lock: tokio::sync::Mutex::new(()),
+            metrics: Arc::default(),
         };
         for route in config.route_table().iter() {
             info!(route = %route.name, upstream = %route.upstream, preserve_host = route.preserve_host, "route configured");
@@ -120,6 +123,11 @@ impl Proxy {
         Ok(report)
     }
 
+    /// Request, refusal and session counters (for `/metrics` and the watchdog).
+    pub fn metrics(&self) -> &Arc<metrics::ProxyMetrics> {
+        &self.metrics
+    }
+
     /// The certificate store, for rotation.
     pub fn cert_store(&self) -> &Arc<CertStore> {
         &self.certs
@@ -127,9 +135,14 @@ impl Proxy {
 
     /// Accepts tunnel connections until shutdown starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        let mut beat = tokio::time::interval(Duration::from_millis(250));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.started() => break,
+                _ = beat.tick() => {
+                    self.metrics.accept_loop_beats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 a = listener.accept() => a,
             };
             match accepted {
@@ -263,6 +276,7 @@ impl Proxy {
                     return;
                 }
             };
+        let _open = self.metrics.session();
         let sni = tls.get_ref().1.server_name().map(str::to_owned);
         let session = Arc::new(forward::Session {
             proxy: self.clone(),
