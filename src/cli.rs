@@ -428,6 +428,13 @@ fn check(path: &std::path::Path) -> u8 {
         if let Err(e) = crate::cloudflared::token::read(&token) {
             eprintln!("{}: {e}", path.display());
             failed = true;
+        } else if let Err(e) = crate::certs::perms::check_secret(
+            "cloudflared.token_file",
+            &token,
+            config.allow_readable_secrets,
+        ) {
+            eprintln!("{}: {e}", path.display());
+            failed = true;
         }
     }
     if failed {

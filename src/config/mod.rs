@@ -6,6 +6,7 @@ pub mod certs;
 pub mod cloudflared;
 pub mod duration;
 pub mod ipset;
+pub mod limits;
 pub mod provision;
 pub mod routes;
 
@@ -20,6 +21,7 @@ pub use admin::AdminConfig;
 pub use certs::CertsConfig;
 pub use cloudflared::CloudflaredConfig;
 pub use ipset::IpPolicy;
+pub use limits::Limits;
 pub use provision::ProvisionConfig;
 pub use routes::{Route, RouteTable, Scheme, Upstream};
 
@@ -65,6 +67,10 @@ pub struct Config {
     /// `[provision]`, when the appliance provisions itself through the Tunnels API.
     pub provision: Option<ProvisionConfig>,
     pub admin: AdminConfig,
+    pub limits: Limits,
+    /// Accept secret files (TLS key, CA key, token) readable by group or others; the
+    /// reference stack's container setup needs 0644, an appliance should not.
+    pub allow_readable_secrets: bool,
 }
 
 /// The inner-TLS server certificate and key.
@@ -140,6 +146,9 @@ struct RawConfig {
     cloudflared: cloudflared::RawCloudflared,
     #[serde(default)]
     admin: admin::RawAdmin,
+    #[serde(default)]
+    limits: limits::RawLimits,
+    allow_readable_secrets: Option<bool>,
     #[serde(default)]
     certs: certs::RawCerts,
     provision: Option<provision::RawProvision>,
@@ -301,6 +310,7 @@ impl Config {
 
         let cloudflared = cloudflared::validate(raw.cloudflared, base, &mut v);
         let admin = admin::validate(raw.admin, &mut v);
+        let limits = limits::validate(raw.limits, &mut v);
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -323,6 +333,8 @@ impl Config {
             },
             cloudflared,
             admin,
+            limits,
+            allow_readable_secrets: raw.allow_readable_secrets.unwrap_or(false),
             certs,
             provision,
         };

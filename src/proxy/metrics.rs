@@ -44,11 +44,51 @@ impl Refusal {
     }
 }
 
+/// A limit from `[limits]` that was hit (each one also logs its reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    Sessions,
+    UpgradeTimeout,
+    TlsHandshakeTimeout,
+    HeaderTimeout,
+    HeaderTooLarge,
+    WsMessageTooLarge,
+    IdleSession,
+    RequestBodyTooLarge,
+}
+
+impl LimitHit {
+    pub const ALL: [LimitHit; 8] = [
+        LimitHit::Sessions,
+        LimitHit::UpgradeTimeout,
+        LimitHit::TlsHandshakeTimeout,
+        LimitHit::HeaderTimeout,
+        LimitHit::HeaderTooLarge,
+        LimitHit::WsMessageTooLarge,
+        LimitHit::IdleSession,
+        LimitHit::RequestBodyTooLarge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitHit::Sessions => "max_sessions",
+            LimitHit::UpgradeTimeout => "upgrade_timeout",
+            LimitHit::TlsHandshakeTimeout => "tls_handshake_timeout",
+            LimitHit::HeaderTimeout => "request_header_timeout",
+            LimitHit::HeaderTooLarge => "max_header_bytes",
+            LimitHit::WsMessageTooLarge => "max_ws_message_bytes",
+            LimitHit::IdleSession => "idle_session_timeout",
+            LimitHit::RequestBodyTooLarge => "max_request_body_bytes",
+        }
+    }
+}
+
 /// The proxy's counters and gauges.
 #[derive(Default)]
 pub struct ProxyMetrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     refusals: [AtomicU64; 8],
+    limits: [AtomicU64; 8],
     sessions_open: AtomicI64,
     sessions_total: AtomicU64,
     requests_in_flight: AtomicI64,
@@ -71,6 +111,17 @@ impl ProxyMetrics {
     pub fn request(&self, route: &str, status: u16) {
         let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry((route.to_string(), status)).or_default() += 1;
+    }
+
+    pub fn limit(&self, l: LimitHit) {
+        self.limits[l as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn limits_snapshot(&self) -> Vec<(LimitHit, u64)> {
+        LimitHit::ALL
+            .iter()
+            .map(|l| (*l, self.limits[*l as usize].load(Ordering::Relaxed)))
+            .collect()
     }
 
     pub fn refusal(&self, r: Refusal) {

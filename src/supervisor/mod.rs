@@ -152,6 +152,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     ));
 
     let mut cf = if config.cloudflared.enabled {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+        let token_path = cloudflared::token::token_path(
+            config.cloudflared.token_file.as_deref(),
+            credentials.as_deref(),
+        );
+        crate::certs::perms::check_secret(
+            "cloudflared.token_file",
+            &token_path,
+            config.allow_readable_secrets,
+        )
+        .map_err(reload::CertRefused::from)?;
         let sup = cloudflared::start(
             config.cloudflared.clone(),
             config.log_level.as_str(),

@@ -35,6 +35,8 @@ pub fn unix_now() -> i64 {
 pub enum CertRefused {
     #[error(transparent)]
     Load(#[from] CertError),
+    #[error(transparent)]
+    Permissions(#[from] certs::perms::TooOpen),
     #[error("{file}: {source}")]
     Preflight {
         file: String,
@@ -47,6 +49,11 @@ pub fn load_checked(
     config: &Config,
     now: i64,
 ) -> Result<(Arc<CertifiedKey>, CertFacts), CertRefused> {
+    let allow = config.allow_readable_secrets;
+    certs::perms::check_secret("tls.key_file", &config.tls.key_file, allow)?;
+    if let Some(ca_key) = &config.certs.ca_key_file {
+        certs::perms::check_secret("certs.ca_key_file", ca_key, allow)?;
+    }
     let pair = certs::load_server_pair(&config.tls)?;
     let ca: Option<CertificateDer<'static>> = match &config.certs.ca_cert_file {
         Some(path) => Some(certs::load_certs("certs.ca_cert_file", path)?.remove(0)),
@@ -189,6 +196,13 @@ impl Reloader {
                 "listen_addr cannot change while running: restart the service to apply it; keeping the running value"
             );
             next.listen_addr = cur.config.listen_addr;
+        }
+        if next.limits != cur.config.limits || next.admin != cur.config.admin {
+            warn!(
+                "[limits] and [admin] changes need a restart to apply; keeping the running values"
+            );
+            next.limits = cur.config.limits.clone();
+            next.admin = cur.config.admin.clone();
         }
         if next.cloudflared != cur.config.cloudflared {
             warn!("[cloudflared] changes need a restart to apply; keeping the running values");
