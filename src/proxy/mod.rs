@@ -209,7 +209,10 @@ impl Proxy {
             }
         };
         if let Err(e) = result {
-            if e.is_parse_too_large() {
+            if e.is_timeout() {
+                self.metrics.limit(metrics::LimitHit::UpgradeTimeout);
+                info!(%peer, timeout = ?self.limits.upgrade_timeout, "closing listener connection: no WebSocket upgrade within limits.upgrade_timeout");
+            } else if e.is_parse_too_large() {
                 self.metrics.limit(metrics::LimitHit::HeaderTooLarge);
                 info!(%peer, "refused upgrade request: header block over limits.max_header_bytes");
             } else {
