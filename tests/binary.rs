@@ -312,3 +312,16 @@ async fn sigterm_drains_in_flight_request_then_exits_zero() {
     .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+#[test]
+fn the_documented_example_config_parses() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mcp-tunnel.toml");
+    let config = mcp_tunnel::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.listen_addr.to_string(), "127.0.0.1:8080");
+    assert!(!config.allow_readable_secrets);
+    assert_eq!(
+        config.limits,
+        mcp_tunnel::config::Limits::default(),
+        "documented limits are the defaults"
+    );
+}
