@@ -387,6 +387,19 @@ async fn idle_sessions_close_but_streaming_ones_do_not() {
             .unwrap();
         assert!(matches!(frame, Some(Ok(_))), "SSE stream cut: {frame:?}");
     }
+    // The open stream counts as in flight for as long as it streams, then no longer.
+    assert_eq!(proxy.proxy.metrics().requests_in_flight(), 1);
+    drop(body);
+    drop(streaming);
+    let mut gone = false;
+    for _ in 0..100 {
+        if proxy.proxy.metrics().requests_in_flight() == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "in-flight gauge not released after the stream closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,19 +44,20 @@ pub struct Activity {
     in_flight: AtomicUsize,
     last_ms: AtomicU64,
     epoch: Instant,
+    /// The process-wide gauge of requests in flight (until their response body ends).
+    metrics: Arc<super::metrics::ProxyMetrics>,
 }
 
-impl Default for Activity {
-    fn default() -> Self {
+impl Activity {
+    pub fn new(metrics: Arc<super::metrics::ProxyMetrics>) -> Activity {
         Activity {
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            metrics,
         }
     }
-}
 
-impl Activity {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -64,6 +65,7 @@ impl Activity {
     /// Marks a request in flight until the guard (moved into its response body) drops.
     pub fn begin(self: &Arc<Self>) -> ActiveGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stream_started();
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
         ActiveGuard(self.clone())
     }
@@ -97,6 +99,7 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.last_ms.store(self.0.now_ms(), Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.stream_ended();
     }
 }
 
@@ -162,7 +165,6 @@ impl Session {
         let start = Instant::now();
         let active = self.activity.begin();
         let metrics = self.proxy.metrics.clone();
-        let _in_flight = metrics.in_flight();
         let Some(host) = request_host(&req) else {
             metrics.refusal(Refusal::BadRequest);
             metrics.request("", 400);

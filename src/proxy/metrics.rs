@@ -135,10 +135,14 @@ impl ProxyMetrics {
         GaugeGuard(&self.sessions_open)
     }
 
-    /// A request is being handled (until its response headers are sent) while held.
-    pub fn in_flight(&self) -> GaugeGuard<'_> {
+    /// A request is in flight from its arrival until its response body has ended (an SSE
+    /// stream counts for as long as it streams).
+    pub fn stream_started(&self) {
         self.requests_in_flight.fetch_add(1, Ordering::Relaxed);
-        GaugeGuard(&self.requests_in_flight)
+    }
+
+    pub fn stream_ended(&self) {
+        self.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn requests_snapshot(&self) -> Vec<((String, u16), u64)> {

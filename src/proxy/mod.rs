@@ -320,7 +320,7 @@ impl Proxy {
         };
         let _open = self.metrics.session();
         let sni = tls.get_ref().1.server_name().map(str::to_owned);
-        let activity = Arc::new(forward::Activity::default());
+        let activity = Arc::new(forward::Activity::new(self.metrics.clone()));
         let session = Arc::new(forward::Session {
             proxy: self.clone(),
             sni,

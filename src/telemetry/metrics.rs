@@ -232,7 +232,7 @@ pub fn render(s: &AppState, now: i64) -> String {
         &mut o,
         "mcp_tunnel_requests_in_flight",
         "gauge",
-        "Requests waiting for their response headers.",
+        "Requests in flight, until their response body ends (open streams, SSE included).",
     );
     let _ = writeln!(
         o,
