@@ -762,3 +762,43 @@ fn certs_init_and_renew_cert_cli_output_passes_openssl() {
     assert_ne!(serial(&crt), before);
     assert_server_cert_shape(&crt, &ca, unix_now());
 }
+
+#[test]
+fn rsa_4096_server_certificates_when_asked() {
+    let pki = TestPki::new();
+    let now = unix_now();
+    let pair = issue_server_at(
+        &ca_of(&pki),
+        DOMAIN,
+        Duration::from_secs(86400),
+        mcp_tunnel::certs::issue::KeyType::Rsa4096,
+        now,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    mcp_tunnel::certs::renew::write_pair(
+        &pair,
+        &dir.path().join("tls.crt"),
+        &dir.path().join("tls.key"),
+    )
+    .unwrap();
+    let text = openssl(&[
+        "x509",
+        "-in",
+        dir.path().join("tls.crt").to_str().unwrap(),
+        "-noout",
+        "-text",
+    ]);
+    assert!(text.contains("Public-Key: (4096 bit)"), "{text}");
+    assert!(
+        text.contains("sha256WithRSAEncryption") || text.contains("ecdsa-with-SHA256"),
+        "{text}"
+    );
+    assert_server_cert_shape(&dir.path().join("tls.crt"), &pki.path("ca.crt"), now + 60);
+    // The proxy can present it: key and certificate load and match.
+    mcp_tunnel::certs::load_server_pair(&mcp_tunnel::config::TlsFiles {
+        cert_file: dir.path().join("tls.crt"),
+        key_file: dir.path().join("tls.key"),
+    })
+    .unwrap();
+}

@@ -49,12 +49,26 @@ pub enum KeyType {
     /// ECDSA P-256: small, fast handshakes; accepted by the edge (spec 9.4).
     #[default]
     EcdsaP256,
+    /// RSA 4096, what the reference setup component issues (slow to generate: seconds).
+    Rsa4096,
 }
 
 impl KeyType {
     pub fn generate(self) -> Result<KeyPair, CertError> {
         match self {
             KeyType::EcdsaP256 => Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?),
+            KeyType::Rsa4096 => {
+                use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+                let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 4096)
+                    .map_err(|e| CertError::KeyGen(e.to_string()))?;
+                let pem = key
+                    .to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| CertError::KeyGen(e.to_string()))?;
+                Ok(KeyPair::from_pkcs8_pem_and_sign_algo(
+                    &pem,
+                    &rcgen::PKCS_RSA_SHA256,
+                )?)
+            }
         }
     }
 }

@@ -38,6 +38,8 @@ pub enum CertError {
     Mismatch { cert: PathBuf, key: PathBuf },
     #[error("cannot issue certificate: {0}")]
     Issue(#[from] rcgen::Error),
+    #[error("cannot generate the key: {0}")]
+    KeyGen(String),
     #[error("cannot write {}: {source}", path.display())]
     Write {
         path: PathBuf,
