@@ -9,6 +9,7 @@
 //! `shutdown_timeout`, then close what is left. A second signal cuts both waits short.
 
 pub mod notify;
+pub mod provisioning;
 pub mod reload;
 pub mod watch;
 
@@ -53,6 +54,8 @@ pub enum RunError {
     CloudflaredStart(#[from] cloudflared::StartError),
     #[error("cloudflared cannot run: {0}")]
     CloudflaredPermanent(String),
+    #[error("provisioning: {0}")]
+    Provision(#[from] crate::provision::ProvisionError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -65,6 +68,8 @@ impl RunError {
             | RunError::Cert(_)
             | RunError::CloudflaredStart(_)
             | RunError::CloudflaredPermanent(_) => EXIT_CONFIG,
+            // Transient API failures are retried inside `run`; what comes out needs a person.
+            RunError::Provision(_) => EXIT_CONFIG,
             _ => 1,
         }
     }
@@ -111,6 +116,27 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let watchdog = notify::watchdog_interval();
     let mut signals = Signals::new().map_err(RunError::Signals)?;
 
+    // `[provision]` with an empty state directory: provision before the certificate loads.
+    let config = if config.provision.is_some() {
+        let status = |s: &str| notifier.status(s);
+        let start = provisioning::at_start(config, &status);
+        tokio::pin!(start);
+        loop {
+            tokio::select! {
+                c = &mut start => break c?,
+                sig = signals.next() => match sig {
+                    Sig::Stop(name) => {
+                        info!(signal = name, "stopping before provisioning completed");
+                        return Ok(());
+                    }
+                    Sig::Reload => info!("SIGHUP while provisioning at start: nothing to reload yet"),
+                },
+            }
+        }
+    } else {
+        config
+    };
+
     let (_, facts) = reload::load_checked(&config, reload::unix_now())?;
     let proxy = Proxy::new(&config)?;
     let state = AppState::new(proxy.metrics().clone(), config.cloudflared.enabled);
@@ -139,6 +165,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let shutdown = Shutdown::new();
     tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
     let reloader = Arc::new(reload::Reloader::new(config.clone(), proxy.clone(), facts));
+    if let Some(settings) = provisioning::settings(&config)?
+        && let Some(task) =
+            provisioning::Task::new(&config, settings, reloader.clone(), state.clone())
+    {
+        info!("provisioning task started: CA rotation, server certificate renewal, token rotation");
+        tokio::spawn(provisioning::run_loop(task, shutdown.clone()));
+    }
     let hooks = Arc::new(SupervisorHooks {
         notifier,
         state: state.clone(),
