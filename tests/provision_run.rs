@@ -206,9 +206,7 @@ identity_token_file = "token.jwt"
         let day = Duration::from_secs(86400);
         let t = self.fake.with(|s| s.create_tunnel());
         let ca = issue::generate_ca(day * ca_days).unwrap();
-        self.fake
-            .with(|s| s.register(&t.id, &ca.cert_pem))
-            .unwrap();
+        self.fake.with(|s| s.register(&t.id, &ca.cert_pem)).unwrap();
         let server = issue::issue_server(&ca, &t.domain, day * (ca_days - 1).min(90)).unwrap();
         let dir = StateDir::create(&self.path("state")).unwrap();
         for (name, value) in [
@@ -289,9 +287,11 @@ async fn run_provisions_an_empty_state_dir_and_serves_with_the_provisioned_cert(
     env.fake.with(|s| s.fail_next = 2);
     let cfg = env.config("token_version = \"1\"", true);
     let mut sup = env.start(&cfg);
-    env.wait("the stand-in's forward port", Duration::from_secs(20), || {
-        !env.events("forward_listening").is_empty() && !env.events("ready").is_empty()
-    })
+    env.wait(
+        "the stand-in's forward port",
+        Duration::from_secs(20),
+        || !env.events("forward_listening").is_empty() && !env.events("ready").is_empty(),
+    )
     .await;
 
     // Every state file, owner-only where secret; one tunnel, one CA.
@@ -380,14 +380,17 @@ async fn run_rotates_a_ca_near_expiry_with_zero_failed_handshakes() {
 
     // Continuous handshakes, each trusting the tunnel's active CAs at that moment.
     let stop = Arc::new(AtomicBool::new(false));
+    // Serial of each presented certificate in order: it switches once, from old to new.
+    let issuers: Arc<Mutex<Vec<String>>> = Arc::default();
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let hammer = {
-        let (fake, stop, ok, failed) = (
+        let (fake, stop, ok, failed, issuers) = (
             env.fake.clone(),
             stop.clone(),
             ok.clone(),
             failed.clone(),
+            issuers.clone(),
         );
         let target =
             mcp_tunnel::proxy::edge::WsTarget::parse(&format!("ws://{}", env.proxy)).unwrap();
@@ -403,7 +406,16 @@ async fn run_rotates_a_ca_near_expiry_with_zero_failed_handshakes() {
                     vec![b"http/1.1".to_vec()],
                 );
                 match target.connect_tls(client, &name).await {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(tls) => {
+                        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+                        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+                        let issuer = cert.raw_serial_as_string();
+                        let mut seen = issuers.lock().unwrap();
+                        if seen.last() != Some(&issuer) {
+                            seen.push(issuer);
+                        }
+                        ok.fetch_add(1, Ordering::Relaxed)
+                    }
                     Err(e) => {
                         eprintln!("handshake failed: {e}");
                         failed.fetch_add(1, Ordering::Relaxed)
@@ -413,17 +425,13 @@ async fn run_rotates_a_ca_near_expiry_with_zero_failed_handshakes() {
         })
     };
     let old_fp = provision::fingerprint(&old_ca).unwrap();
-    env.wait(
-        "the old CA archived",
-        Duration::from_secs(20),
-        || {
-            env.fake.with(|s| {
-                s.certs
-                    .iter()
-                    .any(|c| c.fingerprint == old_fp && c.archived_at.is_some())
-            })
-        },
-    )
+    env.wait("the old CA archived", Duration::from_secs(20), || {
+        env.fake.with(|s| {
+            s.certs
+                .iter()
+                .any(|c| c.fingerprint == old_fp && c.archived_at.is_some())
+        })
+    })
     .await;
     let at_archive = ok.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -432,7 +440,15 @@ async fn run_rotates_a_ca_near_expiry_with_zero_failed_handshakes() {
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("handshakes: {ok} ok ({at_archive} by the archive), {failed} failed");
     assert_eq!(failed, 0, "{}", env.log());
-    assert!(at_archive > 10 && ok > at_archive, "handshakes ran throughout");
+    assert!(
+        at_archive > 10 && ok > at_archive,
+        "handshakes ran throughout"
+    );
+    assert_eq!(
+        issuers.lock().unwrap().len(),
+        2,
+        "the presented certificate switched exactly once, from the old CA's to the new CA's"
+    );
 
     let new_ca = std::fs::read_to_string(env.state("ca.crt")).unwrap();
     assert_ne!(new_ca, old_ca);
@@ -449,10 +465,7 @@ async fn run_rotates_a_ca_near_expiry_with_zero_failed_handshakes() {
         assert!(!env.state(leftover).exists(), "{leftover}");
     }
     let log = env.log();
-    assert!(
-        log.contains("provisioning step failed; retrying"),
-        "{log}"
-    );
+    assert!(log.contains("provisioning step failed; retrying"), "{log}");
     assert!(log.contains("CA rotation complete"), "{log}");
     // Not due again: one rotation only.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -476,9 +489,11 @@ async fn scheduled_token_rotation_restarts_cloudflared_with_the_new_token() {
         .unwrap();
     let cfg = env.config("rotate_token_every = \"1h\"", true);
     let mut sup = env.start(&cfg);
-    env.wait("a second cloudflared start", Duration::from_secs(20), || {
-        env.events("started").len() >= 2
-    })
+    env.wait(
+        "a second cloudflared start",
+        Duration::from_secs(20),
+        || env.events("started").len() >= 2,
+    )
     .await;
     let started = env.events("started");
     let (first, second) = (

@@ -292,4 +292,41 @@ mod tests {
         assert!(check_api_url("http://10.0.0.1").is_err());
         assert!(check_api_url("ftp://x").is_err());
     }
+
+    #[test]
+    fn provision_owns_tls_domain_ca_and_token_paths() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("mcp-tunnel.toml");
+        let base = "[routes]\necho = \"http://127.0.0.1:9\"\n[provision]\nstate_dir = \"state\"\napi_token_file = \"key\"\n";
+        // Defaults: [tls], token file in the state dir; no domain until provisioned.
+        let c = crate::config::Config::parse(&path, base).unwrap();
+        let state = tmp.path().join("state");
+        assert_eq!(c.tls.cert_file, state.join("tls.crt"));
+        assert_eq!(c.tls.key_file, state.join("tls.key"));
+        assert_eq!(c.cloudflared.token_file, Some(state.join("tunnel-token")));
+        assert_eq!(c.tunnel_domain, None);
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(state.join("tunnel-domain"), "abcd.tunnel.example\n").unwrap();
+        let c = crate::config::Config::parse(&path, base).unwrap();
+        assert_eq!(c.tunnel_domain.as_deref(), Some("abcd.tunnel.example"));
+        assert_eq!(c.route_hosts(), ["echo.abcd.tunnel.example"]);
+
+        // Anything pointing elsewhere is refused, naming the field.
+        let other = format!(
+            "tunnel_domain = \"other.example\"\n[tls]\ncert_file = \"a.crt\"\nkey_file = \"state/tls.key\"\n[certs]\nca_cert_file = \"ca.crt\"\n[cloudflared]\ntoken_file = \"tok\"\n{base}"
+        );
+        let err = crate::config::Config::parse(&path, &other).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "tunnel_domain",
+                "tls.cert_file",
+                "certs.ca_cert_file",
+                "cloudflared.token_file"
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("remove [tls]"), "{err}");
+    }
 }
