@@ -212,16 +212,15 @@ impl Task {
                 .map_err(|e| ("CA rotation", e))?;
             self.installed();
             info!(registered = ?r.registered, archived = ?r.archived, "CA rotation complete");
-        } else if d.server {
-            if renew_server(
+        } else if d.server
+            && renew_server(
                 &self.settings,
                 &self.reloader,
                 self.schedule.server_renew_before,
             )
             .map_err(|e| ("server certificate renewal", e))?
-            {
-                self.installed();
-            }
+        {
+            self.installed();
         }
         if d.token {
             let id = provision::rotate_token(&self.settings, "scheduled rotation")
