@@ -1,8 +1,10 @@
 //! `mcp-tunnel run`: starts the parts in order and owns signals, sd-notify and shutdown.
 //!
-//! Start: proxy (config, certificate) -> listener -> admin endpoint -> cloudflared ->
+//! Start: with `[provision]`, provisioning of an empty state directory
+//! ([`provisioning::at_start`]) -> proxy (config, certificate) -> listener -> admin endpoint -> cloudflared ->
 //! `READY=1` (after cloudflared's first edge connection when `ready_requires_tunnel`).
-//! Run: STATUS kept current, WATCHDOG=1 while the accept loop and this loop progress,
+//! Run: with `[provision]`, [`provisioning::run_loop`] owns certificate and token rotation;
+//! STATUS kept current, WATCHDOG=1 while the accept loop and this loop progress,
 //! SIGHUP goes to [`reload`] (the hook for hot reload), a permanent cloudflared failure ends
 //! the run with exit 78. Stop (first SIGTERM/SIGINT): STOPPING=1, SIGTERM to cloudflared and
 //! wait its grace period while the proxy still serves, then drain the proxy up to
