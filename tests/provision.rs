@@ -666,7 +666,7 @@ async fn setup_init_cli_uses_env_and_config_section() {
     std::fs::write(
         &config,
         format!(
-            "tunnel_domain = \"x.example\"\n[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[provision]\nstate_dir = \"state\"\ntoken_version = \"7\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
+            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[provision]\nstate_dir = \"state\"\ntoken_version = \"7\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
             env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
         ),
     )

@@ -219,7 +219,20 @@ impl Config {
             );
         }
 
+        // `[provision]` first: it supplies defaults for [tls], tunnel_domain and the token file.
+        let provision = raw
+            .provision
+            .map(|p| p.validate(base, &mut |field, message| v.push(field, message)));
+        let mut tunnel_domain = tunnel_domain;
+        if let Some(p) = &provision {
+            provisioned_domain(&mut v, p, &mut tunnel_domain);
+        }
+
         let tls = match raw.tls {
+            None if provision.is_some() => provision.as_ref().map(|p| TlsFiles {
+                cert_file: p.state_file("tls.crt"),
+                key_file: p.state_file("tls.key"),
+            }),
             None => {
                 v.push(
                     "tls",
@@ -249,6 +262,23 @@ impl Config {
             }
         };
 
+        if let (Some(p), Some(t)) = (&provision, &tls) {
+            for (field, path, name) in [
+                ("tls.cert_file", &t.cert_file, "tls.crt"),
+                ("tls.key_file", &t.key_file, "tls.key"),
+            ] {
+                if *path != p.state_file(name) {
+                    v.push(
+                        field,
+                        format!(
+                            "with [provision] the server certificate is issued and rotated in the state directory: expected {} (or remove [tls])",
+                            p.state_file(name).display()
+                        ),
+                    );
+                }
+            }
+        }
+
         let routes = match raw.routes {
             None => {
                 v.push(
@@ -257,7 +287,12 @@ impl Config {
                 );
                 Vec::new()
             }
-            Some(value) => parse_routes(&mut v, value, tunnel_domain.is_some()),
+            // With [provision] the domain comes from the state directory once provisioned.
+            Some(value) => parse_routes(
+                &mut v,
+                value,
+                tunnel_domain.is_some() || provision.is_some(),
+            ),
         };
 
         let up = raw.upstream;
@@ -304,11 +339,35 @@ impl Config {
         for (field, message) in section_problems {
             v.push(&field, message);
         }
-        let provision = raw
-            .provision
-            .map(|p| p.validate(base, &mut |field, message| v.push(field, message)));
-
-        let cloudflared = cloudflared::validate(raw.cloudflared, base, &mut v);
+        let mut cloudflared = cloudflared::validate(raw.cloudflared, base, &mut v);
+        if let Some(p) = &provision {
+            for (field, set) in [
+                ("certs.ca_cert_file", certs.ca_cert_file.is_some()),
+                ("certs.ca_key_file", certs.ca_key_file.is_some()),
+            ] {
+                if set {
+                    v.push(
+                        field,
+                        format!(
+                            "with [provision] the tunnel CA is {} and the appliance rotates it: remove {field}",
+                            p.state_file("ca.crt").display()
+                        ),
+                    );
+                }
+            }
+            let token = p.state_file("tunnel-token");
+            match &cloudflared.token_file {
+                None => cloudflared.token_file = Some(token),
+                Some(t) if *t == token => {}
+                Some(_) => v.push(
+                    "cloudflared.token_file",
+                    format!(
+                        "with [provision] the tunnel token is written (and rotated) to {}: remove cloudflared.token_file or set it to that path",
+                        token.display()
+                    ),
+                ),
+            }
+        }
         let admin = admin::validate(raw.admin, &mut v);
         let limits = limits::validate(raw.limits, &mut v);
         let config = Config {
@@ -362,6 +421,27 @@ impl Config {
     /// The route table for this config.
     pub fn route_table(&self) -> RouteTable {
         RouteTable::new(self.routes.clone(), self.tunnel_domain.as_deref())
+    }
+}
+
+/// With `[provision]`: `tunnel_domain` defaults to the state directory's `tunnel-domain`
+/// (absent until provisioned); a configured value must agree with it.
+fn provisioned_domain(v: &mut Validator, p: &ProvisionConfig, domain: &mut Option<String>) {
+    let path = p.state_file("tunnel-domain");
+    let stored = std::fs::read_to_string(&path)
+        .ok()
+        .map(|d| routes::normalize_name(d.trim()))
+        .filter(|d| !d.is_empty());
+    match (domain.as_ref(), stored) {
+        (None, stored) => *domain = stored,
+        (Some(d), Some(s)) if *d != s => v.push(
+            "tunnel_domain",
+            format!(
+                "{d:?} differs from the provisioned domain {s:?} in {}: remove tunnel_domain (it defaults to the provisioned one)",
+                path.display()
+            ),
+        ),
+        _ => {}
     }
 }
 

@@ -21,6 +21,9 @@ pub const DEFAULT_CERT_DURATION: Duration = Duration::from_secs(2160 * 3600);
 /// Rotate the CA this long before it expires: far more than a server certificate's lifetime,
 /// so that no server certificate ever outlives its CA.
 pub const DEFAULT_CA_RENEW_BEFORE: Duration = Duration::from_secs(180 * 86400);
+/// During a CA rotation in `run`: how long to wait after registering the new CA before
+/// presenting a certificate from it, and after that before archiving the old CA.
+pub const DEFAULT_CA_ROTATION_SETTLE: Duration = Duration::from_secs(300);
 
 /// A validated `[provision]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +40,15 @@ pub struct ProvisionConfig {
     pub identity_token_file: Option<PathBuf>,
     pub api_token_file: Option<PathBuf>,
     pub ca_renew_before: Duration,
+    pub ca_rotation_settle: Duration,
     pub rotate_token_every: Option<Duration>,
+}
+
+impl ProvisionConfig {
+    /// A file of the state directory (`tls.crt`, `tunnel-domain`, ...).
+    pub fn state_file(&self, name: &str) -> PathBuf {
+        self.state_dir.join(name)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -57,6 +68,8 @@ pub(super) struct RawProvision {
     api_token_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     ca_renew_before: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    ca_rotation_settle: Option<Duration>,
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     rotate_token_every: Option<Duration>,
 }
@@ -185,6 +198,14 @@ impl RawProvision {
                 "expected at least \"1h\": each rotation restarts cloudflared".into(),
             );
         }
+        if let Some(settle) = self.ca_rotation_settle
+            && settle > Duration::from_secs(86400)
+        {
+            push(
+                "provision.ca_rotation_settle",
+                "expected at most \"24h\" (the default is \"5m\")".into(),
+            );
+        }
         if let Some(v) = &self.token_version
             && v.trim().is_empty()
         {
@@ -208,6 +229,9 @@ impl RawProvision {
             identity_token_file: self.identity_token_file.map(|p| base.join(p)),
             api_token_file: self.api_token_file.map(|p| base.join(p)),
             ca_renew_before: self.ca_renew_before.unwrap_or(DEFAULT_CA_RENEW_BEFORE),
+            ca_rotation_settle: self
+                .ca_rotation_settle
+                .unwrap_or(DEFAULT_CA_ROTATION_SETTLE),
             rotate_token_every: self.rotate_token_every,
         }
     }
@@ -267,5 +291,42 @@ mod tests {
         assert!(check_api_url("http://[::1]:9999").is_ok());
         assert!(check_api_url("http://10.0.0.1").is_err());
         assert!(check_api_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn provision_owns_tls_domain_ca_and_token_paths() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("mcp-tunnel.toml");
+        let base = "[routes]\necho = \"http://127.0.0.1:9\"\n[provision]\nstate_dir = \"state\"\napi_token_file = \"key\"\n";
+        // Defaults: [tls], token file in the state dir; no domain until provisioned.
+        let c = crate::config::Config::parse(&path, base).unwrap();
+        let state = tmp.path().join("state");
+        assert_eq!(c.tls.cert_file, state.join("tls.crt"));
+        assert_eq!(c.tls.key_file, state.join("tls.key"));
+        assert_eq!(c.cloudflared.token_file, Some(state.join("tunnel-token")));
+        assert_eq!(c.tunnel_domain, None);
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(state.join("tunnel-domain"), "abcd.tunnel.example\n").unwrap();
+        let c = crate::config::Config::parse(&path, base).unwrap();
+        assert_eq!(c.tunnel_domain.as_deref(), Some("abcd.tunnel.example"));
+        assert_eq!(c.route_hosts(), ["echo.abcd.tunnel.example"]);
+
+        // Anything pointing elsewhere is refused, naming the field.
+        let other = format!(
+            "tunnel_domain = \"other.example\"\n[tls]\ncert_file = \"a.crt\"\nkey_file = \"state/tls.key\"\n[certs]\nca_cert_file = \"ca.crt\"\n[cloudflared]\ntoken_file = \"tok\"\n{base}"
+        );
+        let err = crate::config::Config::parse(&path, &other).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "tunnel_domain",
+                "tls.cert_file",
+                "certs.ca_cert_file",
+                "cloudflared.token_file"
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("remove [tls]"), "{err}");
     }
 }

@@ -802,7 +802,9 @@ pub async fn rotate_ca(
     installer.install(key);
     info!(tunnel_id = %tunnel_id, "CA rotation: server certificate from the new CA installed");
 
-    if let Some(old) = &old {
+    // On a resume after the promotion, `ca.crt` already is the new CA: keep the recorded
+    // previous one (overwriting it with the new CA would archive the CA in use).
+    if let Some(old) = old.as_ref().filter(|o| o.cert_pem != next.cert_pem) {
         dir.write(state::CA_PREVIOUS_CRT, &old.cert_pem)?;
     }
     dir.write(state::CA_KEY, &next.key_pem)?;
@@ -811,26 +813,63 @@ pub async fn rotate_ca(
     dir.remove(state::CA_NEXT_CRT)?;
     tokio::time::sleep(settle).await;
 
-    let mut archived = None;
-    if let Some(prev) = dir.read(state::CA_PREVIOUS_CRT) {
-        let fp = fingerprint(&prev).unwrap_or_default();
-        let active = client.active_certificates(&tunnel_id).await?;
-        if let Some(rec) = active
-            .iter()
-            .find(|c| c.fingerprint.eq_ignore_ascii_case(&fp))
-        {
-            client.archive_certificate(&tunnel_id, &rec.id).await?;
-            info!(tunnel_id = %tunnel_id, certificate_id = %rec.id, "CA rotation: old CA archived");
-            archived = Some(rec.id.clone());
-        } else {
-            warn!(tunnel_id = %tunnel_id, "CA rotation: the old CA had no active record to archive");
-        }
-        dir.remove(state::CA_PREVIOUS_CRT)?;
-    }
+    let archived = archive_previous_ca(settings).await?;
     Ok(CaRotation {
         registered,
         archived,
     })
+}
+
+/// The last step of [`rotate_ca`], alone: archives the record of `ca-previous.crt` (the CA
+/// rotated out) and forgets it. For `run` to finish a rotation interrupted after the swap.
+pub async fn archive_previous_ca(settings: &Settings) -> Result<Option<String>, ProvisionError> {
+    let dir = StateDir::open(&settings.output);
+    let Some(prev) = dir.read(state::CA_PREVIOUS_CRT) else {
+        return Ok(None);
+    };
+    let tunnel_id = dir.read(state::TUNNEL_ID).ok_or_else(|| {
+        ProvisionError::Config(format!(
+            "{}: no tunnel-id: provision first",
+            dir.path().display()
+        ))
+    })?;
+    let client = settings.client();
+    let fp = fingerprint(&prev).unwrap_or_default();
+    let active = client.active_certificates(&tunnel_id).await?;
+    let mut archived = None;
+    if let Some(rec) = active
+        .iter()
+        .find(|c| c.fingerprint.eq_ignore_ascii_case(&fp))
+    {
+        client.archive_certificate(&tunnel_id, &rec.id).await?;
+        info!(tunnel_id = %tunnel_id, certificate_id = %rec.id, "CA rotation: old CA archived");
+        archived = Some(rec.id.clone());
+    } else {
+        warn!(tunnel_id = %tunnel_id, "CA rotation: the old CA had no active record to archive");
+    }
+    dir.remove(state::CA_PREVIOUS_CRT)?;
+    Ok(archived)
+}
+
+/// What [`rotate_ca`] left unfinished in `output` (after a crash or a shutdown mid-way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingRotation {
+    None,
+    /// `ca-next.*` exists: resume with [`rotate_ca`] (it reuses that key).
+    Rotate,
+    /// Only `ca-previous.crt` is left: [`archive_previous_ca`].
+    Archive,
+}
+
+pub fn pending_rotation(output: &Path) -> PendingRotation {
+    let dir = StateDir::open(output);
+    if dir.read(state::CA_NEXT_CRT).is_some() && dir.read(state::CA_NEXT_KEY).is_some() {
+        PendingRotation::Rotate
+    } else if dir.read(state::CA_PREVIOUS_CRT).is_some() {
+        PendingRotation::Archive
+    } else {
+        PendingRotation::None
+    }
 }
 
 /// Rotates the tunnel token and stores the new one; the caller restarts cloudflared so it

@@ -1,14 +1,17 @@
 //! `mcp-tunnel run`: starts the parts in order and owns signals, sd-notify and shutdown.
 //!
-//! Start: proxy (config, certificate) -> listener -> admin endpoint -> cloudflared ->
+//! Start: with `[provision]`, provisioning of an empty state directory
+//! ([`provisioning::at_start`]) -> proxy (config, certificate) -> listener -> admin endpoint -> cloudflared ->
 //! `READY=1` (after cloudflared's first edge connection when `ready_requires_tunnel`).
-//! Run: STATUS kept current, WATCHDOG=1 while the accept loop and this loop progress,
+//! Run: with `[provision]`, [`provisioning::run_loop`] owns certificate and token rotation;
+//! STATUS kept current, WATCHDOG=1 while the accept loop and this loop progress,
 //! SIGHUP goes to [`reload`] (the hook for hot reload), a permanent cloudflared failure ends
 //! the run with exit 78. Stop (first SIGTERM/SIGINT): STOPPING=1, SIGTERM to cloudflared and
 //! wait its grace period while the proxy still serves, then drain the proxy up to
 //! `shutdown_timeout`, then close what is left. A second signal cuts both waits short.
 
 pub mod notify;
+pub mod provisioning;
 pub mod reload;
 pub mod watch;
 
@@ -53,6 +56,8 @@ pub enum RunError {
     CloudflaredStart(#[from] cloudflared::StartError),
     #[error("cloudflared cannot run: {0}")]
     CloudflaredPermanent(String),
+    #[error("provisioning: {0}")]
+    Provision(#[from] crate::provision::ProvisionError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -65,6 +70,8 @@ impl RunError {
             | RunError::Cert(_)
             | RunError::CloudflaredStart(_)
             | RunError::CloudflaredPermanent(_) => EXIT_CONFIG,
+            // Transient API failures are retried inside `run`; what comes out needs a person.
+            RunError::Provision(_) => EXIT_CONFIG,
             _ => 1,
         }
     }
@@ -111,6 +118,27 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let watchdog = notify::watchdog_interval();
     let mut signals = Signals::new().map_err(RunError::Signals)?;
 
+    // `[provision]` with an empty state directory: provision before the certificate loads.
+    let config = if config.provision.is_some() {
+        let status = |s: &str| notifier.status(s);
+        let start = provisioning::at_start(config, &status);
+        tokio::pin!(start);
+        loop {
+            tokio::select! {
+                c = &mut start => break c?,
+                sig = signals.next() => match sig {
+                    Sig::Stop(name) => {
+                        info!(signal = name, "stopping before provisioning completed");
+                        return Ok(());
+                    }
+                    Sig::Reload => info!("SIGHUP while provisioning at start: nothing to reload yet"),
+                },
+            }
+        }
+    } else {
+        config
+    };
+
     let (_, facts) = reload::load_checked(&config, reload::unix_now())?;
     let proxy = Proxy::new(&config)?;
     let state = AppState::new(proxy.metrics().clone(), config.cloudflared.enabled);
@@ -139,6 +167,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let shutdown = Shutdown::new();
     tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
     let reloader = Arc::new(reload::Reloader::new(config.clone(), proxy.clone(), facts));
+    if let Some(settings) = provisioning::settings(&config)?
+        && let Some(task) =
+            provisioning::Task::new(&config, settings, reloader.clone(), state.clone())
+    {
+        info!("provisioning task started: CA rotation, server certificate renewal, token rotation");
+        tokio::spawn(provisioning::run_loop(task, shutdown.clone()));
+    }
     let hooks = Arc::new(SupervisorHooks {
         notifier,
         state: state.clone(),

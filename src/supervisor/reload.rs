@@ -110,16 +110,23 @@ struct Current {
     config: Config,
     /// Bytes of the presented pair, to tell a real change from a touch.
     pair_bytes: (Vec<u8>, Vec<u8>),
-    facts: CertFacts,
     /// Lowest expiry-warning threshold announced so far.
     warned_days: Option<i64>,
 }
 
 /// Owns the running config and applies changes to the proxy.
+///
+/// Who decides when the server certificate changes: without `[provision]`, this reloader
+/// (file changes, SIGHUP, renewal from `[certs]`); with `[provision]`, the provisioning task
+/// alone (`supervisor::provisioning`), which installs through [`Reloader::install_owned`]:
+/// the reloader then neither watches, reloads nor renews the pair.
 pub struct Reloader {
     path: PathBuf,
     proxy: Arc<Proxy>,
     current: Mutex<Current>,
+    /// Facts of the presented certificate (a plain lock: never held across an await).
+    facts: std::sync::Mutex<CertFacts>,
+    provisioned: bool,
     generation: AtomicU64,
     failures: AtomicU64,
 }
@@ -137,10 +144,11 @@ impl Reloader {
         Reloader {
             path: config.path.clone(),
             proxy,
+            provisioned: config.provision.is_some(),
+            facts: std::sync::Mutex::new(facts),
             current: Mutex::new(Current {
                 pair_bytes: read_pair(&config),
                 config,
-                facts,
                 warned_days: None,
             }),
             generation: AtomicU64::new(1),
@@ -160,7 +168,30 @@ impl Reloader {
 
     /// Facts of the presented certificate.
     pub async fn cert_facts(&self) -> CertFacts {
-        self.current.lock().await.facts.clone()
+        self.facts()
+    }
+
+    /// Facts of the presented certificate, without waiting.
+    pub fn facts(&self) -> CertFacts {
+        self.facts.lock().expect("facts lock").clone()
+    }
+
+    /// Whether the provisioning task owns the certificate (see [`Reloader`]).
+    pub fn provisioned(&self) -> bool {
+        self.provisioned
+    }
+
+    /// For the provisioning task: presents `key` to new handshakes now and records its facts
+    /// (the caller has already made sure its CA is trusted).
+    pub fn install_owned(&self, key: Arc<CertifiedKey>) {
+        match preflight::facts(&key.cert[0]) {
+            Ok(f) => {
+                info!(serial = %f.serial, not_after = f.not_after, "server certificate installed by provisioning; new sessions get it");
+                *self.facts.lock().expect("facts lock") = f;
+            }
+            Err(e) => warn!(error = %e, "installed a certificate whose facts cannot be read"),
+        }
+        self.proxy.cert_store().swap(key);
     }
 
     /// The running config.
@@ -171,7 +202,10 @@ impl Reloader {
     async fn watch_set(&self) -> WatchSet {
         let cur = self.current.lock().await;
         let c = &cur.config;
-        let mut files: Vec<&Path> = vec![&self.path, &c.tls.cert_file, &c.tls.key_file];
+        let mut files: Vec<&Path> = vec![&self.path];
+        if !self.provisioned {
+            files.extend([c.tls.cert_file.as_path(), c.tls.key_file.as_path()]);
+        }
         if let Some(ca) = &c.certs.ca_cert_file {
             files.push(ca);
         }
@@ -221,20 +255,21 @@ impl Reloader {
             ..Reloaded::default()
         };
         let bytes = read_pair(&next);
-        let cert_inputs_changed = bytes != cur.pair_bytes
-            || next.tls != cur.config.tls
-            || next.tunnel_domain != cur.config.tunnel_domain
-            || next.certs.ca_cert_file != cur.config.certs.ca_cert_file;
+        let cert_inputs_changed = !self.provisioned
+            && (bytes != cur.pair_bytes
+                || next.tls != cur.config.tls
+                || next.tunnel_domain != cur.config.tunnel_domain
+                || next.certs.ca_cert_file != cur.config.certs.ca_cert_file);
         if cert_inputs_changed {
             match load_checked(&next, now) {
                 Ok((pair, facts)) => {
-                    if facts.serial != cur.facts.serial || bytes != cur.pair_bytes {
+                    if facts.serial != self.facts().serial || bytes != cur.pair_bytes {
                         info!(serial = %facts.serial, not_after = facts.not_after, "server certificate swapped; new sessions get it");
                         out.new_cert_serial = Some(facts.serial.clone());
                     }
                     self.proxy.cert_store().swap(pair);
                     cur.pair_bytes = bytes;
-                    cur.facts = facts;
+                    *self.facts.lock().expect("facts lock") = facts;
                     cur.warned_days = None;
                 }
                 Err(e) => {
@@ -257,10 +292,10 @@ impl Reloader {
     /// Renews the server certificate from the local CA when it is due at `now`, or warns
     /// about its expiry when there is no CA key. Returns the new serial when it renewed.
     pub async fn renew_if_due(&self, now: i64, hooks: &dyn ReloadHooks) -> Option<String> {
-        let (config, facts) = {
-            let cur = self.current.lock().await;
-            (cur.config.clone(), cur.facts.clone())
-        };
+        if self.provisioned {
+            return None;
+        }
+        let (config, facts) = (self.config().await, self.facts());
         let certs_cfg = &config.certs;
         if !renew::due(facts.not_after, now, certs_cfg.renew_before) {
             return None;
@@ -305,11 +340,17 @@ impl Reloader {
             hooks.applied(
                 self.generation(),
                 cur.config.routes.len(),
-                cur.facts.not_after,
+                self.facts().not_after,
             );
         }
         hooks.reloaded(&result);
         result.ok().and_then(|r| r.new_cert_serial)
+    }
+}
+
+impl crate::provision::InstallCert for Reloader {
+    fn install(&self, key: Arc<CertifiedKey>) {
+        self.install_owned(key);
     }
 }
 
@@ -355,7 +396,7 @@ pub async fn run_loop(
             hooks.applied(
                 reloader.generation(),
                 cur.config.routes.len(),
-                cur.facts.not_after,
+                reloader.facts().not_after,
             );
         }
         hooks.reloaded(&result);

@@ -23,6 +23,10 @@ pub struct AppState {
     pub reload_failures: AtomicU64,
     pub listener_bound: AtomicBool,
     pub stopping: AtomicBool,
+    /// The provisioning task's last problem (`[provision]`), shown in STATUS until it clears.
+    pub provisioning: std::sync::Mutex<Option<String>>,
+    /// Failed provisioning checks (rotations, renewals) since start.
+    pub provision_failures: AtomicU64,
 }
 
 impl AppState {
@@ -37,6 +41,8 @@ impl AppState {
             reload_failures: AtomicU64::new(0),
             listener_bound: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            provisioning: std::sync::Mutex::new(None),
+            provision_failures: AtomicU64::new(0),
         })
     }
 
@@ -157,8 +163,15 @@ pub fn status_line(s: &AppState, now: i64) -> String {
     } else {
         ""
     };
+    let provisioning = s
+        .provisioning
+        .lock()
+        .ok()
+        .and_then(|p| p.clone())
+        .map(|p| format!("; provisioning: {p}"))
+        .unwrap_or_default();
     format!(
-        "{stopping}{tunnel}; {routes} route{}; {cert}",
+        "{stopping}{tunnel}; {routes} route{}; {cert}{provisioning}",
         if routes == 1 { "" } else { "s" }
     )
 }
@@ -329,6 +342,17 @@ pub fn render(s: &AppState, now: i64) -> String {
         o,
         "mcp_tunnel_config_reload_failures_total {}",
         s.reload_failures.load(Ordering::Relaxed)
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_provision_failures_total",
+        "counter",
+        "Failed provisioning checks ([provision]: CA rotation, server certificate renewal, token rotation); each is retried.",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_provision_failures_total {}",
+        s.provision_failures.load(Ordering::Relaxed)
     );
     head(
         &mut o,

@@ -88,6 +88,26 @@ impl State {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
+    /// A token in cloudflared's format (base64 of `{"a","t","s"}`, `t` a UUID), so the
+    /// cloudflared stand-in accepts it.
+    pub fn cloudflared_token(&mut self) -> String {
+        use base64::Engine;
+        let h = self.random(16);
+        let uuid = format!(
+            "{}-{}-4{}-8{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[13..16],
+            &h[17..20],
+            &h[20..32]
+        );
+        let secret = base64::engine::general_purpose::STANDARD.encode(self.random(16));
+        base64::engine::general_purpose::STANDARD.encode(format!(
+            r#"{{"a":"acct-{}","t":"{uuid}","s":"{secret}"}}"#,
+            self.random(4)
+        ))
+    }
+
     /// Creates a tunnel directly (as the Console would).
     pub fn create_tunnel(&mut self) -> TunnelRec {
         let n = self.next();
@@ -96,7 +116,7 @@ impl State {
             domain: format!("{}.tunnel.anthropic.com", self.random(4)),
             created_at: now_rfc3339(),
             archived_at: None,
-            token: format!("eyJhIjoi{}", self.random(24)),
+            token: self.cloudflared_token(),
             token_id: format!("tkn_{}", self.random(6)),
         };
         self.tunnels.push(rec.clone());
@@ -461,7 +481,7 @@ fn tunnel_op(
         }
         (&Method::POST, ["rotate_token"]) if !archived => {
             s.rotations += 1;
-            let token = format!("eyJhIjoi{}", s.random(24));
+            let token = s.cloudflared_token();
             let token_id = format!("tkn_{}", s.random(6));
             s.tunnels[ti].token = token;
             s.tunnels[ti].token_id = token_id;
