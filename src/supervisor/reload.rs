@@ -403,6 +403,9 @@ pub async fn run_loop(
         let set = reloader.watch_set().await;
         if watcher.as_ref().is_none_or(|w| w.set != set) {
             watcher = start_watcher(set, tx.clone());
+            // Events the old watcher had not yet delivered (inside its debounce window) died
+            // with it: look once more. A reload with nothing changed is a no-op.
+            let _ = tx.send(());
         }
     }
 }
