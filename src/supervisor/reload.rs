@@ -129,6 +129,7 @@ pub struct Reloader {
     provisioned: bool,
     generation: AtomicU64,
     failures: AtomicU64,
+    attempts: AtomicU64,
 }
 
 fn read_pair(config: &Config) -> (Vec<u8>, Vec<u8>) {
@@ -153,12 +154,18 @@ impl Reloader {
             }),
             generation: AtomicU64::new(1),
             failures: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
         }
     }
 
     /// Config generation: 1 at start, +1 per applied change.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Reloads attempted since start (applied, refused, or with nothing to do).
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
     }
 
     /// Reloads refused since start.
@@ -214,6 +221,7 @@ impl Reloader {
 
     /// Re-reads the config file and the certificate pair and applies what changed.
     pub async fn reload(&self, now: i64) -> Result<Reloaded, ReloadError> {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
         let mut cur = self.current.lock().await;
         let mut next = match Config::load(&self.path) {
             Ok(c) => c,
