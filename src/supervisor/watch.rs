@@ -7,7 +7,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::RecursiveMode;
+use notify::event::ModifyKind;
+use notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -68,8 +69,18 @@ pub fn watch(set: WatchSet, tx: mpsc::UnboundedSender<()>) -> notify::Result<Fil
     let filter = set.clone();
     let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| match res {
         Ok(events) => {
-            if events
-                .iter()
+            // Opening and reading a file (every reload reads them all) is not a change, nor
+            // is a metadata event (inotify's IN_ATTRIB also fires for access-time updates):
+            // counting them could make every reload trigger the next. A permissions-only fix
+            // is applied with `systemctl reload`.
+            let changes = events.iter().filter(|e| {
+                !matches!(
+                    e.kind,
+                    EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
+                )
+            });
+            if changes
+                .into_iter()
                 .any(|e| e.paths.iter().any(|p| filter.matters(p)))
             {
                 let _ = tx.send(());
