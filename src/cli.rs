@@ -57,6 +57,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Write the man page and shell completions into DIR (used when building packages).
+    #[command(hide = true)]
+    GenerateAssets {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,6 +116,13 @@ pub fn dispatch(cli: Cli) -> u8 {
                 Ok(())
             })
         }
+        Command::GenerateAssets { out } => match crate::assets::generate(&out) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {}: {e}", out.display());
+                1
+            }
+        },
         Command::Demo { port, dir } => {
             crate::telemetry::init("warn");
             runtime(crate::demo::run(port, dir))
