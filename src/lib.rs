@@ -7,6 +7,7 @@
 pub mod assets;
 pub mod certs;
 pub mod cli;
+pub mod cloudflared;
 pub mod config;
 pub mod demo;
 pub mod lifecycle;

@@ -1,6 +1,8 @@
 //! Configuration: the TOML schema, its defaults, and validation that names file, field and
 //! expectation. Field names follow the reference stack so operators recognise them.
 
+pub mod admin;
+pub mod cloudflared;
 pub mod duration;
 pub mod ipset;
 pub mod routes;
@@ -12,6 +14,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use admin::AdminConfig;
+pub use cloudflared::CloudflaredConfig;
 pub use ipset::IpPolicy;
 pub use routes::{Route, RouteTable, Scheme, Upstream};
 
@@ -53,6 +57,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub upstream: UpstreamConfig,
     pub cloudflared: CloudflaredConfig,
+    pub admin: AdminConfig,
 }
 
 /// The inner-TLS server certificate and key.
@@ -70,12 +75,6 @@ pub struct UpstreamConfig {
     pub include_system_cas: bool,
     pub connect_timeout: Duration,
     pub response_header_timeout: Duration,
-}
-
-/// cloudflared supervision settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloudflaredConfig {
-    pub enabled: bool,
 }
 
 /// Every problem found in one config file; `Display` prints one `file: field: problem` line
@@ -131,7 +130,9 @@ struct RawConfig {
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
-    cloudflared: RawCloudflared,
+    cloudflared: cloudflared::RawCloudflared,
+    #[serde(default)]
+    admin: admin::RawAdmin,
 }
 
 #[derive(Deserialize)]
@@ -159,12 +160,6 @@ struct RawUpstream {
 struct RawUpstreamTls {
     ca_file: Option<PathBuf>,
     include_system_cas: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawCloudflared {
-    enabled: Option<bool>,
 }
 
 impl Config {
@@ -285,6 +280,8 @@ impl Config {
             }
         }
 
+        let cloudflared = cloudflared::validate(raw.cloudflared, base, &mut v);
+        let admin = admin::validate(raw.admin, &mut v);
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -305,9 +302,8 @@ impl Config {
                     .response_header_timeout
                     .unwrap_or(Duration::from_secs(300)),
             },
-            cloudflared: CloudflaredConfig {
-                enabled: raw.cloudflared.enabled.unwrap_or(false),
-            },
+            cloudflared,
+            admin,
         };
         if v.problems.is_empty() {
             Ok(config)

@@ -12,6 +12,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
+use super::metrics::Refusal;
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
@@ -50,12 +51,18 @@ impl Session {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
+        let metrics = self.proxy.metrics.clone();
+        let _in_flight = metrics.in_flight();
         let Some(host) = request_host(&req) else {
+            metrics.refusal(Refusal::BadRequest);
+            metrics.request("", 400);
             return Ok(own(StatusCode::BAD_REQUEST, "Missing Host header\n"));
         };
         let snapshot = self.proxy.snapshot.load_full();
         let Some(route) = snapshot.routes.lookup(&host).cloned() else {
             info!(%host, method = %req.method(), path = req.uri().path(), "no route for host");
+            metrics.refusal(Refusal::NoRoute);
+            metrics.request("", 502);
             return Ok(own(
                 StatusCode::BAD_GATEWAY,
                 "No route configured for host\n",
@@ -68,12 +75,16 @@ impl Session {
             && sni_route.name != route.name
         {
             info!(%host, %sni, "misdirected request: TLS server name and Host select different routes");
+            metrics.refusal(Refusal::Misdirected);
+            metrics.request(&route.name, 421);
             return Ok(own(
                 StatusCode::MISDIRECTED_REQUEST,
                 "Misdirected request: the TLS server name and the Host header name different routes\n",
             ));
         }
         if req.method() == Method::CONNECT {
+            metrics.refusal(Refusal::BadRequest);
+            metrics.request(&route.name, 405);
             return Ok(own(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "CONNECT is not supported\n",
@@ -94,8 +105,13 @@ impl Session {
                 strip_hop_by_hop(resp.headers_mut());
                 resp.map(Either::Left)
             }
-            Ok(Err(e)) => error_response(&route, &e),
+            Ok(Err(e)) => {
+                let (resp, why) = error_response(&route, &e);
+                metrics.refusal(why);
+                resp
+            }
             Err(_) => {
+                metrics.refusal(Refusal::ResponseTimeout);
                 warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
                 own(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -111,6 +127,7 @@ impl Session {
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,
             "request completed"
         );
+        metrics.request(&route.name, resp.status().as_u16());
         Ok(resp)
     }
 
@@ -189,8 +206,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn error_response(route: &Route, err: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
-    match find_connect_error(err) {
+fn error_response(
+    route: &Route,
+    err: &hyper_util::client::legacy::Error,
+) -> (Response<ProxyBody>, Refusal) {
+    let why = match find_connect_error(err) {
+        Some(ConnectError::NotAllowed { .. }) => Refusal::IpNotAllowed,
+        Some(ConnectError::Timeout { .. }) => Refusal::ConnectTimeout,
+        Some(_) => Refusal::ConnectFailed,
+        None => Refusal::UpstreamError,
+    };
+    let resp = match find_connect_error(err) {
         Some(e @ ConnectError::NotAllowed { host, .. }) => {
             warn!(route = %route.name, upstream_host = %host, "{e}");
             own(
@@ -213,7 +239,8 @@ fn error_response(route: &Route, err: &hyper_util::client::legacy::Error) -> Res
             warn!(route = %route.name, upstream = %route.upstream, error = %err, source = ?std::error::Error::source(err), "upstream request failed");
             own(StatusCode::BAD_GATEWAY, "Upstream request failed\n")
         }
-    }
+    };
+    (resp, why)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod edge;
 mod forward;
+pub mod metrics;
 pub mod tls;
 pub mod upstream;
 pub mod ws;
@@ -62,6 +63,7 @@ pub struct Proxy {
     certs: Arc<CertStore>,
     acceptor: TlsAcceptor,
     client: Client<Connector, Incoming>,
+    metrics: Arc<metrics::ProxyMetrics>,
 }
 
 impl Proxy {
@@ -88,6 +90,7 @@ impl Proxy {
             acceptor: TlsAcceptor::from(tls::server_config(certs.clone())),
             certs,
             client,
+            metrics: Arc::default(),
         };
         for route in config.route_table().iter() {
             info!(route = %route.name, upstream = %route.upstream, preserve_host = route.preserve_host, "route configured");
@@ -104,6 +107,11 @@ impl Proxy {
         Ok(())
     }
 
+    /// Request, refusal and session counters (for `/metrics` and the watchdog).
+    pub fn metrics(&self) -> &Arc<metrics::ProxyMetrics> {
+        &self.metrics
+    }
+
     /// The certificate store, for rotation.
     pub fn cert_store(&self) -> &Arc<CertStore> {
         &self.certs
@@ -111,9 +119,14 @@ impl Proxy {
 
     /// Accepts tunnel connections until shutdown starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        let mut beat = tokio::time::interval(Duration::from_millis(250));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.started() => break,
+                _ = beat.tick() => {
+                    self.metrics.accept_loop_beats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 a = listener.accept() => a,
             };
             match accepted {
@@ -247,6 +260,7 @@ impl Proxy {
                     return;
                 }
             };
+        let _open = self.metrics.session();
         let sni = tls.get_ref().1.server_name().map(str::to_owned);
         let session = Arc::new(forward::Session {
             proxy: self.clone(),
