@@ -58,7 +58,7 @@ compare() { # compare NAME ACTUAL_FILE EXPECTED_FILE
 for flavour in plain bundled; do
   deb="$(echo "$work/$flavour"/*.deb)"; rpmf="$(echo "$work/$flavour"/*.rpm)"
   step "$flavour: lintian $(basename "$deb")"
-  lintian --fail-on error,warning --no-tag-display-limit "$deb" 2>&1 | grep -v '^running with root privileges' || true
+  lintian --fail-on error,warning --tag-display-limit 0 "$deb" 2>&1 | grep -v '^running with root privileges' || true
   lintian --fail-on error,warning "$deb" >/dev/null 2>&1 || fail "$flavour: lintian reports errors or warnings"
   pass "$flavour: lintian clean (overrides: packaging/debian/lintian-overrides)"
 
@@ -73,7 +73,7 @@ for flavour in plain bundled; do
   rpm_files "$rpmf" >"$work/$flavour.rpm.txt"; compare "$flavour rpm" "$work/$flavour.rpm.txt" "packaging/expected/rpm-$flavour.txt"
   [[ "$(dpkg-deb -I "$deb" conffiles)" == "/etc/mcp-tunnel/mcp-tunnel.toml" ]] || fail "$flavour: deb conffiles"
   pass "$flavour deb: conffiles = /etc/mcp-tunnel/mcp-tunnel.toml"
-  cfg="$(rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpmf" | awk '$1 ~ /c/')"
+  cfg="$(rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpmf" | awk 'NF == 2 && $1 ~ /c/')"
   [[ "$cfg" == "cn /etc/mcp-tunnel/mcp-tunnel.toml" ]] || fail "$flavour: rpm config files: $cfg"
   pass "$flavour rpm: %config(noreplace) /etc/mcp-tunnel/mcp-tunnel.toml"
   for s in postinstall preuninstall postuninstall; do
