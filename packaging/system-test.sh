@@ -20,6 +20,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source packaging/lib.sh
+trap 'echo "FAIL unexpected error at line $LINENO: $BASH_COMMAND" >&2' ERR
 start=$SECONDS
 
 deb=""

@@ -21,6 +21,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source packaging/lib.sh
+trap 'echo "FAIL unexpected error at line $LINENO: $BASH_COMMAND" >&2' ERR
 start=$SECONDS
 
 [[ $EUID -eq 0 ]] || fail "run as root (rpm --root and the overlay mount need it)"
@@ -28,7 +29,7 @@ need lintian lintian; need rpmlint rpmlint; need rpm rpm; need systemd-analyze s
 need strip binutils
 
 work="$(mktemp -d /tmp/mcp-tunnel-pkgtest.XXXXXX)"
-cleanup() { umount_scratch_root "$work/rpmroot" 2>/dev/null || true; umount_scratch_root "$work/unitroot" 2>/dev/null || true; rm -rf "$work"; }
+cleanup() { umount "$work/rpmroot/root/proc" 2>/dev/null || true; umount_scratch_root "$work/rpmroot" 2>/dev/null || true; umount_scratch_root "$work/unitroot" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
 step "build without a bundled cloudflared"
@@ -80,7 +81,7 @@ for flavour in plain bundled; do
     rpm -qp --scripts "$rpmf" | grep -q "^$s scriptlet" || fail "$flavour rpm: no $s scriptlet"
   done
   pass "$flavour rpm: %post, %preun and %postun scriptlets present"
-  rec="$(dpkg-deb -f "$deb" Recommends)"; sug="$(rpm -qp --suggests "$rpmf")"
+  rec="$(dpkg-deb -f "$deb" Recommends || true)"; sug="$(rpm -qp --suggests "$rpmf")"
   if [[ $flavour == plain ]]; then
     [[ "$rec" == cloudflared && "$sug" == cloudflared ]] || fail "plain: Recommends/Suggests '$rec'/'$sug', expected cloudflared"
     pass "plain: deb Recommends: cloudflared, rpm Suggests: cloudflared"
@@ -91,8 +92,10 @@ for flavour in plain bundled; do
 sha256: $(sha256sum "$standin" | cut -d' ' -f1)"
     [[ "$(cat "$work/x/usr/lib/mcp-tunnel/cloudflared.version")" == "$want" ]] || fail "bundled: cloudflared.version does not record the binary"
     [[ "$(sha256sum <"$work/x/usr/lib/mcp-tunnel/cloudflared")" == "$(sha256sum <"$standin")" ]] || fail "bundled: packed cloudflared differs from the input"
-    rpm2cpio "$rpmf" | (mkdir -p "$work/rx" && cd "$work/rx" && cpio -idm --quiet ./usr/lib/mcp-tunnel/cloudflared)
-    cmp -s "$work/rx/usr/lib/mcp-tunnel/cloudflared" "$standin" || fail "bundled rpm: packed cloudflared differs from the input"
+    # The rpm's own file digest (sha256, FILEDIGESTALGO 8) of the packed binary.
+    [[ "$(rpm -qp --qf '%{FILEDIGESTALGO}' "$rpmf")" == 8 ]] || fail "bundled rpm: file digests are not sha256"
+    rpm -qp --qf '[%{FILEDIGESTS} %{FILENAMES}\n]' "$rpmf" | grep -qx "$(sha256sum <"$standin" | cut -d' ' -f1) /usr/lib/mcp-tunnel/cloudflared" \
+      || fail "bundled rpm: packed cloudflared differs from the input"
     pass "bundled: no Recommends/Suggests; cloudflared packed byte for byte; cloudflared.version = $(tr '\n' ' ' <<<"$want")"
   fi
 done
@@ -122,27 +125,31 @@ pass "exposure $exposure <= 2.0"
 step "rpm --root: install into a scratch Debian 12 root, scripts run"
 mount_scratch_root "$work/rpmroot"
 r="$work/rpmroot/root"
+# /proc inside, as dnf --installroot and mock provide (systemd-tmpfiles refuses without it).
+mount -t proc proc "$r/proc"
 rpmf="$(echo "$work"/plain/*.rpm)"
 rpm --root "$r" -ivh --nodeps "$rpmf" 2>&1 | tee "$work/rpm-install.log"
 grep -q 'mcp-tunnel: %post (1)' "$work/rpm-install.log" || fail "rpm: %post did not print its line"
 grep -q '^mcp-tunnel:' "$r/etc/passwd" || fail "rpm %post: no mcp-tunnel user in the root's /etc/passwd"
 pass "%post ran: user $(grep '^mcp-tunnel:' "$r/etc/passwd")"
-[[ "$(stat -c '%a %U' "$r/var/lib/mcp-tunnel")" == "700 mcp-tunnel" ]] || fail "rpm %post: /var/lib/mcp-tunnel is $(stat -c '%a %U' "$r/var/lib/mcp-tunnel")"
+uid="$(awk -F: '$1 == "mcp-tunnel" {print $3}' "$r/etc/passwd")"   # names resolve against the host
+[[ "$(stat -c '%a %u' "$r/var/lib/mcp-tunnel")" == "700 $uid" ]] || fail "rpm %post: /var/lib/mcp-tunnel is $(stat -c '%a uid %u' "$r/var/lib/mcp-tunnel"), expected 700 uid $uid"
 pass "%post ran: /var/lib/mcp-tunnel 0700 mcp-tunnel (tmpfiles)"
 [[ -L "$r/etc/systemd/system/multi-user.target.wants/mcp-tunnel.service" ]] || fail "rpm %post: unit not enabled by preset (the Debian root has no preset files: default enable)"
 pass "%post ran: systemctl preset enabled the unit (multi-user.target.wants symlink)"
 echo "# edited by the operator" >>"$r/etc/mcp-tunnel/mcp-tunnel.toml"
 rpm --root "$r" -Uvh --replacepkgs --nodeps "$rpmf" >"$work/rpm-reinstall.log" 2>&1 || { cat "$work/rpm-reinstall.log"; fail "rpm reinstall"; }
 grep -q '# edited by the operator' "$r/etc/mcp-tunnel/mcp-tunnel.toml" || fail "%config(noreplace): the edited config was replaced"
-[[ -e "$r/etc/mcp-tunnel/mcp-tunnel.toml.rpmnew" ]] || fail "%config(noreplace): no .rpmnew next to the edited config"
-pass "%config(noreplace): edited config kept, the new one written as mcp-tunnel.toml.rpmnew"
+pass "reinstall (rpm -U --replacepkgs) keeps the operator's edit of the config"
 echo secret >"$r/var/lib/mcp-tunnel/tunnel-token"
 rpm --root "$r" -e mcp-tunnel 2>&1 | tee "$work/rpm-erase.log"
 grep -q 'mcp-tunnel: %preun (0)' "$work/rpm-erase.log" || fail "rpm -e: %preun did not run"
 grep -q 'mcp-tunnel: %postun (0)' "$work/rpm-erase.log" || fail "rpm -e: %postun did not run"
 [[ ! -e "$r/usr/bin/mcp-tunnel" && ! -L "$r/etc/systemd/system/multi-user.target.wants/mcp-tunnel.service" ]] || fail "rpm -e left the binary or the enable symlink"
 [[ -f "$r/var/lib/mcp-tunnel/tunnel-token" ]] || fail "rpm -e removed the state directory"
-pass "rpm -e: %preun (disable) and %postun ran; binary and enable symlink gone; /var/lib/mcp-tunnel kept"
+grep -q '# edited by the operator' "$r/etc/mcp-tunnel/mcp-tunnel.toml.rpmsave" || fail "rpm -e: the edited config was not saved as .rpmsave"
+pass "rpm -e: %preun (disable) and %postun ran; binary and enable symlink gone; edited config kept as .rpmsave; /var/lib/mcp-tunnel kept"
+umount "$r/proc"
 umount_scratch_root "$work/rpmroot"
 
 step "all package checks passed in $((SECONDS - start)) s"
