@@ -303,7 +303,8 @@ mod tests {
         use Health::*;
         use Probe::*;
         // (probes with times, expected final health, expected restart on the last probe)
-        let cases: Vec<(Vec<(Probe, u64)>, Health, Option<RestartReason>)> = vec![
+        type Case = (Vec<(Probe, u64)>, Health, Option<RestartReason>);
+        let cases: Vec<Case> = vec![
             (vec![(NoAnswer, 1)], Starting, None),
             (vec![(NotReady, 1)], Starting, None),
             (
