@@ -52,6 +52,11 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Programmatic provisioning through the Tunnels API (the reference `setup` component).
+    Setup {
+        #[command(subcommand)]
+        command: SetupCommand,
+    },
     /// Print a summary of a running appliance from its admin endpoint.
     Status {
         /// Admin endpoint address; default: `[admin] listen_addr` from the config file.
@@ -79,6 +84,22 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Issue a new server certificate from the CA in DIR (no network), as the reference
+    /// `setup renew-cert` does; a no-op while more than --renew-before remains.
+    RenewCert {
+        /// Holds ca.crt, ca.key, tls.crt, tls.key (and tunnel-domain, when provisioned).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Skip when the current certificate has more than this left ("0s": always renew).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        renew_before: std::time::Duration,
+        #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+        cert_duration: std::time::Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::duration::parse(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +111,169 @@ pub enum CertsCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SetupCommand {
+    /// Attach to (or create) a tunnel, make and register a CA, issue the server certificate,
+    /// fetch the tunnel token, and write everything to the output directory. Idempotent.
+    ///
+    /// Credentials come from the environment (ANTHROPIC_FEDERATION_RULE_ID,
+    /// ANTHROPIC_ORGANIZATION_ID, ANTHROPIC_WORKSPACE_ID, ANTHROPIC_SERVICE_ACCOUNT_ID and one of
+    /// ANTHROPIC_IDENTITY_TOKEN_FILE / ANTHROPIC_IDENTITY_TOKEN; or API_TOKEN) or from the
+    /// [provision] section of the config file.
+    Init {
+        /// Claude API base URL [env: API_URL]
+        #[arg(long)]
+        api_url: Option<String>,
+        /// Tunnel to attach to (tnl_...); omitted: the stored one, else a new tunnel [env: TUNNEL_ID]
+        #[arg(long)]
+        tunnel_id: Option<String>,
+        /// dir:PATH [default: provision.state_dir or /var/lib/mcp-tunnel]
+        #[arg(long)]
+        output: Option<String>,
+        /// Server certificate validity
+        #[arg(long, value_parser = config::duration::parse)]
+        cert_duration: Option<std::time::Duration>,
+        /// Change-detection string: a new value rotates the tunnel token
+        #[arg(long)]
+        token_version: Option<String>,
+        /// Config file whose [provision] section supplies defaults (read when it exists)
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Issue a new server certificate from the stored CA; no API calls.
+    RenewCert {
+        /// dir:PATH [default: provision.state_dir or /var/lib/mcp-tunnel]
+        #[arg(long)]
+        output: Option<String>,
+        /// New certificate validity
+        #[arg(long, value_parser = config::duration::parse, default_value = "2160h")]
+        cert_duration: std::time::Duration,
+        /// Skip while the current certificate has more than this left (0: always renew)
+        #[arg(long, value_parser = parse_renew_before, default_value = "0")]
+        renew_before: std::time::Duration,
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}
+
+/// `--renew-before` takes a duration, or the reference's bare `0`.
+fn parse_renew_before(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    config::duration::parse(s)
+}
+
+/// The `[provision]` section of `path` when the file exists; a broken file is an error.
+fn provision_section(path: &std::path::Path) -> Result<Option<config::ProvisionConfig>, u8> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    match Config::load(path) {
+        Ok(c) => Ok(c.provision),
+        Err(e) => Err(fail_config(&e)),
+    }
+}
+
+fn setup(command: SetupCommand) -> u8 {
+    use crate::provision::{self, ErrorClass, Overrides, Settings};
+    match command {
+        SetupCommand::Init {
+            api_url,
+            tunnel_id,
+            output,
+            cert_duration,
+            token_version,
+            config,
+        } => {
+            let section = match provision_section(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let flags = Overrides {
+                api_url,
+                tunnel_id,
+                output,
+                cert_duration,
+                token_version,
+            };
+            let env = |k: &str| std::env::var(k).ok();
+            let settings = match Settings::resolve(&flags, &env, section.as_ref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_CONFIG;
+                }
+            };
+            crate::telemetry::init("info");
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return 1;
+                }
+            };
+            match rt.block_on(provision::ensure(&settings)) {
+                Ok(o) => {
+                    println!(
+                        "tunnel {} ({}) provisioned in {}: {}",
+                        o.tunnel_id,
+                        o.domain,
+                        settings.output.display(),
+                        if o.changed.is_empty() {
+                            "nothing changed".to_string()
+                        } else {
+                            format!("wrote {}", o.changed.join(", "))
+                        }
+                    );
+                    if o.rotated_token {
+                        println!(
+                            "the tunnel token was rotated: restart cloudflared (systemctl restart mcp-tunnel)"
+                        );
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    if e.class() == ErrorClass::Config {
+                        EXIT_CONFIG
+                    } else {
+                        1
+                    }
+                }
+            }
+        }
+        SetupCommand::RenewCert {
+            output,
+            cert_duration,
+            renew_before,
+            config,
+        } => {
+            let section = match provision_section(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let dir = match output {
+                Some(o) => match provision::parse_output(&o) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return EXIT_CONFIG;
+                    }
+                },
+                None => section.map_or_else(
+                    || PathBuf::from(config::provision::DEFAULT_STATE_DIR),
+                    |s| s.state_dir,
+                ),
+            };
+            renew_cert(&dir, cert_duration, renew_before)
+        }
+    }
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -147,6 +331,7 @@ pub fn dispatch(cli: Cli) -> u8 {
                 Ok(())
             })
         }
+        Command::Setup { command } => setup(command),
         Command::GenerateAssets { out } => match crate::assets::generate(&out) {
             Ok(()) => 0,
             Err(e) => {
@@ -160,26 +345,60 @@ pub fn dispatch(cli: Cli) -> u8 {
         }
         Command::Certs {
             command: CertsCommand::Init { tunnel_domain, dir },
-        } => {
-            let issued = crate::certs::issue::generate(
-                &tunnel_domain,
-                crate::certs::issue::CA_VALIDITY,
-                crate::certs::issue::SERVER_VALIDITY,
-            )
-            .and_then(|pki| pki.write_to(&dir));
-            match issued {
-                Ok(()) => {
-                    println!(
-                        "wrote ca.crt, ca.key, tls.crt, tls.key for *.{tunnel_domain} in {}",
-                        dir.display()
-                    );
-                    0
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    1
-                }
-            }
+        } => certs_init(&tunnel_domain, &dir),
+        Command::RenewCert {
+            dir,
+            renew_before,
+            cert_duration,
+        } => renew_cert(&dir, cert_duration, renew_before),
+    }
+}
+
+fn certs_init(domain: &str, dir: &std::path::Path) -> u8 {
+    use crate::certs::issue;
+    let issued = issue::generate(domain, issue::CA_VALIDITY, issue::SERVER_VALIDITY)
+        .and_then(|pki| pki.write_to_with_domain(dir, domain));
+    if let Err(e) = issued {
+        eprintln!("error: {e}");
+        return 1;
+    }
+    let d = dir.display();
+    println!("Wrote in {d}:");
+    println!("  ca.crt   tunnel CA certificate (ECDSA P-256, 5 years)   <- upload this one");
+    println!("  ca.key   tunnel CA private key (0600): keep it here for renewal, or offline");
+    println!("  tls.crt  server certificate for {domain} and *.{domain} (90 days)");
+    println!("  tls.key  server private key (0600)");
+    println!();
+    println!("Next: Console > Manage > MCP tunnels > your tunnel > Add certificate, and upload");
+    println!("  {d}/ca.crt");
+    println!("Then set [tls] cert_file/key_file to {d}/tls.crt and {d}/tls.key, and, so that");
+    println!("the service renews the server certificate itself, [certs] ca_cert_file/ca_key_file.");
+    0
+}
+
+/// `renew-cert` and `setup renew-cert`: the reference semantics (no network; a no-op while
+/// more than `renew_before` remains; `0` always renews).
+fn renew_cert(
+    dir: &std::path::Path,
+    cert_duration: std::time::Duration,
+    renew_before: std::time::Duration,
+) -> u8 {
+    match crate::provision::renew_cert(dir, cert_duration, renew_before) {
+        Ok(true) => {
+            println!("issued a new server certificate in {}", dir.display());
+            0
+        }
+        Ok(false) => {
+            println!(
+                "{}: the server certificate has more than {} left; nothing to do",
+                dir.display(),
+                humantime::format_duration(renew_before)
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
         }
     }
 }
@@ -190,9 +409,18 @@ fn check(path: &std::path::Path) -> u8 {
         Err(e) => return fail_config(&e),
     };
     let mut failed = false;
-    if let Err(e) = crate::certs::load_server_pair(&config.tls) {
-        eprintln!("{}: {e}", path.display());
-        failed = true;
+    let now = crate::supervisor::reload::unix_now();
+    match crate::supervisor::reload::load_checked(&config, now) {
+        Ok((_, facts)) => println!(
+            "server certificate: serial {}, SAN {:?}, expires in {} days",
+            facts.serial,
+            facts.dns_names,
+            (facts.not_after - now).div_euclid(86400)
+        ),
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            failed = true;
+        }
     }
     if let Err(e) = crate::proxy::tls::upstream_client_config(&config.upstream) {
         eprintln!("{}: {e}", path.display());
@@ -211,6 +439,13 @@ fn check(path: &std::path::Path) -> u8 {
         let token =
             crate::cloudflared::token::token_path(c.token_file.as_deref(), creds.as_deref());
         if let Err(e) = crate::cloudflared::token::read(&token) {
+            eprintln!("{}: {e}", path.display());
+            failed = true;
+        } else if let Err(e) = crate::certs::perms::check_secret(
+            "cloudflared.token_file",
+            &token,
+            config.allow_readable_secrets,
+        ) {
             eprintln!("{}: {e}", path.display());
             failed = true;
         }

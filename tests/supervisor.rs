@@ -23,6 +23,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
 const STANDIN: &str = env!("CARGO_BIN_EXE_cloudflared-standin");
 const SECRET: &str = "c3VwZXItc2VjcmV0LXR1bm5lbC1zZWNyZXQ=";
 
+/// Writes a secret the way an operator must: owner-only (the supervisor refuses 0644).
+fn write_secret(path: impl AsRef<std::path::Path>, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn token(tunnel: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!(
         r#"{{"a":"acct-1234","t":"{tunnel}","s":"{SECRET}"}}"#
@@ -48,7 +55,7 @@ impl Env {
         .unwrap()
         .write_to(dir.path())
         .unwrap();
-        std::fs::write(dir.path().join("tunnel-token"), token(GOOD_TUNNEL)).unwrap();
+        write_secret(dir.path().join("tunnel-token"), &token(GOOD_TUNNEL));
         let sock = UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
         let notify = Arc::new(Mutex::new(Vec::new()));
         let n = notify.clone();
@@ -564,7 +571,7 @@ async fn crash_restarts_with_growing_backoff() {
 async fn exit_255_is_permanent_and_the_supervisor_exits_78() {
     let env = Env::new().await;
     // Passes the supervisor's format check, but cloudflared refuses it (not a UUID).
-    std::fs::write(env.path("tunnel-token"), token("not-a-uuid")).unwrap();
+    write_secret(env.path("tunnel-token"), &token("not-a-uuid"));
     let cfg = env.config(None, "", &[]);
     let mut sup = env.start(&cfg, false);
     assert_eq!(exit_code(&mut sup, Duration::from_secs(10)).await, 78);
@@ -646,7 +653,7 @@ async fn token_change_restarts_cloudflared_gracefully() {
         .unwrap();
     let other = "11111111-2222-4333-8444-555555555555";
     let tmp = env.path("tunnel-token.tmp");
-    std::fs::write(&tmp, token(other)).unwrap();
+    write_secret(&tmp, &token(other));
     std::fs::rename(&tmp, env.path("tunnel-token")).unwrap();
     let started = env.wait_events("started", 2, Duration::from_secs(10)).await;
     assert!(
@@ -689,4 +696,29 @@ async fn missing_binary_is_a_config_error() {
         "{}",
         env.log()
     );
+}
+
+#[tokio::test]
+async fn cloudflared_dies_with_the_supervisor() {
+    let env = Env::new().await;
+    let cfg = env.config(None, "", &[]);
+    let mut sup = env.start(&cfg, false);
+    let pid = env.wait_events("ready", 1, Duration::from_secs(10)).await[0]["pid"]
+        .as_u64()
+        .unwrap();
+    sup.start_kill().unwrap();
+    let _ = sup.wait().await;
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting for its new parent to reap it.
+        if stat.is_empty() || stat.contains(") Z ") {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "cloudflared outlived a SIGKILLed supervisor: {stat}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

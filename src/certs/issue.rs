@@ -11,11 +11,13 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
 
 use super::{CertError, write_atomic};
 
-/// A freshly issued CA: its certificate and key, PEM-encoded.
+/// A certificate and its private key, PEM-encoded (no Debug: it holds a key).
+#[derive(Clone)]
 pub struct IssuedPair {
     pub cert_pem: String,
     pub key_pem: String,
@@ -35,6 +37,37 @@ fn ca_params(validity: Duration) -> Result<CertificateParams, CertError> {
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + validity;
+    Ok(params)
+}
+
+/// Key algorithm of issued server certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    /// ECDSA P-256: small, fast handshakes; accepted by the edge (spec 9.4).
+    #[default]
+    EcdsaP256,
+}
+
+impl KeyType {
+    pub fn generate(self) -> Result<KeyPair, CertError> {
+        match self {
+            KeyType::EcdsaP256 => Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?),
+        }
+    }
+}
+
+/// Server certificate parameters for a tunnel domain, valid from `now` (Unix seconds).
+pub fn server_params_at(
+    domain: &str,
+    now: i64,
+    validity: Duration,
+) -> Result<CertificateParams, CertError> {
+    let now =
+        OffsetDateTime::from_unix_timestamp(now).unwrap_or_else(|_| OffsetDateTime::now_utc());
+    let mut params = server_params(domain, validity)?;
     params.not_before = now - time::Duration::minutes(5);
     params.not_after = now + validity;
     Ok(params)
@@ -61,27 +94,101 @@ pub fn generate(
     ca_validity: Duration,
     server_validity: Duration,
 ) -> Result<Pki, CertError> {
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let ca_params = ca_params(ca_validity)?;
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, &ca_key);
+    let ca = generate_ca(ca_validity)?;
+    let server = issue_server(&ca, domain, server_validity)?;
+    Ok(Pki { ca, server })
+}
 
-    let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let server_cert = server_params(domain, server_validity)?.signed_by(&server_key, &issuer)?;
-    Ok(Pki {
-        ca: IssuedPair {
-            cert_pem: ca_cert.pem(),
-            key_pem: ca_key.serialize_pem(),
-        },
-        server: IssuedPair {
-            cert_pem: server_cert.pem(),
-            key_pem: server_key.serialize_pem(),
-        },
+/// Generates an ECDSA P-256 tunnel CA (the setup component's choice) valid for `validity`.
+pub fn generate_ca(validity: Duration) -> Result<IssuedPair, CertError> {
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let ca_cert = ca_params(validity)?.self_signed(&ca_key)?;
+    Ok(IssuedPair {
+        cert_pem: ca_cert.pem(),
+        key_pem: ca_key.serialize_pem(),
     })
+}
+
+/// Issues an ECDSA P-256 server certificate for `domain` and `*.domain` from a CA given as
+/// PEM (for example one loaded from the state directory). The issuer name and AKI come from
+/// the CA certificate itself, so the chain holds whatever tool made the CA; the validity is
+/// clamped to the CA's own `notAfter`, because a leaf that outlives its CA fails verification.
+pub fn issue_server(
+    ca: &IssuedPair,
+    domain: &str,
+    validity: Duration,
+) -> Result<IssuedPair, CertError> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    issue_server_at(ca, domain, validity, KeyType::default(), now)
+}
+
+/// As `issue_server`, valid from `now` (Unix seconds; injected so renewal is testable) with
+/// a chosen key type.
+pub fn issue_server_at(
+    ca: &IssuedPair,
+    domain: &str,
+    validity: Duration,
+    key_type: KeyType,
+    now: i64,
+) -> Result<IssuedPair, CertError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, &ca_key)?;
+    let mut params = server_params_at(domain, now, validity)?;
+    if let Some(ca_not_after) = not_after_pem(&ca.cert_pem)
+        && params.not_after > ca_not_after
+    {
+        params.not_after = ca_not_after;
+    }
+    let server_key = key_type.generate()?;
+    let server_cert = params.signed_by(&server_key, &issuer)?;
+    Ok(IssuedPair {
+        cert_pem: server_cert.pem(),
+        key_pem: server_key.serialize_pem(),
+    })
+}
+
+/// The `notAfter` of the first certificate in a PEM string, if it parses.
+pub fn not_after_pem(pem: &str) -> Option<OffsetDateTime> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.validity().not_after.to_datetime())
+}
+
+/// Builds the signing pair the proxy presents, from PEM strings (checked to match), so a
+/// freshly issued certificate can be swapped in without a round trip through files.
+pub fn certified_key(pair: &IssuedPair) -> Result<std::sync::Arc<CertifiedKey>, CertError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |what: String| CertError::Invalid {
+        field: "tls.cert_file",
+        path: Default::default(),
+        what,
+    };
+    let certs = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("malformed certificate PEM: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
+        .map_err(|e| invalid(format!("malformed key PEM: {e}")))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| invalid(format!("unsupported private key: {e}")))?;
+    let certified = CertifiedKey::new(certs, signer);
+    certified
+        .keys_match()
+        .map_err(|e| invalid(format!("certificate and key do not match: {e}")))?;
+    Ok(std::sync::Arc::new(certified))
 }
 
 impl Pki {
     /// Writes `ca.crt`, `ca.key`, `tls.crt`, `tls.key` (the reference `dir:` layout); keys 0600.
+    /// Writes the pair and the domain in the reference `dir:` layout (`tunnel-domain`
+    /// included, so that `renew-cert` knows the SAN to issue).
+    pub fn write_to_with_domain(&self, dir: &Path, domain: &str) -> Result<(), CertError> {
+        self.write_to(dir)?;
+        write_atomic(&dir.join("tunnel-domain"), domain.as_bytes(), 0o644)
+    }
+
     pub fn write_to(&self, dir: &Path) -> Result<(), CertError> {
         std::fs::create_dir_all(dir).map_err(|source| CertError::Write {
             path: dir.to_path_buf(),

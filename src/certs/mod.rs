@@ -1,6 +1,9 @@
 //! Certificates: loading the inner-TLS server pair, and issuing a CA and server certificates.
 
 pub mod issue;
+pub mod perms;
+pub mod preflight;
+pub mod renew;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -2,9 +2,12 @@
 //! expectation. Field names follow the reference stack so operators recognise them.
 
 pub mod admin;
+pub mod certs;
 pub mod cloudflared;
 pub mod duration;
 pub mod ipset;
+pub mod limits;
+pub mod provision;
 pub mod routes;
 
 use std::fmt;
@@ -15,8 +18,11 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use admin::AdminConfig;
+pub use certs::CertsConfig;
 pub use cloudflared::CloudflaredConfig;
 pub use ipset::IpPolicy;
+pub use limits::Limits;
+pub use provision::ProvisionConfig;
 pub use routes::{Route, RouteTable, Scheme, Upstream};
 
 /// Where the packaged service reads its config.
@@ -57,7 +63,14 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub upstream: UpstreamConfig,
     pub cloudflared: CloudflaredConfig,
+    pub certs: CertsConfig,
+    /// `[provision]`, when the appliance provisions itself through the Tunnels API.
+    pub provision: Option<ProvisionConfig>,
     pub admin: AdminConfig,
+    pub limits: Limits,
+    /// Accept secret files (TLS key, CA key, token) readable by group or others; the
+    /// reference stack's container setup needs 0644, an appliance should not.
+    pub allow_readable_secrets: bool,
 }
 
 /// The inner-TLS server certificate and key.
@@ -133,6 +146,12 @@ struct RawConfig {
     cloudflared: cloudflared::RawCloudflared,
     #[serde(default)]
     admin: admin::RawAdmin,
+    #[serde(default)]
+    limits: limits::RawLimits,
+    allow_readable_secrets: Option<bool>,
+    #[serde(default)]
+    certs: certs::RawCerts,
+    provision: Option<provision::RawProvision>,
 }
 
 #[derive(Deserialize)]
@@ -280,8 +299,18 @@ impl Config {
             }
         }
 
+        let mut section_problems = Vec::new();
+        let certs = raw.certs.validate(base, &mut section_problems);
+        for (field, message) in section_problems {
+            v.push(&field, message);
+        }
+        let provision = raw
+            .provision
+            .map(|p| p.validate(base, &mut |field, message| v.push(field, message)));
+
         let cloudflared = cloudflared::validate(raw.cloudflared, base, &mut v);
         let admin = admin::validate(raw.admin, &mut v);
+        let limits = limits::validate(raw.limits, &mut v);
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -304,6 +333,10 @@ impl Config {
             },
             cloudflared,
             admin,
+            limits,
+            allow_readable_secrets: raw.allow_readable_secrets.unwrap_or(false),
+            certs,
+            provision,
         };
         if v.problems.is_empty() {
             Ok(config)
@@ -313,6 +346,17 @@ impl Config {
                 problems: v.problems,
             })
         }
+    }
+
+    /// Full hostnames the server certificate must cover (bare keys joined to the domain).
+    pub fn route_hosts(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .map(|r| match &self.tunnel_domain {
+                Some(d) if !r.name.ends_with(d.as_str()) => format!("{}.{d}", r.name),
+                _ => r.name.clone(),
+            })
+            .collect()
     }
 
     /// The route table for this config.

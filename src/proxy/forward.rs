@@ -1,24 +1,135 @@
 //! One request inside a tunnel session: route, check, forward, stream back.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use http_body_util::{Either, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
 
-use super::metrics::Refusal;
+use super::metrics::{LimitHit, Refusal};
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
 
-/// Response body: the upstream's, streamed, or a short one of the proxy's own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// Response body: the upstream's, streamed under its route's lease, or a short one of the
+/// proxy's own.
+pub type ProxyBody = Either<LeasedBody, Full<Bytes>>;
+
+/// An upstream response body that ends with an error (aborting the stream towards the
+/// client) once its route's lease is cancelled by a reload.
+pub struct LeasedBody {
+    inner: Incoming,
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Keeps the session busy (never idle-closed) while the response streams.
+    _active: ActiveGuard,
+}
+
+/// A request body on its way upstream: as received, or capped at `max_request_body_bytes`.
+pub type UpstreamBody = Either<Incoming, Limited<Incoming>>;
+
+/// What the idle-session timer looks at: requests whose response has not finished streaming,
+/// and the last time one started or finished.
+pub struct Activity {
+    in_flight: AtomicUsize,
+    last_ms: AtomicU64,
+    epoch: Instant,
+    /// The process-wide gauge of requests in flight (until their response body ends).
+    metrics: Arc<super::metrics::ProxyMetrics>,
+}
+
+impl Activity {
+    pub fn new(metrics: Arc<super::metrics::ProxyMetrics>) -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            metrics,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Marks a request in flight until the guard (moved into its response body) drops.
+    pub fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stream_started();
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+
+    /// Idle: nothing in flight and no request started or finished for `idle`.
+    pub fn is_idle(&self, idle: Duration) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self
+                .now_ms()
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed))
+                >= idle.as_millis() as u64
+    }
+
+    /// How long until the session could be idle, if nothing happens meanwhile.
+    pub fn time_to_idle(&self, idle: Duration) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return idle;
+        }
+        let quiet = self
+            .now_ms()
+            .saturating_sub(self.last_ms.load(Ordering::Relaxed));
+        idle.saturating_sub(Duration::from_millis(quiet))
+            .max(Duration::from_millis(10))
+    }
+}
+
+/// One request in flight (see `Activity`).
+pub struct ActiveGuard(Arc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.last_ms.store(self.0.now_ms(), Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.stream_ended();
+    }
+}
+
+/// The stream was closed because its route was removed or is no longer allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("stream closed: its route was removed, changed or is no longer allowed")]
+pub struct RouteRevoked;
+
+impl Body for LeasedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(RouteRevoked))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Per-session facts every request of the session shares.
 pub struct Session {
@@ -27,6 +138,7 @@ pub struct Session {
     pub sni: Option<String>,
     /// The caller as cloudflared reports it (`Cf-Connecting-Ip`), else the TCP peer.
     pub client_ip: IpAddr,
+    pub activity: Arc<Activity>,
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 section 7.6.1).
@@ -51,8 +163,8 @@ impl Session {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
+        let active = self.activity.begin();
         let metrics = self.proxy.metrics.clone();
-        let _in_flight = metrics.in_flight();
         let Some(host) = request_host(&req) else {
             metrics.refusal(Refusal::BadRequest);
             metrics.request("", 400);
@@ -92,25 +204,59 @@ impl Session {
         }
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        if let Some(max) = self.proxy.limits.max_request_body_bytes
+            && req.body().size_hint().lower() > max
+        {
+            metrics.limit(LimitHit::RequestBodyTooLarge);
+            metrics.request(&route.name, 413);
+            info!(route = %route.name, %method, %path, max, "refused request: body over limits.max_request_body_bytes");
+            return Ok(own(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body too large (limits.max_request_body_bytes)\n",
+            ));
+        }
         info!(route = %route.name, %method, %path, "request started");
 
+        let lease = snapshot
+            .leases
+            .get(&route.name)
+            .cloned()
+            .unwrap_or_default();
+        let plane = self.proxy.upstream.load_full();
         let upstream_req = self.upstream_request(req, &route, &host);
-        let sent = tokio::time::timeout(
-            snapshot.response_header_timeout,
-            self.proxy.client.request(upstream_req),
-        )
-        .await;
+        let sent = tokio::select! {
+            r = tokio::time::timeout(snapshot.response_header_timeout, plane.client.request(upstream_req)) => Some(r),
+            _ = lease.cancelled() => None,
+        };
         let resp = match sent {
-            Ok(Ok(mut resp)) => {
+            None => own(
+                StatusCode::BAD_GATEWAY,
+                "Route removed or no longer allowed\n",
+            ),
+            Some(Ok(Ok(mut resp))) => {
                 strip_hop_by_hop(resp.headers_mut());
-                resp.map(Either::Left)
+                resp.map(|inner| {
+                    Either::Left(LeasedBody {
+                        inner,
+                        revoked: Box::pin(lease.cancelled_owned()),
+                        _active: active,
+                    })
+                })
             }
-            Ok(Err(e)) => {
+            Some(Ok(Err(e))) if body_over_limit(&e) => {
+                metrics.limit(LimitHit::RequestBodyTooLarge);
+                info!(route = %route.name, %method, %path, "refused request: body over limits.max_request_body_bytes");
+                own(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body too large (limits.max_request_body_bytes)\n",
+                )
+            }
+            Some(Ok(Err(e))) => {
                 let (resp, why) = error_response(&route, &e);
                 metrics.refusal(why);
                 resp
             }
-            Err(_) => {
+            Some(Err(_)) => {
                 metrics.refusal(Refusal::ResponseTimeout);
                 warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
                 own(
@@ -136,8 +282,12 @@ impl Session {
         req: Request<Incoming>,
         route: &Route,
         host: &str,
-    ) -> Request<Incoming> {
+    ) -> Request<UpstreamBody> {
         let (mut parts, body) = req.into_parts();
+        let body = match self.proxy.limits.max_request_body_bytes {
+            Some(max) => Either::Right(Limited::new(body, max as usize)),
+            None => Either::Left(body),
+        };
         let path_and_query = parts
             .uri
             .path_and_query()
@@ -177,6 +327,18 @@ impl Session {
         );
         Request::from_parts(parts, body)
     }
+}
+
+/// Whether a failed upstream request failed because its body went over the limit.
+fn body_over_limit(err: &hyper_util::client::legacy::Error) -> bool {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cur) = e {
+        if cur.is::<LengthLimitError>() {
+            return true;
+        }
+        e = cur.source();
+    }
+    false
 }
 
 /// The name the request is for: `:authority` (h2, absolute-form) or `Host` (HTTP/1.1).

@@ -44,11 +44,51 @@ impl Refusal {
     }
 }
 
+/// A limit from `[limits]` that was hit (each one also logs its reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    Sessions,
+    UpgradeTimeout,
+    TlsHandshakeTimeout,
+    HeaderTimeout,
+    HeaderTooLarge,
+    WsMessageTooLarge,
+    IdleSession,
+    RequestBodyTooLarge,
+}
+
+impl LimitHit {
+    pub const ALL: [LimitHit; 8] = [
+        LimitHit::Sessions,
+        LimitHit::UpgradeTimeout,
+        LimitHit::TlsHandshakeTimeout,
+        LimitHit::HeaderTimeout,
+        LimitHit::HeaderTooLarge,
+        LimitHit::WsMessageTooLarge,
+        LimitHit::IdleSession,
+        LimitHit::RequestBodyTooLarge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitHit::Sessions => "max_sessions",
+            LimitHit::UpgradeTimeout => "upgrade_timeout",
+            LimitHit::TlsHandshakeTimeout => "tls_handshake_timeout",
+            LimitHit::HeaderTimeout => "request_header_timeout",
+            LimitHit::HeaderTooLarge => "max_header_bytes",
+            LimitHit::WsMessageTooLarge => "max_ws_message_bytes",
+            LimitHit::IdleSession => "idle_session_timeout",
+            LimitHit::RequestBodyTooLarge => "max_request_body_bytes",
+        }
+    }
+}
+
 /// The proxy's counters and gauges.
 #[derive(Default)]
 pub struct ProxyMetrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     refusals: [AtomicU64; 8],
+    limits: [AtomicU64; 8],
     sessions_open: AtomicI64,
     sessions_total: AtomicU64,
     requests_in_flight: AtomicI64,
@@ -73,6 +113,17 @@ impl ProxyMetrics {
         *m.entry((route.to_string(), status)).or_default() += 1;
     }
 
+    pub fn limit(&self, l: LimitHit) {
+        self.limits[l as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn limits_snapshot(&self) -> Vec<(LimitHit, u64)> {
+        LimitHit::ALL
+            .iter()
+            .map(|l| (*l, self.limits[*l as usize].load(Ordering::Relaxed)))
+            .collect()
+    }
+
     pub fn refusal(&self, r: Refusal) {
         self.refusals[r as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -84,10 +135,14 @@ impl ProxyMetrics {
         GaugeGuard(&self.sessions_open)
     }
 
-    /// A request is being handled (until its response headers are sent) while held.
-    pub fn in_flight(&self) -> GaugeGuard<'_> {
+    /// A request is in flight from its arrival until its response body has ended (an SSE
+    /// stream counts for as long as it streams).
+    pub fn stream_started(&self) {
         self.requests_in_flight.fetch_add(1, Ordering::Relaxed);
-        GaugeGuard(&self.requests_in_flight)
+    }
+
+    pub fn stream_ended(&self) {
+        self.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn requests_snapshot(&self) -> Vec<((String, u16), u64)> {

@@ -4,6 +4,7 @@ pub mod bridge;
 pub mod edge;
 mod forward;
 pub mod metrics;
+pub mod state;
 pub mod tls;
 pub mod upstream;
 pub mod ws;
@@ -19,7 +20,6 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -29,13 +29,11 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, info, warn};
 
 use crate::certs::{self, CertError};
-use crate::config::{Config, RouteTable};
+use crate::config::{Config, Limits};
 use crate::lifecycle::Shutdown;
+use state::{ApplyReport, Snapshot, UpstreamPlane};
 use tls::CertStore;
-use upstream::{Connector, Resolve, SystemResolver, UpstreamSettings};
-
-/// Time allowed for the inner TLS handshake once the WebSocket is up.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+use upstream::{Resolve, SystemResolver};
 
 /// Errors that stop the proxy from starting.
 #[derive(Debug, thiserror::Error)]
@@ -49,20 +47,19 @@ pub enum ProxyError {
     },
 }
 
-/// The parts of the config the request path reads; replaced as a whole on reload.
-pub struct Snapshot {
-    pub routes: RouteTable,
-    pub response_header_timeout: Duration,
-}
-
 /// Shared proxy state. Readers on the request path load snapshots without locking.
 pub struct Proxy {
     resolver: Arc<dyn Resolve>,
     snapshot: ArcSwap<Snapshot>,
-    upstream: Arc<ArcSwap<UpstreamSettings>>,
+    upstream: ArcSwap<UpstreamPlane>,
     certs: Arc<CertStore>,
     acceptor: TlsAcceptor,
-    client: Client<Connector, Incoming>,
+    /// Serialises reloads so two never interleave their lease bookkeeping.
+    apply_lock: tokio::sync::Mutex<()>,
+    /// `[limits]`, fixed at start (changing them needs a restart).
+    limits: Limits,
+    /// One permit per open tunnel connection (`limits.max_sessions`).
+    session_permits: Arc<tokio::sync::Semaphore>,
     metrics: Arc<metrics::ProxyMetrics>,
 }
 
@@ -79,17 +76,16 @@ impl Proxy {
     ) -> Result<Arc<Proxy>, ProxyError> {
         let pair = certs::load_server_pair(&config.tls)?;
         let certs = Arc::new(CertStore::new(pair));
-        let upstream = Arc::new(ArcSwap::from_pointee(upstream_settings(config, &resolver)?));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(Connector::new(upstream.clone()));
+        let upstream = ArcSwap::from_pointee(UpstreamPlane::new(&config.upstream, &resolver)?);
         let proxy = Proxy {
             resolver,
-            snapshot: ArcSwap::from_pointee(snapshot(config)),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             upstream,
             acceptor: TlsAcceptor::from(tls::server_config(certs.clone())),
             certs,
-            client,
+            apply_lock: tokio::sync::Mutex::new(()),
+            limits: config.limits.clone(),
+            session_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_sessions)),
             metrics: Arc::default(),
         };
         for route in config.route_table().iter() {
@@ -98,13 +94,36 @@ impl Proxy {
         Ok(Arc::new(proxy))
     }
 
-    /// Replaces routes and upstream policy with those of `config`; in-flight requests keep
-    /// the snapshot they started with.
-    pub fn apply(&self, config: &Config) -> Result<(), ProxyError> {
-        let settings = upstream_settings(config, &self.resolver)?;
-        self.upstream.store(Arc::new(settings));
-        self.snapshot.store(Arc::new(snapshot(config)));
-        Ok(())
+    /// Replaces routes and upstream policy with those of `config`. Requests in flight keep
+    /// what they started with; streams on routes that were removed, changed, or are no longer
+    /// allowed are closed, each logged; every other stream is untouched.
+    pub async fn apply(&self, config: &Config) -> Result<ApplyReport, ProxyError> {
+        let _serial = self.apply_lock.lock().await;
+        let old_plane = self.upstream.load_full();
+        let policy_changed = old_plane.config != config.upstream;
+        let plane = if policy_changed {
+            Arc::new(UpstreamPlane::new(&config.upstream, &self.resolver)?)
+        } else {
+            old_plane
+        };
+        let old = self.snapshot.load_full();
+        let (next, cancel, report) =
+            state::next_snapshot(&old, config, &plane, policy_changed).await;
+        self.upstream.store(plane);
+        self.snapshot.store(Arc::new(next));
+        for closed in &report.closed {
+            warn!(route = %closed.route, reason = %closed.reason, "closing the route's open streams");
+        }
+        for lease in cancel {
+            lease.cancel();
+        }
+        for name in &report.added {
+            info!(route = %name, "route configured");
+        }
+        for name in &report.removed {
+            info!(route = %name, "route removed");
+        }
+        Ok(report)
     }
 
     /// Request, refusal and session counters (for `/metrics` and the watchdog).
@@ -167,19 +186,38 @@ impl Proxy {
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(self.limits.upgrade_timeout)
+            .max_buf_size(self.limits.max_header_bytes)
+            .max_headers(self.limits.max_headers)
             .serve_connection(TokioIo::new(stream), svc)
             .with_upgrades();
         tokio::pin!(conn);
+        // An outer connection lives until it upgrades (which ends this future) or for
+        // upgrade_timeout at most: one that sends nothing is cut.
+        let deadline = tokio::time::sleep(self.limits.upgrade_timeout);
+        tokio::pin!(deadline);
         let result = tokio::select! {
             r = conn.as_mut() => r,
+            _ = &mut deadline => {
+                self.metrics.limit(metrics::LimitHit::UpgradeTimeout);
+                info!(%peer, timeout = ?self.limits.upgrade_timeout, "closing listener connection: no WebSocket upgrade within limits.upgrade_timeout");
+                return;
+            }
             _ = shutdown.started() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
         };
         if let Err(e) = result {
-            debug!(%peer, error = %e, "listener connection ended with an error");
+            if e.is_timeout() {
+                self.metrics.limit(metrics::LimitHit::UpgradeTimeout);
+                info!(%peer, timeout = ?self.limits.upgrade_timeout, "closing listener connection: no WebSocket upgrade within limits.upgrade_timeout");
+            } else if e.is_parse_too_large() {
+                self.metrics.limit(metrics::LimitHit::HeaderTooLarge);
+                info!(%peer, "refused upgrade request: header block over limits.max_header_bytes");
+            } else {
+                debug!(%peer, error = %e, "listener connection ended with an error");
+            }
         }
     }
 
@@ -214,15 +252,28 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<IpAddr>().ok())
             .unwrap_or(peer.ip());
+        let Ok(permit) = self.session_permits.clone().try_acquire_owned() else {
+            self.metrics.limit(metrics::LimitHit::Sessions);
+            warn!(%peer, max = self.limits.max_sessions, "refused tunnel session: limits.max_sessions reached");
+            return text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many tunnel sessions (limits.max_sessions)\n",
+            );
+        };
         let on_upgrade = hyper::upgrade::on(&mut req);
         let sd = shutdown.clone();
+        let ws_config = ws::session_config_with(
+            self.limits.max_ws_message_bytes,
+            self.limits.max_ws_frame_bytes,
+        );
         shutdown.spawn(async move {
+            let _permit = permit;
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(
                         TokioIo::new(upgraded),
                         Role::Server,
-                        Some(ws::session_config()),
+                        Some(ws_config),
                     )
                     .await;
                     self.serve_session(ws::WsByteStream::new(ws), client_ip, sd)
@@ -248,59 +299,88 @@ impl Proxy {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let tls =
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    warn!(client = %client_ip, error = %e, "tls handshake failed");
-                    return;
+        let handshake = tokio::time::timeout(
+            self.limits.tls_handshake_timeout,
+            self.acceptor.accept(stream),
+        );
+        let tls = match handshake.await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                if e.get_ref().is_some_and(|inner| inner.is::<ws::TooBig>()) {
+                    self.metrics.limit(metrics::LimitHit::WsMessageTooLarge);
                 }
-                Err(_) => {
-                    warn!(client = %client_ip, error = "timed out", "tls handshake failed");
-                    return;
-                }
-            };
+                warn!(client = %client_ip, error = %e, "tls handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.limit(metrics::LimitHit::TlsHandshakeTimeout);
+                warn!(client = %client_ip, error = "no handshake within limits.tls_handshake_timeout", "tls handshake failed");
+                return;
+            }
+        };
         let _open = self.metrics.session();
         let sni = tls.get_ref().1.server_name().map(str::to_owned);
+        let activity = Arc::new(forward::Activity::new(self.metrics.clone()));
         let session = Arc::new(forward::Session {
             proxy: self.clone(),
             sni,
             client_ip,
+            activity: activity.clone(),
         });
         let svc = service_fn(move |req| session.clone().handle(req));
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.limits.request_header_timeout)
+            .max_buf_size(self.limits.max_header_bytes)
+            .max_headers(self.limits.max_headers);
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_concurrent_streams(self.limits.max_streams_per_session)
+            .max_header_list_size(self.limits.max_header_bytes as u32);
         let conn = builder.serve_connection(TokioIo::new(tls), svc);
         tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = shutdown.started() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        let idle = self.limits.idle_session_timeout;
+        let result = loop {
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                _ = shutdown.started() => {
+                    conn.as_mut().graceful_shutdown();
+                    break conn.await;
+                }
+                _ = tokio::time::sleep(activity.time_to_idle(idle)) => {
+                    if activity.is_idle(idle) {
+                        self.metrics.limit(metrics::LimitHit::IdleSession);
+                        debug!(client = %client_ip, timeout = ?idle, "closing idle tunnel session (limits.idle_session_timeout)");
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                }
             }
         };
         if let Err(e) = result {
-            debug!(client = %client_ip, error = %e, "tunnel session ended with an error");
+            match e.downcast_ref::<hyper::Error>() {
+                Some(h) if h.is_timeout() => {
+                    self.metrics.limit(metrics::LimitHit::HeaderTimeout);
+                    info!(client = %client_ip, "closed tunnel session: request headers not received within limits.request_header_timeout");
+                }
+                Some(h) if h.is_parse_too_large() => {
+                    self.metrics.limit(metrics::LimitHit::HeaderTooLarge);
+                    info!(client = %client_ip, "refused request: header block over limits.max_header_bytes");
+                }
+                _ if std::error::Error::source(e.as_ref())
+                    .is_some_and(|s| s.is::<ws::TooBig>())
+                    || e.to_string().contains("websocket message too large") =>
+                {
+                    self.metrics.limit(metrics::LimitHit::WsMessageTooLarge);
+                    info!(client = %client_ip, "closed tunnel session: WebSocket message over limits.max_ws_message_bytes (close code 1009)");
+                }
+                _ => debug!(client = %client_ip, error = %e, "tunnel session ended with an error"),
+            }
         }
     }
-}
-
-fn snapshot(config: &Config) -> Snapshot {
-    Snapshot {
-        routes: config.route_table(),
-        response_header_timeout: config.upstream.response_header_timeout,
-    }
-}
-
-fn upstream_settings(
-    config: &Config,
-    resolver: &Arc<dyn Resolve>,
-) -> Result<UpstreamSettings, CertError> {
-    Ok(UpstreamSettings {
-        resolver: resolver.clone(),
-        ip_policy: config.upstream.ip_policy.clone(),
-        tls: tls::upstream_client_config(&config.upstream)?,
-        connect_timeout: config.upstream.connect_timeout,
-    })
 }
 
 /// Checks the RFC 6455 upgrade request; returns the `Sec-WebSocket-Accept` value.

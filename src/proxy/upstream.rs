@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
@@ -130,14 +129,15 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
     Err(last.expect("resolve_checked never returns an empty list"))
 }
 
-/// hyper-util connector enforcing the policy of the current snapshot.
+/// hyper-util connector enforcing one upstream policy (a new policy gets a new connector
+/// and pool).
 #[derive(Clone)]
 pub struct Connector {
-    settings: Arc<ArcSwap<UpstreamSettings>>,
+    settings: Arc<UpstreamSettings>,
 }
 
 impl Connector {
-    pub fn new(settings: Arc<ArcSwap<UpstreamSettings>>) -> Connector {
+    pub fn new(settings: Arc<UpstreamSettings>) -> Connector {
         Connector { settings }
     }
 
@@ -199,7 +199,7 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(Connector::connect(self.settings.load_full(), uri))
+        Box::pin(Connector::connect(self.settings.clone(), uri))
     }
 }
 

@@ -9,6 +9,8 @@
 //! `shutdown_timeout`, then close what is left. A second signal cuts both waits short.
 
 pub mod notify;
+pub mod reload;
+pub mod watch;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -46,6 +48,8 @@ pub enum RunError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Cert(#[from] reload::CertRefused),
+    #[error(transparent)]
     CloudflaredStart(#[from] cloudflared::StartError),
     #[error("cloudflared cannot run: {0}")]
     CloudflaredPermanent(String),
@@ -58,6 +62,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Proxy(crate::proxy::ProxyError::Cert(_))
+            | RunError::Cert(_)
             | RunError::CloudflaredStart(_)
             | RunError::CloudflaredPermanent(_) => EXIT_CONFIG,
             _ => 1,
@@ -99,16 +104,6 @@ fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-fn cert_not_after(config: &Config) -> i64 {
-    crate::certs::load_certs("tls.cert_file", &config.tls.cert_file)
-        .ok()
-        .and_then(|c| {
-            c.first()
-                .and_then(|d| crate::telemetry::cert_expiry::not_after(d))
-        })
-        .map_or(0, |t| t.unix_timestamp())
-}
-
 /// Runs the appliance until SIGTERM/SIGINT (exit 0) or a permanent cloudflared failure.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let notifier = Notifier::new();
@@ -116,12 +111,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let watchdog = notify::watchdog_interval();
     let mut signals = Signals::new().map_err(RunError::Signals)?;
 
+    let (_, facts) = reload::load_checked(&config, reload::unix_now())?;
     let proxy = Proxy::new(&config)?;
     let state = AppState::new(proxy.metrics().clone(), config.cloudflared.enabled);
     state.routes.store(config.routes.len(), Ordering::Relaxed);
     state
         .cert_not_after
-        .store(cert_not_after(&config), Ordering::Relaxed);
+        .store(facts.not_after, Ordering::Relaxed);
+    state.config_generation.store(1, Ordering::Relaxed);
     let listener = Proxy::bind(&config).await?;
     let addr = listener.local_addr().map_err(RunError::Signals)?;
     state.listener_bound.store(true, Ordering::Relaxed);
@@ -141,8 +138,31 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let shutdown = Shutdown::new();
     tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
+    let reloader = Arc::new(reload::Reloader::new(config.clone(), proxy.clone(), facts));
+    let hooks = Arc::new(SupervisorHooks {
+        notifier,
+        state: state.clone(),
+    });
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(reload::run_loop(
+        reloader,
+        hooks,
+        reload_rx,
+        shutdown.clone(),
+    ));
 
     let mut cf = if config.cloudflared.enabled {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+        let token_path = cloudflared::token::token_path(
+            config.cloudflared.token_file.as_deref(),
+            credentials.as_deref(),
+        );
+        crate::certs::perms::check_secret(
+            "cloudflared.token_file",
+            &token_path,
+            config.allow_readable_secrets,
+        )
+        .map_err(reload::CertRefused::from)?;
         let sup = cloudflared::start(
             config.cloudflared.clone(),
             config.log_level.as_str(),
@@ -171,7 +191,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tokio::select! {
             sig = signals.next() => match sig {
                 Sig::Stop(name) => { stop_reason = Ok(name); break; }
-                Sig::Reload => reload(&notifier, &state),
+                Sig::Reload => {
+                    info!("SIGHUP: reloading configuration and certificates");
+                    let _ = reload_tx.send(());
+                }
             },
             outcome = async { cf.as_mut().expect("guarded").finished().await }, if cf.is_some() => {
                 // Only a permanent failure ends supervision by itself.
@@ -259,13 +282,44 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
 }
 
-/// The reload hook (issue 4 fills it in): SIGHUP lands here. It brackets the work with
-/// `RELOADING=1` + `MONOTONIC_USEC=` and `READY=1`, as `Type=notify-reload` expects, and
-/// must bump `state.config_generation` on success or `state.reload_failures` on failure.
-pub fn reload(notifier: &Notifier, state: &Arc<AppState>) {
-    notifier.reloading();
-    warn!(
-        "SIGHUP: configuration reload is not implemented yet; restart the service to apply changes"
-    );
-    notifier.reloaded(&metrics::status_line(state, now()));
+/// Reload notifications for systemd and the admin endpoint: `RELOADING=1` +
+/// `MONOTONIC_USEC=` before, `READY=1` with a fresh STATUS after (what `Type=notify-reload`
+/// expects), and the generation, failure and certificate gauges.
+struct SupervisorHooks {
+    notifier: Notifier,
+    state: Arc<AppState>,
+}
+
+impl reload::ReloadHooks for SupervisorHooks {
+    fn reloading(&self) {
+        self.notifier.reloading();
+    }
+
+    fn reloaded(&self, result: &Result<reload::Reloaded, reload::ReloadError>) {
+        match result {
+            Ok(_) => {}
+            Err(_) => {
+                self.state.reload_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.notifier
+            .reloaded(&metrics::status_line(&self.state, now()));
+    }
+
+    fn applied(&self, generation: u64, routes: usize, cert_not_after: i64) {
+        self.state
+            .config_generation
+            .store(generation, Ordering::Relaxed);
+        self.state.routes.store(routes, Ordering::Relaxed);
+        self.state
+            .cert_not_after
+            .store(cert_not_after, Ordering::Relaxed);
+    }
+
+    fn cert_expiry_warning(&self, days_left: i64, _not_after: i64) {
+        self.notifier.status(&format!(
+            "{}; WARNING: server certificate expires in {days_left}d and cannot be renewed here (no certs.ca_key_file)",
+            metrics::status_line(&self.state, now())
+        ));
+    }
 }

@@ -203,6 +203,19 @@ pub fn render(s: &AppState, now: i64) -> String {
     }
     head(
         &mut o,
+        "mcp_tunnel_limit_hits_total",
+        "counter",
+        "Times a [limits] bound refused or closed something, by limit.",
+    );
+    for (l, n) in s.proxy.limits_snapshot() {
+        let _ = writeln!(
+            o,
+            "mcp_tunnel_limit_hits_total{{limit=\"{}\"}} {n}",
+            l.as_str()
+        );
+    }
+    head(
+        &mut o,
         "mcp_tunnel_sessions_open",
         "gauge",
         "Open tunnel sessions (WebSocket + inner TLS).",
@@ -219,7 +232,7 @@ pub fn render(s: &AppState, now: i64) -> String {
         &mut o,
         "mcp_tunnel_requests_in_flight",
         "gauge",
-        "Requests waiting for their response headers.",
+        "Requests in flight, until their response body ends (open streams, SSE included).",
     );
     let _ = writeln!(
         o,

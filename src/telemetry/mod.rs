@@ -5,7 +5,6 @@
 //! comes from `log_level`; `RUST_LOG` refines it.
 
 pub mod admin;
-pub mod cert_expiry;
 pub mod metrics;
 pub mod status;
 

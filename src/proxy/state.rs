@@ -1,0 +1,174 @@
+//! The proxy's swappable state: routes with their stream leases, and the upstream plane
+//! (policy, trust, connection pool). Built complete from a config, then swapped in one store.
+//!
+//! Each route holds a lease (a cancellation token) that every response streaming on it
+//! watches. A reload carries a route's lease over when the route still means the same thing
+//! (same upstream, still allowed), so its streams are never touched; otherwise the old lease
+//! is cancelled and the route's streams close (a removed route or a narrowed allowlist:
+//! security wins over continuity).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+
+use super::tls;
+use super::upstream::{ConnectError, Connector, Resolve, UpstreamSettings, resolve_checked};
+use crate::certs::CertError;
+use crate::config::{Config, Route, RouteTable, UpstreamConfig};
+
+/// Routes and per-route leases.
+pub struct Snapshot {
+    pub routes: RouteTable,
+    pub leases: HashMap<String, CancellationToken>,
+    pub response_header_timeout: Duration,
+}
+
+/// Upstream policy and the connection pool built for it. A new policy gets a new pool, so
+/// that no idle connection checked under the old policy is ever reused under the new one.
+pub struct UpstreamPlane {
+    pub config: UpstreamConfig,
+    pub settings: Arc<UpstreamSettings>,
+    pub client: Client<Connector, super::forward::UpstreamBody>,
+}
+
+impl UpstreamPlane {
+    pub fn new(
+        config: &UpstreamConfig,
+        resolver: &Arc<dyn Resolve>,
+    ) -> Result<UpstreamPlane, CertError> {
+        let settings = Arc::new(UpstreamSettings {
+            resolver: resolver.clone(),
+            ip_policy: config.ip_policy.clone(),
+            tls: tls::upstream_client_config(config)?,
+            connect_timeout: config.connect_timeout,
+        });
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(Connector::new(settings.clone()));
+        Ok(UpstreamPlane {
+            config: config.clone(),
+            settings,
+            client,
+        })
+    }
+}
+
+impl Snapshot {
+    /// A fresh snapshot: every route gets a new lease.
+    pub fn new(config: &Config) -> Snapshot {
+        let routes = config.route_table();
+        let leases = routes
+            .iter()
+            .map(|r| (r.name.clone(), CancellationToken::new()))
+            .collect();
+        Snapshot {
+            routes,
+            leases,
+            response_header_timeout: config.upstream.response_header_timeout,
+        }
+    }
+}
+
+/// Why a route's streams were closed by a reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedRoute {
+    pub route: String,
+    pub reason: String,
+}
+
+/// What a reload changed in the proxy.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub closed: Vec<ClosedRoute>,
+    pub upstream_policy_changed: bool,
+}
+
+impl ApplyReport {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && !self.upstream_policy_changed
+    }
+}
+
+fn same_target(a: &Route, b: &Route) -> bool {
+    a.upstream == b.upstream && a.preserve_host == b.preserve_host
+}
+
+/// Builds the next snapshot from `config`, carrying leases over where the route is unchanged
+/// and still allowed under `plane`'s policy. Returns the snapshot, the leases to cancel once
+/// it is published, and the report.
+pub async fn next_snapshot(
+    old: &Snapshot,
+    config: &Config,
+    plane: &UpstreamPlane,
+    policy_changed: bool,
+) -> (Snapshot, Vec<CancellationToken>, ApplyReport) {
+    let mut next = Snapshot::new(config);
+    let mut report = ApplyReport {
+        upstream_policy_changed: policy_changed,
+        ..ApplyReport::default()
+    };
+    let mut cancel = Vec::new();
+    for route in next.routes.iter() {
+        let Some(old_route) = old.routes.iter().find(|r| r.name == route.name) else {
+            report.added.push(route.name.clone());
+            continue;
+        };
+        let old_lease = old.leases.get(&route.name).cloned().unwrap_or_default();
+        if !same_target(old_route, route) {
+            report.changed.push(route.name.clone());
+            report.closed.push(ClosedRoute {
+                route: route.name.clone(),
+                reason: format!(
+                    "upstream changed from {} to {}",
+                    old_route.upstream, route.upstream
+                ),
+            });
+            cancel.push(old_lease);
+            continue;
+        }
+        if policy_changed {
+            let u = &route.upstream;
+            // A lookup failure is not a policy decision: only a refusal closes streams.
+            if let Err(e @ ConnectError::NotAllowed { .. }) = resolve_checked(
+                plane.settings.resolver.as_ref(),
+                &plane.settings.ip_policy,
+                &u.host,
+                u.port,
+            )
+            .await
+            {
+                report.closed.push(ClosedRoute {
+                    route: route.name.clone(),
+                    reason: format!("no longer allowed by upstream.allowed_ips ({e})"),
+                });
+                cancel.push(old_lease);
+                continue;
+            }
+        }
+        next.leases.insert(route.name.clone(), old_lease);
+    }
+    for old_route in old.routes.iter() {
+        if next.routes.iter().all(|r| r.name != old_route.name) {
+            report.removed.push(old_route.name.clone());
+            report.closed.push(ClosedRoute {
+                route: old_route.name.clone(),
+                reason: "route removed".into(),
+            });
+            cancel.push(old.leases.get(&old_route.name).cloned().unwrap_or_default());
+        }
+    }
+    report.added.sort();
+    report.removed.sort();
+    report.changed.sort();
+    (next, cancel, report)
+}

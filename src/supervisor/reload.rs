@@ -1,0 +1,377 @@
+//! Live changes: config reload, certificate swap and renewal, all without a restart.
+//!
+//! Config: parse -> validate -> build -> swap, or refuse and keep the running config.
+//! Certificates: a new pair is used only after `certs::preflight` accepts it; otherwise the
+//! last good pair keeps serving and the next change is tried again (a certificate written
+//! before its key is a half-written pair, refused until the key lands).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::CertificateDer;
+use rustls::sign::CertifiedKey;
+use tokio::sync::{Mutex, mpsc};
+use tracing::{error, info, warn};
+
+use super::watch::{self, FileWatcher, WatchSet};
+use crate::certs::preflight::{self, CertFacts, Expectations, PreflightError};
+use crate::certs::{self, CertError, renew};
+use crate::config::{Config, ConfigError};
+use crate::lifecycle::Shutdown;
+use crate::proxy::Proxy;
+use crate::proxy::state::ApplyReport;
+
+/// Seconds since the Unix epoch: the clock every time decision here is given.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Why a pair cannot be presented.
+#[derive(Debug, thiserror::Error)]
+pub enum CertRefused {
+    #[error(transparent)]
+    Load(#[from] CertError),
+    #[error(transparent)]
+    Permissions(#[from] certs::perms::TooOpen),
+    #[error("{file}: {source}")]
+    Preflight {
+        file: String,
+        source: PreflightError,
+    },
+}
+
+/// Loads the server pair and runs the preflight against `config` at time `now`.
+pub fn load_checked(
+    config: &Config,
+    now: i64,
+) -> Result<(Arc<CertifiedKey>, CertFacts), CertRefused> {
+    let allow = config.allow_readable_secrets;
+    certs::perms::check_secret("tls.key_file", &config.tls.key_file, allow)?;
+    if let Some(ca_key) = &config.certs.ca_key_file {
+        certs::perms::check_secret("certs.ca_key_file", ca_key, allow)?;
+    }
+    let pair = certs::load_server_pair(&config.tls)?;
+    let ca: Option<CertificateDer<'static>> = match &config.certs.ca_cert_file {
+        Some(path) => Some(certs::load_certs("certs.ca_cert_file", path)?.remove(0)),
+        None => None,
+    };
+    let hosts = config.route_hosts();
+    let want = Expectations {
+        now,
+        tunnel_domain: config.tunnel_domain.as_deref(),
+        route_hosts: &hosts,
+        ca: ca.as_ref(),
+    };
+    let facts =
+        preflight::check(&pair.cert[0], &want).map_err(|source| CertRefused::Preflight {
+            file: config.tls.cert_file.display().to_string(),
+            source,
+        })?;
+    Ok((pair, facts))
+}
+
+/// Why a reload was refused (the running config stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
+}
+
+/// What one reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    pub routes: ApplyReport,
+    /// Serial of the newly presented certificate, when it changed.
+    pub new_cert_serial: Option<String>,
+    /// The certificate change that was refused (the old pair keeps serving).
+    pub cert_refused: Option<String>,
+}
+
+/// Notifications around reloads (sd-notify RELOADING/READY, STATUS, metrics).
+pub trait ReloadHooks: Send + Sync {
+    fn reloading(&self) {}
+    fn reloaded(&self, _result: &Result<Reloaded, ReloadError>) {}
+    /// After every successful reload: config generation, route count, certificate expiry.
+    fn applied(&self, _generation: u64, _routes: usize, _cert_not_after: i64) {}
+    fn cert_expiry_warning(&self, _days_left: i64, _not_after: i64) {}
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+impl ReloadHooks for NoHooks {}
+
+struct Current {
+    config: Config,
+    /// Bytes of the presented pair, to tell a real change from a touch.
+    pair_bytes: (Vec<u8>, Vec<u8>),
+    facts: CertFacts,
+    /// Lowest expiry-warning threshold announced so far.
+    warned_days: Option<i64>,
+}
+
+/// Owns the running config and applies changes to the proxy.
+pub struct Reloader {
+    path: PathBuf,
+    proxy: Arc<Proxy>,
+    current: Mutex<Current>,
+    generation: AtomicU64,
+    failures: AtomicU64,
+}
+
+fn read_pair(config: &Config) -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read(&config.tls.cert_file).unwrap_or_default(),
+        std::fs::read(&config.tls.key_file).unwrap_or_default(),
+    )
+}
+
+impl Reloader {
+    /// `facts` are those of the pair the proxy presents now (from `load_checked`).
+    pub fn new(config: Config, proxy: Arc<Proxy>, facts: CertFacts) -> Reloader {
+        Reloader {
+            path: config.path.clone(),
+            proxy,
+            current: Mutex::new(Current {
+                pair_bytes: read_pair(&config),
+                config,
+                facts,
+                warned_days: None,
+            }),
+            generation: AtomicU64::new(1),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Config generation: 1 at start, +1 per applied change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Reloads refused since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Facts of the presented certificate.
+    pub async fn cert_facts(&self) -> CertFacts {
+        self.current.lock().await.facts.clone()
+    }
+
+    /// The running config.
+    pub async fn config(&self) -> Config {
+        self.current.lock().await.config.clone()
+    }
+
+    async fn watch_set(&self) -> WatchSet {
+        let cur = self.current.lock().await;
+        let c = &cur.config;
+        let mut files: Vec<&Path> = vec![&self.path, &c.tls.cert_file, &c.tls.key_file];
+        if let Some(ca) = &c.certs.ca_cert_file {
+            files.push(ca);
+        }
+        WatchSet::for_files(&files)
+    }
+
+    /// Re-reads the config file and the certificate pair and applies what changed.
+    pub async fn reload(&self, now: i64) -> Result<Reloaded, ReloadError> {
+        let mut cur = self.current.lock().await;
+        let mut next = match Config::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, "config reload refused; the running config stays");
+                return Err(e.into());
+            }
+        };
+        if next.listen_addr != cur.config.listen_addr {
+            warn!(
+                running = %cur.config.listen_addr,
+                file = %next.listen_addr,
+                "listen_addr cannot change while running: restart the service to apply it; keeping the running value"
+            );
+            next.listen_addr = cur.config.listen_addr;
+        }
+        if next.limits != cur.config.limits || next.admin != cur.config.admin {
+            warn!(
+                "[limits] and [admin] changes need a restart to apply; keeping the running values"
+            );
+            next.limits = cur.config.limits.clone();
+            next.admin = cur.config.admin.clone();
+        }
+        if next.cloudflared != cur.config.cloudflared {
+            warn!("[cloudflared] changes need a restart to apply; keeping the running values");
+            next.cloudflared = cur.config.cloudflared.clone();
+        }
+        let routes = match self.proxy.apply(&next).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, "config reload refused; the running config stays");
+                return Err(e.into());
+            }
+        };
+        let mut out = Reloaded {
+            routes,
+            ..Reloaded::default()
+        };
+        let bytes = read_pair(&next);
+        let cert_inputs_changed = bytes != cur.pair_bytes
+            || next.tls != cur.config.tls
+            || next.tunnel_domain != cur.config.tunnel_domain
+            || next.certs.ca_cert_file != cur.config.certs.ca_cert_file;
+        if cert_inputs_changed {
+            match load_checked(&next, now) {
+                Ok((pair, facts)) => {
+                    if facts.serial != cur.facts.serial || bytes != cur.pair_bytes {
+                        info!(serial = %facts.serial, not_after = facts.not_after, "server certificate swapped; new sessions get it");
+                        out.new_cert_serial = Some(facts.serial.clone());
+                    }
+                    self.proxy.cert_store().swap(pair);
+                    cur.pair_bytes = bytes;
+                    cur.facts = facts;
+                    cur.warned_days = None;
+                }
+                Err(e) => {
+                    warn!(error = %e, "new certificate refused; the last good pair keeps serving");
+                    out.cert_refused = Some(e.to_string());
+                }
+            }
+        }
+        let changed = !out.routes.is_empty()
+            || out.new_cert_serial.is_some()
+            || config_differs(&cur.config, &next);
+        cur.config = next;
+        if changed {
+            let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+            info!(generation = g, added = ?out.routes.added, removed = ?out.routes.removed, changed = ?out.routes.changed, "config reloaded");
+        }
+        Ok(out)
+    }
+
+    /// Renews the server certificate from the local CA when it is due at `now`, or warns
+    /// about its expiry when there is no CA key. Returns the new serial when it renewed.
+    pub async fn renew_if_due(&self, now: i64, hooks: &dyn ReloadHooks) -> Option<String> {
+        let (config, facts) = {
+            let cur = self.current.lock().await;
+            (cur.config.clone(), cur.facts.clone())
+        };
+        let certs_cfg = &config.certs;
+        if !renew::due(facts.not_after, now, certs_cfg.renew_before) {
+            return None;
+        }
+        let (Some(ca_cert), Some(ca_key)) = (&certs_cfg.ca_cert_file, &certs_cfg.ca_key_file)
+        else {
+            let threshold = renew::warning_threshold(facts.not_after, now)?;
+            let mut cur = self.current.lock().await;
+            if cur.warned_days.is_none_or(|w| threshold < w) {
+                cur.warned_days = Some(threshold);
+                let days_left = (facts.not_after - now).div_euclid(86400);
+                warn!(days_left, serial = %facts.serial, "server certificate expires soon and no certs.ca_key_file is set to renew it");
+                hooks.cert_expiry_warning(days_left, facts.not_after);
+            }
+            return None;
+        };
+        let Some(domain) = config.tunnel_domain.clone() else {
+            warn!("certificate renewal needs tunnel_domain (the SAN of the new certificate)");
+            return None;
+        };
+        let files = renew::RenewFiles {
+            ca_cert,
+            ca_key,
+            cert_file: &config.tls.cert_file,
+            key_file: &config.tls.key_file,
+        };
+        let issued = renew::renew_files(
+            &files,
+            &domain,
+            certs_cfg.cert_duration,
+            certs_cfg.key_type,
+            now,
+        );
+        if let Err(e) = issued {
+            error!(error = %e, "certificate renewal failed; will retry at the next check");
+            return None;
+        }
+        hooks.reloading();
+        let result = self.reload(now).await;
+        if result.is_ok() {
+            let cur = self.current.lock().await;
+            hooks.applied(
+                self.generation(),
+                cur.config.routes.len(),
+                cur.facts.not_after,
+            );
+        }
+        hooks.reloaded(&result);
+        result.ok().and_then(|r| r.new_cert_serial)
+    }
+}
+
+fn config_differs(a: &Config, b: &Config) -> bool {
+    a.tls != b.tls
+        || a.routes != b.routes
+        || a.upstream != b.upstream
+        || a.tunnel_domain != b.tunnel_domain
+        || a.log_level != b.log_level
+        || a.shutdown_timeout != b.shutdown_timeout
+        || a.certs != b.certs
+}
+
+/// Serves reload triggers until shutdown: `requests` (the supervisor forwards SIGHUP there),
+/// file changes, and the renewal timer.
+pub async fn run_loop(
+    reloader: Arc<Reloader>,
+    hooks: Arc<dyn ReloadHooks>,
+    mut requests: mpsc::UnboundedReceiver<()>,
+    shutdown: Shutdown,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watcher: Option<FileWatcher> = start_watcher(reloader.watch_set().await, tx.clone());
+    let interval = reloader.config().await.certs.check_interval;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let trigger = tokio::select! {
+            _ = shutdown.started() => return,
+            Some(()) = requests.recv() => "reload request",
+            Some(()) = rx.recv() => "file change",
+            _ = ticker.tick() => {
+                reloader.renew_if_due(unix_now(), hooks.as_ref()).await;
+                continue;
+            }
+        };
+        while rx.try_recv().is_ok() {}
+        info!(trigger, "reloading");
+        hooks.reloading();
+        let result = reloader.reload(unix_now()).await;
+        if result.is_ok() {
+            let cur = reloader.current.lock().await;
+            hooks.applied(
+                reloader.generation(),
+                cur.config.routes.len(),
+                cur.facts.not_after,
+            );
+        }
+        hooks.reloaded(&result);
+        let set = reloader.watch_set().await;
+        if watcher.as_ref().is_none_or(|w| w.set != set) {
+            watcher = start_watcher(set, tx.clone());
+        }
+    }
+}
+
+fn start_watcher(set: WatchSet, tx: mpsc::UnboundedSender<()>) -> Option<FileWatcher> {
+    match watch::watch(set, tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            error!(error = %e, "cannot start the file watcher; SIGHUP still reloads");
+            None
+        }
+    }
+}
