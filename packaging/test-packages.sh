@@ -14,6 +14,8 @@
 #    and %postun run on erase and the state directory stays.
 #
 # Usage: packaging/test-packages.sh        (as root: rpm --root chroots, overlay mounts)
+#        UPDATE_EXPECTED=1 packaging/test-packages.sh   rewrites packaging/expected/*.txt
+#        (after adding a subcommand or a packaged file; review and commit the diff)
 # apt: lintian rpm rpmlint debootstrap binutils (systemd-analyze comes with systemd)
 # cargo: cargo-deb cargo-generate-rpm (cargo install --locked cargo-deb cargo-generate-rpm)
 # Runtime: ~1 min with a warm release build and the cached root; the first debootstrap
@@ -52,6 +54,9 @@ packaging/build-packages.sh --cloudflared "$standin" --out "$work/bundled"
 deb_files() { dpkg-deb -c "$1" | awk '{print $1, $2, $6}' | sed 's# \./# /#; s#/$##' | LC_ALL=C sort -k3; }
 rpm_files() { rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}/%{FILEGROUPNAME} %{FILENAMES}\n]' "$1" | LC_ALL=C sort -k3; }
 compare() { # compare NAME ACTUAL_FILE EXPECTED_FILE
+  if [[ -n "${UPDATE_EXPECTED:-}" ]] && ! cmp -s "$2" "$3"; then
+    diff -u "$3" "$2" || true; cp "$2" "$3"; echo "UPDATED $3 (review the diff above, then commit it)"
+  fi
   if diff -u "$3" "$2"; then pass "$1: file list, modes and owners as in $3"
   else fail "$1: contents differ from $3 (diff above: - expected, + actual)"; fi
 }
