@@ -78,6 +78,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Write the man page and shell completions into DIR (used when building packages).
+    #[command(hide = true)]
+    GenerateAssets {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Issue a new server certificate from the CA in DIR (no network), as the reference
     /// `setup renew-cert` does; a no-op while more than --renew-before remains.
     RenewCert {
@@ -326,6 +332,13 @@ pub fn dispatch(cli: Cli) -> u8 {
             })
         }
         Command::Setup { command } => setup(command),
+        Command::GenerateAssets { out } => match crate::assets::generate(&out) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {}: {e}", out.display());
+                1
+            }
+        },
         Command::Demo { port, dir } => {
             crate::telemetry::init("warn");
             runtime(crate::demo::run(port, dir))

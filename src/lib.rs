@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod assets;
 pub mod certs;
 pub mod cli;
 pub mod cloudflared;

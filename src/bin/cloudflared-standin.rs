@@ -214,6 +214,17 @@ struct State {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let argv: Vec<String> = std::env::args().collect();
+    // As `cloudflared --version`, in its format, so that packaging/build-packages.sh
+    // accepts the stand-in as the bundled binary in the system test (issue 6).
+    if matches!(
+        argv.get(1).map(String::as_str),
+        Some("--version" | "-v" | "version")
+    ) {
+        println!(
+            "cloudflared version 2000.1.0-standin (mcp-tunnel test stand-in, not for production)"
+        );
+        return;
+    }
     let args = parse_args(&argv);
     event("started", serde_json::json!({ "argv": argv }));
     let log = Arc::new(Logger { json: args.json });

@@ -1,0 +1,212 @@
+#!/bin/bash
+# Runs inside the booted Debian 12 container (systemd is PID 1), started by
+# mcp-tunnel-systemtest.service; packaging/system-test.sh reads /root/systest/results.
+# Each check prints PASS or FAIL and the run goes on, so one run reports every point.
+set -u
+export SYSTEMD_PAGER= SYSTEMD_COLORS=0 LC_ALL=C.UTF-8
+cd /root/systest
+failures=0
+pass() { echo "PASS $*"; }
+failc() { echo "FAIL $*"; failures=$((failures + 1)); }
+step() { printf '\n=== %s\n' "$*"; }
+show() { systemctl show -P "$1" mcp-tunnel.service; }
+DOMAIN=systest.mcp-tunnel.test
+CALL='{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"hello","arguments":{"name":"systemd"}}}'
+mcp_call() { # mcp_call ROUTE: tools/call hello through stand-in (127.0.0.1:9443) -> proxy -> upstream
+  curl -sS --max-time 10 --resolve "$1.$DOMAIN:9443:127.0.0.1" --cacert /var/lib/mcp-tunnel/ca.crt \
+    -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
+    -d "$CALL" "https://$1.$DOMAIN:9443/mcp" 2>&1
+}
+wait_state() { # wait_state STATE SECONDS
+  for _ in $(seq $(($2 * 10))); do [[ "$(show ActiveState)" == "$1" ]] && return 0; sleep 0.1; done; return 1
+}
+
+step "install the .deb (apt, offline: every dependency is in the root)"
+apt-get install -y ./mcp-tunnel.deb >install.log 2>&1; rc=$?
+cat install.log | sed -n '/mcp-tunnel: installed/,/PACKAGING.md/p'
+if [[ $rc -eq 0 ]]; then pass "apt-get install ./mcp-tunnel.deb"; else cat install.log; failc "apt-get install ./mcp-tunnel.deb"; fi
+[[ "$(systemctl is-enabled mcp-tunnel)" == enabled ]] && pass "unit enabled by postinst" || failc "unit not enabled: $(systemctl is-enabled mcp-tunnel)"
+id mcp-tunnel >/dev/null 2>&1 && pass "user: $(id mcp-tunnel)" || failc "no mcp-tunnel user"
+[[ "$(stat -c '%a %U' /var/lib/mcp-tunnel)" == "700 mcp-tunnel" ]] && pass "/var/lib/mcp-tunnel 0700 mcp-tunnel" || failc "/var/lib/mcp-tunnel: $(stat -c '%a %U' /var/lib/mcp-tunnel)"
+/usr/lib/mcp-tunnel/cloudflared --version | grep -q standin && pass "bundled cloudflared is the stand-in: $(cat /usr/lib/mcp-tunnel/cloudflared.version | tr '\n' ' ')" || failc "bundled cloudflared"
+
+step "not configured: the start condition holds it back and status says why"
+systemctl start mcp-tunnel
+st="$(systemctl status mcp-tunnel 2>&1)"
+if [[ "$(show ConditionResult)" == no ]] && grep -q 'ConditionPathExists=/var/lib/mcp-tunnel/tunnel-token was not met' <<<"$st"; then
+  pass "unconfigured start skipped: $(grep -o 'Condition: .*' <<<"$st" | head -n1)"
+else echo "$st"; failc "unconfigured: condition not reported"; fi
+
+step "configure: sample MCP upstream, certificates, token, config"
+systemd-run --unit=sample-upstream --quiet /usr/bin/mcp-tunnel demo --port 9444 --dir /tmp/demo-upstream
+up=""
+for _ in $(seq 100); do
+  up="$(journalctl -u sample-upstream -o cat | sed -n 's#.*sample MCP server.*http://\([0-9.:]*\)/mcp.*#\1#p' | head -n1)"
+  [[ -n "$up" ]] && break; sleep 0.1
+done
+[[ -n "$up" ]] && pass "sample MCP upstream (rmcp, tool hello) at $up" || failc "sample upstream did not start: $(journalctl -u sample-upstream -o cat | tail -5)"
+mcp-tunnel certs init --tunnel-domain "$DOMAIN" --dir /var/lib/mcp-tunnel >/dev/null
+printf '{"a":"0123456789abcdef0123456789abcdef","t":"6ff42ae2-765d-4adf-8112-31c55c1551ef","s":"%s"}' \
+  "$(head -c 32 /dev/urandom | base64 -w0)" | base64 -w0 >/var/lib/mcp-tunnel/tunnel-token
+chown -R mcp-tunnel:mcp-tunnel /var/lib/mcp-tunnel; chmod 0600 /var/lib/mcp-tunnel/*
+write_config() { # write_config EXTRA_ROUTE_LINE
+cat >/etc/mcp-tunnel/mcp-tunnel.toml <<TOML
+listen_addr = "127.0.0.1:8080"
+log_level = "info"
+shutdown_timeout = "5s"
+tunnel_domain = "$DOMAIN"
+[tls]
+cert_file = "/var/lib/mcp-tunnel/tls.crt"
+key_file = "/var/lib/mcp-tunnel/tls.key"
+[routes]
+hello = "http://$up"
+$1
+[upstream]
+allowed_ips = ["127.0.0.0/8"]
+[cloudflared]
+enabled = true
+grace_period = "2s"
+ready_requires_tunnel = true
+# the stand-in: accept TLS clients on 9443 like the edge; first edge connection after 1.5 s
+env = { STANDIN_FORWARD = "127.0.0.1:9443", STANDIN_CONNECT_DELAY_MS = "1500" }
+TOML
+}
+write_config ""
+mcp-tunnel check && pass "mcp-tunnel check" || failc "mcp-tunnel check"
+
+step "systemctl start reaches active only after READY=1"
+systemctl start --no-block mcp-tunnel
+sleep 0.7
+early="$(show ActiveState)/$(show SubState)"
+if wait_state active 30; then
+  t0=$(show ExecMainStartTimestampMonotonic); t1=$(show ActiveEnterTimestampMonotonic)
+  gap_ms=$(( (t1 - t0) / 1000 ))
+  if [[ "$early" == activating/start && $gap_ms -ge 1000 ]]; then
+    pass "activating/start at 0.7 s, active $gap_ms ms after the main process started (READY waits for the stand-in's first edge connection at 1.5 s)"
+  else failc "ready timing: state at 0.7 s was $early, active after $gap_ms ms (expected activating/start and >= 1000 ms)"; fi
+else
+  failc "mcp-tunnel did not become active (state $(show ActiveState)/$(show SubState), result $(show Result))"
+  journalctl -u mcp-tunnel -o cat --no-pager | tail -20
+fi
+mainpid=$(show MainPID)
+
+step "systemctl status shows the STATUS line"
+status_text="$(show StatusText)"
+if [[ -n "$status_text" ]] && systemctl status mcp-tunnel 2>&1 | grep -q "Status: \"$status_text\""; then
+  pass "Status: \"$status_text\""
+else systemctl status mcp-tunnel --no-pager 2>&1 | head -12; failc "no STATUS line in systemctl status"; fi
+
+step "MCP request: curl -> stand-in cloudflared -> WebSocket -> inner TLS -> proxy -> upstream"
+sleep 1
+out="$(mcp_call hello)"
+grep -q 'Hello, systemd!' <<<"$out" && pass "tools/call hello answered: $(grep -o 'Hello, systemd![^"]*' <<<"$out" | head -n1)" || failc "MCP call through the tunnel: $out"
+
+step "sandbox: both processes run as mcp-tunnel, hardened; token not in argv"
+cf=$(pgrep -f '^/usr/lib/mcp-tunnel/cloudflared' | head -n1)
+if [[ -n "$cf" && "$(ps -o user= -p "$cf")" == mcp-tunnel && "$(ps -o user= -p "$mainpid")" == mcp-tunnel ]]; then
+  pass "supervisor $mainpid and cloudflared $cf run as mcp-tunnel"
+else failc "process users: supervisor $(ps -o user= -p "$mainpid"), cloudflared '${cf:-none}'"; fi
+if [[ -n "$cf" ]] && ! tr '\0' ' ' </proc/$cf/cmdline | grep -qF "$(cat /var/lib/mcp-tunnel/tunnel-token)"; then
+  pass "token absent from cloudflared's argv: $(tr '\0' ' ' </proc/$cf/cmdline)"
+else failc "token visible in cloudflared's argv"; fi
+grep -q '^NoNewPrivs:[[:space:]]*1' /proc/$mainpid/status && grep -q '^Seccomp:[[:space:]]*2' /proc/$mainpid/status \
+  && grep -q '^CapBnd:[[:space:]]*0000000000000000' /proc/$mainpid/status \
+  && pass "NoNewPrivs 1, Seccomp filter on, empty capability bounding set" || failc "hardening not applied: $(grep -E 'NoNewPrivs|Seccomp|CapBnd' /proc/$mainpid/status | tr '\n' ' ')"
+echo "live: $(systemd-analyze security mcp-tunnel.service 2>/dev/null | tail -n1)"
+
+step "journalctl -u mcp-tunnel holds structured fields"
+j="$(journalctl -u mcp-tunnel -o json --no-pager)"
+if grep '"MESSAGE":"proxy listening"' <<<"$j" | grep -q '"F_LISTEN":"127.0.0.1:8080"' \
+   && grep '"MESSAGE":"proxy listening"' <<<"$j" | grep -q '"CODE_FILE":'; then
+  pass "entry 'proxy listening' with F_LISTEN, F_ROUTES, TARGET, CODE_FILE fields"
+else failc "no structured 'proxy listening' entry (journald logging: issue 3)"; fi
+if grep '"TARGET":"cloudflared"' <<<"$j" | grep -q 'Registered tunnel connection'; then
+  pass "cloudflared's JSON log lines re-emitted with TARGET=cloudflared"
+else failc "no cloudflared entries with TARGET=cloudflared"; fi
+
+step "systemctl reload applies a route change, the service stays active"
+# The supervisor also watches its files, so the new route may be live before the reload;
+# what proves the reload is its journal entry with trigger "reload request" (SIGHUP).
+before="$(mcp_call hello2)"
+write_config 'hello2 = "http://'"$up"'"'
+sleep 1.5
+since="$(date '+%Y-%m-%d %H:%M:%S')"
+systemctl reload mcp-tunnel; rc=$?
+sleep 1
+after="$(mcp_call hello2)"
+if [[ $rc -eq 0 && "$(show ActiveState)" == active && "$(show MainPID)" == "$mainpid" ]]; then
+  pass "reload: exit 0, still active, same main PID $mainpid"
+else systemctl status mcp-tunnel --no-pager 2>&1 | tail -n 8; failc "reload: rc $rc, state $(show ActiveState), main PID $(show MainPID) (was $mainpid)"; fi
+if journalctl -u mcp-tunnel --since "$since" -o json --no-pager | grep '"MESSAGE":"reloading"' 2>/dev/null | grep -q '"F_TRIGGER":"reload request"'; then
+  pass "the supervisor reloaded on systemctl reload (journal: reloading, trigger=reload request)"
+else failc "no SIGHUP-triggered reload in the journal after systemctl reload (hot reload: issue 4)"; fi
+if grep -q 'No route configured' <<<"$before" && grep -q 'Hello, systemd!' <<<"$after"; then
+  pass "route hello2 absent before the change, served after the reload"
+else failc "route change not applied (hot reload: issue 4); before: $(head -c 80 <<<"$before"); after: $(head -c 120 <<<"$after")"; fi
+
+step "a broken config: the reload is refused, the running configuration stays"
+cp /etc/mcp-tunnel/mcp-tunnel.toml good.toml
+echo 'listen_adr = "typo"' >>/etc/mcp-tunnel/mcp-tunnel.toml
+since="$(date '+%Y-%m-%d %H:%M:%S')"
+systemctl reload mcp-tunnel; sleep 1
+out="$(mcp_call hello2)"
+if [[ "$(show ActiveState)" == active && "$(show MainPID)" == "$mainpid" ]] && grep -q 'Hello, systemd!' <<<"$out"; then
+  pass "still active (main PID $mainpid) and serving with the previous configuration"
+else failc "broken config on reload: state $(show ActiveState), main PID $(show MainPID), call: $(head -c 120 <<<"$out")"; fi
+refused="$(journalctl -u mcp-tunnel --since "$since" -o json --no-pager | grep 'reload refused' 2>/dev/null | grep -m1 'listen_adr')"
+if [[ -n "$refused" ]]; then
+  pass "the refusal is logged with the reason: $(sed -n 's/.*"MESSAGE":"\([^"]*\)".*/\1/p' <<<"$refused") / $(grep -o '"F_ERROR":"[^"]*' <<<"$refused" | head -c 140)"
+else failc "no 'reload refused' entry naming listen_adr in the journal (hot reload: issue 4)"; fi
+cp good.toml /etc/mcp-tunnel/mcp-tunnel.toml; systemctl reload mcp-tunnel
+
+step "after the edits settle, no further reloads (no reload loop)"
+sleep 2; since="$(date '+%Y-%m-%d %H:%M:%S')"; sleep 3
+n=$(journalctl -u mcp-tunnel --since "$since" -o cat --no-pager | grep -c '^reloading$' || true)
+if [[ $n -eq 0 ]]; then pass "no reloads in 3 idle seconds"
+else failc "$n reloads in 3 idle seconds with no file change (trigger: $(journalctl -u mcp-tunnel --since "$since" -o json --no-pager | grep -o '"F_TRIGGER":"[^"]*"' | sort | uniq -c | tr '\n' ' ')): the file watcher reacts to the reload's own reads (hot reload: issue 4, src/supervisor/watch.rs)"; fi
+
+step "the watchdog is armed"
+[[ "$(show WatchdogUSec)" == 30s ]] && pass "WatchdogUSec=30s" || failc "WatchdogUSec=$(show WatchdogUSec)"
+mkdir -p /run/systemd/system/mcp-tunnel.service.d
+printf '[Service]\nWatchdogSec=2s\n' >/run/systemd/system/mcp-tunnel.service.d/watchdog-test.conf
+systemctl daemon-reload; systemctl restart mcp-tunnel
+wait_state active 30; sleep 3
+if [[ "$(show ActiveState)" == active ]]; then pass "pings keep a 2 s watchdog satisfied for 3 s"; else failc "service died under a 2 s watchdog: $(show Result)"; fi
+wd_pid=$(show MainPID); restarts=$(show NRestarts)
+kill -STOP "$wd_pid"
+for _ in $(seq 100); do [[ "$(show NRestarts)" -gt "$restarts" ]] && break; sleep 0.1; done
+if journalctl -u mcp-tunnel --no-pager | grep -q 'Watchdog timeout' && [[ "$(show NRestarts)" -gt "$restarts" ]]; then
+  pass "a frozen supervisor (SIGSTOP) is killed on watchdog timeout and restarted (Restart=on-failure)"
+else failc "no watchdog timeout after SIGSTOP (NRestarts $(show NRestarts), was $restarts)"; fi
+rm -rf /run/systemd/system/mcp-tunnel.service.d; systemctl daemon-reload
+systemctl restart mcp-tunnel; wait_state active 30
+
+step "systemctl stop is clean"
+mainpid=$(show MainPID); inv="$(show InvocationID)"
+t0=$(date +%s%N); systemctl stop mcp-tunnel; ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+log="$(journalctl _SYSTEMD_INVOCATION_ID="$inv" -o cat --no-pager; journalctl -u mcp-tunnel -o cat --no-pager | tail -n 20)"
+if [[ "$(show Result)" == success && "$(show ExecMainStatus)" == 0 ]] && ! grep -q 'SIGKILL\|Killing process\|timed out' <<<"$log" \
+   && ! pgrep -f '^/usr/lib/mcp-tunnel/cloudflared' >/dev/null; then
+  pass "stopped in $ms ms: Result=success, exit 0, no SIGKILL, cloudflared gone"
+else failc "stop: Result=$(show Result) status=$(show ExecMainStatus) in $ms ms; $(grep -m2 'SIGKILL\|Killing\|timed out' <<<"$log")"; fi
+
+step "apt purge removes everything but /var/lib/mcp-tunnel"
+systemctl stop sample-upstream
+apt-get purge -y mcp-tunnel >purge.log 2>&1 || { cat purge.log; failc "apt-get purge"; }
+left=""
+for p in /usr/bin/mcp-tunnel /usr/lib/mcp-tunnel /etc/mcp-tunnel /usr/lib/systemd/system/mcp-tunnel.service \
+         /etc/systemd/system/multi-user.target.wants/mcp-tunnel.service /usr/lib/sysusers.d/mcp-tunnel.conf \
+         /usr/lib/tmpfiles.d/mcp-tunnel.conf /usr/share/doc/mcp-tunnel /usr/share/man/man1/mcp-tunnel.1.gz \
+         /var/lib/systemd/deb-systemd-helper-enabled/mcp-tunnel.service.dsh-also; do
+  [[ -e "$p" || -L "$p" ]] && left+=" $p"
+done
+dpkg -s mcp-tunnel >/dev/null 2>&1 && left+=" (dpkg still knows mcp-tunnel)"
+[[ -z "$left" ]] && pass "purged: binary, bundle, config, unit, enable symlink, sysusers/tmpfiles, docs" || failc "left after purge:$left"
+if [[ -f /var/lib/mcp-tunnel/tunnel-token && -f /var/lib/mcp-tunnel/ca.key && -f /var/lib/mcp-tunnel/tls.key ]]; then
+  pass "kept on purpose: /var/lib/mcp-tunnel ($(ls /var/lib/mcp-tunnel | tr '\n' ' ')) and the mcp-tunnel user"
+else failc "state directory lost on purge"; fi
+
+journalctl -b --no-pager -o short-monotonic >journal-boot.txt 2>&1
+journalctl -b --no-pager -o verbose -u mcp-tunnel >journal-mcp-tunnel-verbose.txt 2>&1
+step "done: $failures failed"
+exit $((failures > 0))
