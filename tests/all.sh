@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests, and the end-to-end
 # tests with real MCP peers (npm and PyPI packages are installed into tests/e2e by run.sh).
-# Needs node + npm, python3 with venv, curl and openssl; `.ci/run` installs them with apt.
+# Needs node + npm, python3 with venv, curl and openssl, and for the packaging and system
+# tests root, lintian, rpm, rpmlint, debootstrap, systemd-container, binutils, cargo-deb and
+# cargo-generate-rpm; `.ci/run` installs them all.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-for tool in node npm python3 curl openssl; do
+for tool in node npm python3 curl openssl lintian rpmlint rpm debootstrap systemd-nspawn strip cargo-deb cargo-generate-rpm; do
   command -v "$tool" >/dev/null || { echo "tests/all.sh: $tool is missing (run .ci/run, which installs it)" >&2; exit 1; }
 done
 
@@ -19,4 +21,8 @@ step "cargo test"
 cargo test --locked
 step "end-to-end: real MCP peers through bridge -> WebSocket -> inner TLS -> proxy"
 MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/e2e/run.sh
+step "packages: build .deb/.rpm (plain and bundled), lintian, rpmlint, file lists, unit checks, rpm --root"
+packaging/test-packages.sh
+step "system test: the .deb under real systemd (systemd-nspawn)"
+packaging/system-test.sh
 step "all tests passed"
