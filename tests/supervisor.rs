@@ -594,6 +594,30 @@ async fn exit_255_is_permanent_and_the_supervisor_exits_78() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_token_rejection_is_permanent_and_the_supervisor_exits_78() {
+    // cloudflared never exits when the edge refuses its token: it logs and retries. The
+    // supervisor notices the refusals and stops instead of waiting forever.
+    let env = Env::new().await;
+    let cfg = env.config(None, "", &[("STANDIN_REJECTED", "1")]);
+    let mut sup = env.start(&cfg, false);
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(15)).await, 78);
+    assert_eq!(
+        env.events_named("started").len(),
+        1,
+        "no restart loop on a refused token"
+    );
+    env.wait_notify(
+        |m| m.contains("STATUS=cloudflared cannot run: the edge refused the tunnel token"),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        !env.log().contains(&token(GOOD_TUNNEL)),
+        "token leaked into the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_and_never_ready_children_are_replaced() {
     let env = Env::new().await;
     let cfg = env.config(

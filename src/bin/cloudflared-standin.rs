@@ -18,6 +18,8 @@
 //! - `STANDIN_CONNECTIONS=N` (default 4), `STANDIN_CONNECT_DELAY_MS=N` (default 50): edge
 //!   connections registered, one every N ms.
 //! - `STANDIN_NEVER_READY=1`: never registers a connection (`/ready` stays 503).
+//! - `STANDIN_REJECTED=1`: the edge refuses the token: logs `Unauthorized` registration
+//!   errors over and over, never ready, never exits (as cloudflared does).
 //! - `STANDIN_CRASH_AFTER_MS=N`, `STANDIN_CRASH_CODE=X` (default 1): exit X after N ms.
 //! - `STANDIN_HANG_AFTER_MS=N`: after N ms the metrics server stops answering and SIGTERM
 //!   is ignored (a wedged process: only SIGKILL ends it).
@@ -304,7 +306,21 @@ async fn main() {
         ));
     }
 
-    if std::env::var("STANDIN_NEVER_READY").is_err() {
+    if std::env::var("STANDIN_REJECTED").is_ok() {
+        // What cloudflared does when the edge refuses the token: it logs the refusal per
+        // connection attempt and keeps retrying, never ready, never exiting.
+        let lg = log.clone();
+        tokio::spawn(async move {
+            for attempt in 0u64.. {
+                lg.log(
+                    "error",
+                    "Register tunnel error from server side",
+                    serde_json::json!({ "connIndex": attempt % 4, "error": "Unauthorized: Invalid tunnel secret" }),
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    } else if std::env::var("STANDIN_NEVER_READY").is_err() {
         let n: usize = std::env::var("STANDIN_CONNECTIONS")
             .ok()
             .and_then(|v| v.parse().ok())

@@ -50,6 +50,13 @@ pub fn parse(line: &str) -> Option<Line> {
     })
 }
 
+/// Whether a line reports that the edge refused the tunnel's credentials. cloudflared logs
+/// this and retries forever instead of exiting, so the supervisor has to notice it here.
+pub fn is_token_rejection(raw: &str) -> bool {
+    let lower = raw.to_ascii_lowercase();
+    lower.contains("unauthorized") || lower.contains("invalid tunnel secret")
+}
+
 /// Emits one line of cloudflared output.
 pub fn emit(raw: &str, stream: &'static str) {
     let raw = raw.trim_end();
@@ -73,6 +80,22 @@ pub fn emit(raw: &str, stream: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_rejections_are_recognised() {
+        assert!(is_token_rejection(
+            r#"{"level":"error","message":"Register tunnel error from server side","error":"Unauthorized: Invalid tunnel secret"}"#
+        ));
+        assert!(is_token_rejection(
+            "2026-01-01T00:00:00Z ERR Register tunnel error from server side error=\"Unauthorized: Failed to get tunnel\""
+        ));
+        assert!(!is_token_rejection(
+            r#"{"level":"info","message":"Registered tunnel connection"}"#
+        ));
+        assert!(!is_token_rejection(
+            "failed to sufficiently increase receive buffer size"
+        ));
+    }
 
     #[test]
     fn json_lines_map_level_message_and_fields() {

@@ -223,7 +223,8 @@ impl Run {
             self.status.pid.store(pid, Ordering::SeqCst);
             self.status.set_health(Health::Starting);
             info!(pid, metrics = %metrics, url = %args.last().map(String::as_str).unwrap_or(""), "cloudflared started");
-            forward_logs(&mut child);
+            let rejections = Arc::new(AtomicU32::new(0));
+            forward_logs(&mut child, rejections.clone());
 
             let mut tracker = HealthTracker::new(Instant::now());
             let mut tick = tokio::time::interval(self.cfg.health_interval);
@@ -253,6 +254,14 @@ impl Run {
                             log_health(now);
                         }
                         self.status.set_health(now);
+                        let refused = rejections.load(Ordering::Relaxed);
+                        if refused >= PERSISTENT_REJECTIONS && !now.is_ready() {
+                            self.terminate(&mut child, Duration::ZERO).await;
+                            self.status.pid.store(0, Ordering::SeqCst);
+                            return self.give_up(format!(
+                                "the edge refused the tunnel token ({refused} Unauthorized registration errors, no connection): check [cloudflared] token_file holds this tunnel's current token (rotated?)"
+                            ));
+                        }
                         if let Some(reason) = restart {
                             warn!(pid, reason = reason.as_str(), "restarting cloudflared");
                             self.status.problem(reason.as_str());
@@ -395,11 +404,19 @@ fn log_health(h: Health) {
     }
 }
 
-fn forward_logs(child: &mut Child) {
+/// Edge refusals of the token, seen without any connection becoming ready, after which the
+/// refusal counts as persistent (one per HA connection attempt, twice over).
+const PERSISTENT_REJECTIONS: u32 = 8;
+
+fn forward_logs(child: &mut Child, rejections: Arc<AtomicU32>) {
     if let Some(out) = child.stdout.take() {
+        let rejections = rejections.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(l)) = lines.next_line().await {
+                if logs::is_token_rejection(&l) {
+                    rejections.fetch_add(1, Ordering::Relaxed);
+                }
                 logs::emit(&l, "stdout");
             }
         });
@@ -408,6 +425,9 @@ fn forward_logs(child: &mut Child) {
         tokio::spawn(async move {
             let mut lines = BufReader::new(err).lines();
             while let Ok(Some(l)) = lines.next_line().await {
+                if logs::is_token_rejection(&l) {
+                    rejections.fetch_add(1, Ordering::Relaxed);
+                }
                 logs::emit(&l, "stderr");
             }
         });
