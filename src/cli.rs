@@ -286,15 +286,9 @@ pub fn dispatch(cli: Cli) -> u8 {
                 Err(e) => return fail_config(&e),
             };
             crate::telemetry::init(config.log_level.as_str());
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match new_runtime() {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return 1;
-                }
+                Err(code) => return code,
             };
             match rt.block_on(crate::supervisor::run(config)) {
                 Ok(()) => 0,
@@ -468,16 +462,21 @@ fn fail_config(e: &config::ConfigError) -> u8 {
     EXIT_CONFIG
 }
 
-fn runtime<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> u8 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+/// The multi-threaded runtime every long-running command uses; `Err` is the exit code.
+fn new_runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("error: cannot start the async runtime: {e}");
-            return 1;
-        }
+            1
+        })
+}
+
+fn runtime<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> u8 {
+    let rt = match new_runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
     match rt.block_on(fut) {
         Ok(()) => 0,

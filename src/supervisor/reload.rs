@@ -341,18 +341,27 @@ impl Reloader {
             error!(error = %e, "certificate renewal failed; will retry at the next check");
             return None;
         }
+        self.reload_notified(now, hooks)
+            .await
+            .ok()
+            .and_then(|r| r.new_cert_serial)
+    }
+
+    /// `reload`, bracketed by the hooks: `reloading`, then `applied` (on success) and
+    /// `reloaded`, so systemd and the metrics see every reload the same way.
+    pub async fn reload_notified(
+        &self,
+        now: i64,
+        hooks: &dyn ReloadHooks,
+    ) -> Result<Reloaded, ReloadError> {
         hooks.reloading();
         let result = self.reload(now).await;
         if result.is_ok() {
-            let cur = self.current.lock().await;
-            hooks.applied(
-                self.generation(),
-                cur.config.routes.len(),
-                self.facts().not_after,
-            );
+            let routes = self.current.lock().await.config.routes.len();
+            hooks.applied(self.generation(), routes, self.facts().not_after);
         }
         hooks.reloaded(&result);
-        result.ok().and_then(|r| r.new_cert_serial)
+        result
     }
 }
 
@@ -397,17 +406,7 @@ pub async fn run_loop(
         };
         while rx.try_recv().is_ok() {}
         info!(trigger, "reloading");
-        hooks.reloading();
-        let result = reloader.reload(unix_now()).await;
-        if result.is_ok() {
-            let cur = reloader.current.lock().await;
-            hooks.applied(
-                reloader.generation(),
-                cur.config.routes.len(),
-                reloader.facts().not_after,
-            );
-        }
-        hooks.reloaded(&result);
+        let _ = reloader.reload_notified(unix_now(), hooks.as_ref()).await;
         let set = reloader.watch_set().await;
         if watcher.as_ref().is_none_or(|w| w.set != set) {
             watcher = start_watcher(set, tx.clone());
