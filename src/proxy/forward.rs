@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
@@ -157,6 +157,29 @@ fn own(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     text_response(status, body).map(Either::Right)
 }
 
+/// The proxy's own answer to a request it will not forward, sent after reading what is left
+/// of a small request body: answering while the client is still uploading makes the h2 stream
+/// end with RST_STREAM, which curl and others report as an error instead of the answer.
+async fn refuse(
+    req: Request<Incoming>,
+    status: StatusCode,
+    body: &'static str,
+) -> Response<ProxyBody> {
+    const MAX_DRAIN: usize = 64 * 1024;
+    let mut incoming = req.into_body();
+    let mut seen = 0usize;
+    let drain = async {
+        while let Some(Ok(frame)) = incoming.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > MAX_DRAIN {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    own(status, body)
+}
+
 impl Session {
     pub async fn handle(
         self: Arc<Self>,
@@ -168,17 +191,19 @@ impl Session {
         let Some(host) = request_host(&req) else {
             metrics.refusal(Refusal::BadRequest);
             metrics.request("", 400);
-            return Ok(own(StatusCode::BAD_REQUEST, "Missing Host header\n"));
+            return Ok(refuse(req, StatusCode::BAD_REQUEST, "Missing Host header\n").await);
         };
         let snapshot = self.proxy.snapshot.load_full();
         let Some(route) = snapshot.routes.lookup(&host).cloned() else {
             info!(%host, method = %req.method(), path = req.uri().path(), "no route for host");
             metrics.refusal(Refusal::NoRoute);
             metrics.request("", 502);
-            return Ok(own(
+            return Ok(refuse(
+                req,
                 StatusCode::BAD_GATEWAY,
                 "No route configured for host\n",
-            ));
+            )
+            .await);
         };
         // SNI that names another route is a misdirected request (the session was set up
         // for a different upstream); SNI naming no route (the bare domain) does not pin one.
@@ -189,18 +214,21 @@ impl Session {
             info!(%host, %sni, "misdirected request: TLS server name and Host select different routes");
             metrics.refusal(Refusal::Misdirected);
             metrics.request(&route.name, 421);
-            return Ok(own(
+            return Ok(refuse(
+                req,
                 StatusCode::MISDIRECTED_REQUEST,
                 "Misdirected request: the TLS server name and the Host header name different routes\n",
-            ));
+            ).await);
         }
         if req.method() == Method::CONNECT {
             metrics.refusal(Refusal::BadRequest);
             metrics.request(&route.name, 405);
-            return Ok(own(
+            return Ok(refuse(
+                req,
                 StatusCode::METHOD_NOT_ALLOWED,
                 "CONNECT is not supported\n",
-            ));
+            )
+            .await);
         }
         let method = req.method().clone();
         let path = req.uri().path().to_owned();

@@ -286,6 +286,28 @@ for route in "${ROUTES[@]}"; do
   run_check "smoke: curl initialize via tunnel to $route over h2" smoke "$route" --http2
 done
 
+# A POST to a name with no route must get the proxy's 502 answer every time, over h2 too:
+# answering before the upload was read used to end the stream with RST_STREAM, which curl
+# reports as "(92) Stream error in the HTTP/2 framing layer" about one time in five.
+no_route() { # no_route --http1.1|--http2
+  local ver="$1" codes="" code rc
+  for _ in $(seq 1 20); do
+    rc=0
+    code="$(curl -sS --max-time 10 "$ver" --cacert "$CERTS/ca.crt" \
+      --resolve "nope.$TUNNEL_DOMAIN:$BRIDGE_PORT:127.0.0.1" -o "$WORK/noroute.body" -w '%{http_code}' \
+      -H 'content-type: application/json' --data '{"jsonrpc":"2.0","id":1,"method":"tools/list"}' \
+      "https://nope.$TUNNEL_DOMAIN:$BRIDGE_PORT/mcp" 2>&1)" || rc=$?
+    codes+="$code/$rc "
+    if [[ "$rc" != 0 || "$code" != 502 ]] || ! grep -q 'No route configured for host' "$WORK/noroute.body"; then
+      echo "  got: $codes"
+      return 1
+    fi
+  done
+  echo "  20 x 502 'No route configured for host'"
+}
+run_check "no route: 20 POSTs over HTTP/1.1 get 502" no_route --http1.1
+run_check "no route: 20 POSTs over h2 get 502 (no stream reset)" no_route --http2
+
 # ---------------------------------------------------------------------------- MCP clients
 # Direct runs (plain HTTP, no tunnel) first: they separate a broken peer from a broken proxy.
 for route in "${ROUTES[@]}"; do
