@@ -81,7 +81,8 @@ pub struct LoadArgs {
     /// Idle mode: session counts at which to read RSS, e.g. 1000,10000.
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<usize>,
-    /// Idle mode: process whose RSS (with its children's) is read.
+    /// Process (with its children) whose RSS (idle mode) or CPU time per request (post
+    /// mode) is read.
     #[arg(long)]
     pub pid: Option<u32>,
     /// Sessions opened concurrently while setting up.
@@ -131,10 +132,12 @@ impl Transport {
             for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
                 roots.add(cert?)?;
             }
-            Ok(mcp_tunnel::proxy::tls::client_config(
-                roots,
-                vec![b"http/1.1".to_vec()],
-            ))
+            let shared = mcp_tunnel::proxy::tls::client_config(roots, vec![b"http/1.1".to_vec()]);
+            // Full handshakes only: a resumed session presents no certificate, so a rotated
+            // certificate would go untested, and the edge's resumption behaviour is unknown.
+            let mut config = (*shared).clone();
+            config.resumption = rustls::client::Resumption::disabled();
+            Ok(Arc::new(config))
         };
         let server_name = || {
             args.server_name
@@ -488,6 +491,84 @@ pub fn rss_tree_kib(pid: u32) -> u64 {
     total
 }
 
+/// CPU time (user + system) in clock ticks of `pid` and its direct children.
+pub fn cpu_tree_ticks(pid: u32) -> u64 {
+    let ticks = |p: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+        // utime and stime are fields 14 and 15 of stat(5); the rest starts at field 3.
+        let at = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        at(11) + at(12)
+    };
+    ticks(pid) + children(pid).into_iter().map(ticks).sum::<u64>()
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                out.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Clock ticks per second of /proc/PID/stat times (USER_HZ; 100 on Linux).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU used by the target (`pid`, with children) and by this load generator over the
+/// measured window, per request, in microseconds.
+struct CpuWindow {
+    pid: Option<u32>,
+    target0: u64,
+    own0: u64,
+}
+
+impl CpuWindow {
+    fn start(pid: Option<u32>) -> CpuWindow {
+        CpuWindow {
+            pid,
+            target0: pid.map_or(0, cpu_tree_ticks),
+            own0: cpu_tree_ticks(std::process::id()),
+        }
+    }
+
+    fn stop(&self) -> CpuUsed {
+        CpuUsed {
+            target: self
+                .pid
+                .map(|p| cpu_tree_ticks(p).saturating_sub(self.target0)),
+            own: cpu_tree_ticks(std::process::id()).saturating_sub(self.own0),
+        }
+    }
+}
+
+struct CpuUsed {
+    target: Option<u64>,
+    own: u64,
+}
+
+impl CpuUsed {
+    fn per_request(&self, requests: u64) -> (Option<f64>, f64) {
+        let per = |ticks: u64| ticks as f64 / TICKS_PER_SEC * 1e6 / requests.max(1) as f64;
+        (self.target.map(per), per(self.own))
+    }
+}
+
 fn summary(args: &LoadArgs, tally: &Tally, measured: Duration) -> serde_json::Value {
     let h = tally.hist.as_ref().expect("histogram");
     let q = |p: f64| {
@@ -594,13 +675,22 @@ async fn run_post(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
         let session = sessions.next();
         set.spawn(post_worker(shared.clone(), session, worker, warm_end, end));
     }
+    // CPU is read at the ends of the measured window (warm-up excluded).
+    tokio::time::sleep_until(warm_end.into()).await;
+    let cpu = CpuWindow::start(args.pid);
+    tokio::time::sleep_until(end.into()).await;
     // The setup requests are not timed; their failures count.
     tally.hist = Some(Histogram::new_with_bounds(1, 120_000_000, 3)?);
     tally.requests = 0;
+    let used = cpu.stop();
     while let Some(t) = set.join_next().await {
         tally.merge(t?);
     }
-    println!("{}", summary(args, &tally, args.duration));
+    let (target_cpu, own_cpu) = used.per_request(tally.requests);
+    let mut out = summary(args, &tally, args.duration);
+    out["target_cpu_us_per_req"] = json!(target_cpu);
+    out["loadgen_cpu_us_per_req"] = json!(own_cpu);
+    println!("{out}");
     Ok(())
 }
 

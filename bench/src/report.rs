@@ -63,6 +63,8 @@ struct Agg {
     handshake_errors: u64,
     distinct_certs: u64,
     count: u64,
+    /// CPU of the target process (nginx with its workers, or the proxy) per request, in µs.
+    cpu: f64,
     first_error: Option<String>,
 }
 
@@ -84,6 +86,11 @@ fn aggregate(runs: &[&Value]) -> Agg {
             .max()
             .unwrap_or(0),
         count: runs.iter().map(|r| u(r, "count")).sum(),
+        cpu: median(
+            runs.iter()
+                .filter_map(|r| r.get("target_cpu_us_per_req").and_then(Value::as_f64))
+                .collect(),
+        ),
         first_error: runs.iter().find_map(|r| {
             r.get("first_error")
                 .and_then(Value::as_str)
@@ -152,9 +159,11 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         md,
         "\n## (a) tools/call POSTs, closed loop, one request in flight per session\n\n\
          Medians over rounds (interleaved direct, nginx, proxy). Latency in ms. \
-         \"added p99\" = p99 through the target minus p99 direct in the same round set.\n\n\
-         | reply | sessions | direct req/s | nginx req/s | proxy req/s | proxy / nginx | direct p99 | nginx added p99 | proxy added p99 | target: >= 1.0x nginx and added p99 <= nginx's |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+         \"added p99\" = p99 through the target minus p99 direct in the same round set. \
+         CPU = user + system time of the target process (nginx: master and workers) per request \
+         over the measured window: less sensitive to the other work on the machine than req/s.\n\n\
+         | reply | sessions | direct req/s | nginx req/s | proxy req/s | proxy / nginx | direct p99 | nginx added p99 | proxy added p99 | CPU µs/req nginx / proxy | target: >= 1.0x nginx and added p99 <= nginx's |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     );
     let mut detail = String::from(
         "\n<details><summary>(a) every target's percentiles</summary>\n\n\
@@ -198,13 +207,16 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         let ok = ratio >= 1.0 && p_add <= n_add;
         let _ = writeln!(
             md,
-            "| {reply} | {sessions} | {:.0} | {:.0} | {:.0} | {ratio:.2}x | {} | {} | {} | {} |",
+            "| {reply} | {sessions} | {:.0} | {:.0} | {:.0} | {ratio:.2}x | {} | {} | {} | {:.1} / {:.1} ({:.2}x) | {} |",
             d.rate,
             n.rate,
             p.rate,
             ms(d.p99),
             signed_ms(n_add),
             signed_ms(p_add),
+            n.cpu,
+            p.cpu,
+            p.cpu / n.cpu,
             mark(ok)
         );
     }
