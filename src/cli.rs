@@ -57,6 +57,22 @@ pub enum Command {
         #[command(subcommand)]
         command: SetupCommand,
     },
+    /// Print a summary of a running appliance from its admin endpoint.
+    Status {
+        /// Admin endpoint address; default: `[admin] listen_addr` from the config file.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Internal: the cloudflared launch trampoline (sets the parent-death signal, then execs).
+    #[command(name = "__exec-child", hide = true)]
+    ExecChild {
+        #[arg(long)]
+        parent: u32,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        argv: Vec<std::ffi::OsString>,
+    },
     /// Certificate tools.
     Certs {
         #[command(subcommand)]
@@ -264,12 +280,27 @@ pub fn dispatch(cli: Cli) -> u8 {
                 Err(e) => return fail_config(&e),
             };
             crate::telemetry::init(config.log_level.as_str());
-            runtime(async move {
-                crate::supervisor::run(config)
-                    .await
-                    .map_err(anyhow::Error::from)
-            })
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return 1;
+                }
+            };
+            match rt.block_on(crate::supervisor::run(config)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    tracing::error!("{e}");
+                    e.exit_code()
+                }
+            }
         }
+        Command::Status { admin, config } => crate::telemetry::status::print(admin, &config),
+        Command::ExecChild { parent, argv } => crate::cloudflared::spawn::exec_child(parent, &argv),
         Command::Bridge { listen, to } => {
             crate::telemetry::init("info");
             let target = match crate::proxy::edge::WsTarget::parse(&to) {
@@ -381,6 +412,30 @@ fn check(path: &std::path::Path) -> u8 {
     if let Err(e) = crate::proxy::tls::upstream_client_config(&config.upstream) {
         eprintln!("{}: {e}", path.display());
         failed = true;
+    }
+    if config.cloudflared.enabled {
+        let c = &config.cloudflared;
+        if let Err(e) = crate::cloudflared::spawn::resolve_binary(
+            c.binary.as_deref(),
+            std::env::var_os("PATH").as_ref(),
+        ) {
+            eprintln!("{}: {e}", path.display());
+            failed = true;
+        }
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let token =
+            crate::cloudflared::token::token_path(c.token_file.as_deref(), creds.as_deref());
+        if let Err(e) = crate::cloudflared::token::read(&token) {
+            eprintln!("{}: {e}", path.display());
+            failed = true;
+        } else if let Err(e) = crate::certs::perms::check_secret(
+            "cloudflared.token_file",
+            &token,
+            config.allow_readable_secrets,
+        ) {
+            eprintln!("{}: {e}", path.display());
+            failed = true;
+        }
     }
     if failed {
         return EXIT_CONFIG;

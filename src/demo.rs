@@ -99,6 +99,10 @@ key_file = "{dir}/tls.key"
 hello = "http://{upstream}"
 [upstream]
 allowed_ips = ["127.0.0.0/8"]
+[cloudflared]
+enabled = false
+[admin]
+enabled = false
 "#,
         dir = dir.display()
     )

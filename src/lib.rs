@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod cli;
+pub mod cloudflared;
 pub mod config;
 pub mod demo;
 pub mod lifecycle;

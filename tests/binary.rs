@@ -312,3 +312,95 @@ async fn sigterm_drains_in_flight_request_then_exits_zero() {
     .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+#[test]
+fn the_documented_example_config_parses() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mcp-tunnel.toml");
+    let config = mcp_tunnel::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.listen_addr.to_string(), "127.0.0.1:8080");
+    assert!(!config.allow_readable_secrets);
+    assert_eq!(
+        config.limits,
+        mcp_tunnel::config::Limits::default(),
+        "documented limits are the defaults"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_hello_through_the_bridge_as_printed() {
+    use std::io::BufRead;
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.contains("Press Ctrl-C");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines.join("\n")
+    })
+    .await
+    .unwrap();
+    let ca = printed
+        .split("--cacert ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("curl command printed");
+    assert!(
+        printed.contains(&format!(
+            "--resolve hello.demo.mcp-tunnel.test:{port}:127.0.0.1"
+        )),
+        "{printed}"
+    );
+    // What the printed curl does: TLS to the bridge with the demo CA, then the tools/call.
+    let roots = roots_from(std::path::Path::new(ca));
+    let tls = mcp_tunnel::proxy::tls::client_config(roots, vec![b"http/1.1".to_vec()]);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("hello.demo.mcp-tunnel.test").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/mcp")
+        .header("host", format!("hello.demo.mcp-tunnel.test:{port}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(full(mcp_tunnel::demo::HELLO_CALL))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        json["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Hello, tunnel!"),
+        "{json}"
+    );
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

@@ -45,11 +45,13 @@ impl Live {
         let shutdown = Shutdown::new();
         tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
         let reloader = Arc::new(Reloader::new(config.clone(), proxy.clone(), facts));
-        tokio::spawn(reload::run_loop(
-            reloader.clone(),
-            Arc::new(NoHooks),
-            shutdown.clone(),
-        ));
+        let (reloader_for_loop, shutdown_for_loop) = (reloader.clone(), shutdown.clone());
+        // No SIGHUP in tests: the request channel stays open but unused.
+        let (requests, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            reload::run_loop(reloader_for_loop, Arc::new(NoHooks), rx, shutdown_for_loop).await;
+            drop(requests);
+        });
         // Let the watcher arm before the test starts changing files.
         tokio::time::sleep(Duration::from_millis(300)).await;
         Live {

@@ -1,6 +1,7 @@
 //! Certificates: loading the inner-TLS server pair, and issuing a CA and server certificates.
 
 pub mod issue;
+pub mod perms;
 pub mod preflight;
 pub mod renew;
 

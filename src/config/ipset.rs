@@ -27,6 +27,35 @@ impl Default for IpPolicy {
     }
 }
 
+/// Addresses that are never a legitimate upstream even inside an allowed range, unless an
+/// `allowed_ips` entry lies within the range itself (the operator named them on purpose):
+/// unspecified, broadcast, link-local (with the cloud metadata address 169.254.169.254) and
+/// multicast.
+pub const NEVER_LEGITIMATE: [&str; 7] = [
+    "0.0.0.0/32",
+    "255.255.255.255/32",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "::/128",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+fn never_legitimate() -> &'static [IpNet] {
+    static NETS: std::sync::OnceLock<Vec<IpNet>> = std::sync::OnceLock::new();
+    NETS.get_or_init(|| {
+        NEVER_LEGITIMATE
+            .iter()
+            .map(|n| n.parse().expect("static CIDR"))
+            .collect()
+    })
+}
+
+/// Whether `inner` lies entirely within `outer`.
+fn within(inner: &IpNet, outer: &IpNet) -> bool {
+    outer.contains(inner)
+}
+
 impl IpPolicy {
     /// Whether `ip` may be dialled; an IPv4-mapped IPv6 address is judged as the IPv4 it maps.
     pub fn allows(&self, ip: IpAddr) -> bool {
@@ -34,7 +63,12 @@ impl IpPolicy {
             IpPolicy::Disabled => true,
             IpPolicy::Allow(nets) => {
                 let ip = ip.to_canonical();
-                nets.iter().any(|n| n.contains(&ip))
+                match never_legitimate().iter().find(|s| s.contains(&ip)) {
+                    // Only an entry inside the special range itself allows such an address:
+                    // "0.0.0.0/0" or "169.0.0.0/8" do not reach the metadata service.
+                    Some(special) => nets.iter().any(|n| n.contains(&ip) && within(n, special)),
+                    None => nets.iter().any(|n| n.contains(&ip)),
+                }
             }
         }
     }
@@ -90,6 +124,45 @@ mod tests {
         ] {
             assert!(!p.allows(ip(bad)), "{bad}");
         }
+    }
+
+    #[test]
+    fn never_legitimate_addresses_need_an_explicit_entry() {
+        let all: IpPolicy =
+            IpPolicy::Allow(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]);
+        for bad in [
+            "169.254.169.254",
+            "169.254.1.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "239.1.2.3",
+            "::",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!all.allows(ip(bad)), "{bad} allowed by a catch-all");
+        }
+        for ok in ["8.8.8.8", "10.0.0.1", "2001:db8::1", "127.0.0.1"] {
+            assert!(all.allows(ip(ok)), "{ok}");
+        }
+        let explicit = IpPolicy::Allow(vec![
+            parse_entry("169.254.169.254").unwrap(),
+            parse_entry("fe80::/64").unwrap(),
+        ]);
+        assert!(explicit.allows(ip("169.254.169.254")));
+        assert!(!explicit.allows(ip("169.254.169.253")));
+        assert!(explicit.allows(ip("fe80::5")));
+        let wide = IpPolicy::Allow(vec![parse_entry("169.0.0.0/8").unwrap()]);
+        assert!(
+            !wide.allows(ip("169.254.169.254")),
+            "a wider range is not an explicit listing"
+        );
+        assert!(
+            IpPolicy::Disabled.allows(ip("169.254.169.254")),
+            "disable_ip_validation disables everything"
+        );
     }
 
     #[test]

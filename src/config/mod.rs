@@ -1,9 +1,12 @@
 //! Configuration: the TOML schema, its defaults, and validation that names file, field and
 //! expectation. Field names follow the reference stack so operators recognise them.
 
+pub mod admin;
 pub mod certs;
+pub mod cloudflared;
 pub mod duration;
 pub mod ipset;
+pub mod limits;
 pub mod provision;
 pub mod routes;
 
@@ -14,8 +17,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use admin::AdminConfig;
 pub use certs::CertsConfig;
+pub use cloudflared::CloudflaredConfig;
 pub use ipset::IpPolicy;
+pub use limits::Limits;
 pub use provision::ProvisionConfig;
 pub use routes::{Route, RouteTable, Scheme, Upstream};
 
@@ -60,6 +66,11 @@ pub struct Config {
     pub certs: CertsConfig,
     /// `[provision]`, when the appliance provisions itself through the Tunnels API.
     pub provision: Option<ProvisionConfig>,
+    pub admin: AdminConfig,
+    pub limits: Limits,
+    /// Accept secret files (TLS key, CA key, token) readable by group or others; the
+    /// reference stack's container setup needs 0644, an appliance should not.
+    pub allow_readable_secrets: bool,
 }
 
 /// The inner-TLS server certificate and key.
@@ -77,12 +88,6 @@ pub struct UpstreamConfig {
     pub include_system_cas: bool,
     pub connect_timeout: Duration,
     pub response_header_timeout: Duration,
-}
-
-/// cloudflared supervision settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloudflaredConfig {
-    pub enabled: bool,
 }
 
 /// Every problem found in one config file; `Display` prints one `file: field: problem` line
@@ -138,7 +143,12 @@ struct RawConfig {
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
-    cloudflared: RawCloudflared,
+    cloudflared: cloudflared::RawCloudflared,
+    #[serde(default)]
+    admin: admin::RawAdmin,
+    #[serde(default)]
+    limits: limits::RawLimits,
+    allow_readable_secrets: Option<bool>,
     #[serde(default)]
     certs: certs::RawCerts,
     provision: Option<provision::RawProvision>,
@@ -169,12 +179,6 @@ struct RawUpstream {
 struct RawUpstreamTls {
     ca_file: Option<PathBuf>,
     include_system_cas: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawCloudflared {
-    enabled: Option<bool>,
 }
 
 impl Config {
@@ -304,6 +308,9 @@ impl Config {
             .provision
             .map(|p| p.validate(base, &mut |field, message| v.push(field, message)));
 
+        let cloudflared = cloudflared::validate(raw.cloudflared, base, &mut v);
+        let admin = admin::validate(raw.admin, &mut v);
+        let limits = limits::validate(raw.limits, &mut v);
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -324,9 +331,10 @@ impl Config {
                     .response_header_timeout
                     .unwrap_or(Duration::from_secs(300)),
             },
-            cloudflared: CloudflaredConfig {
-                enabled: raw.cloudflared.enabled.unwrap_or(false),
-            },
+            cloudflared,
+            admin,
+            limits,
+            allow_readable_secrets: raw.allow_readable_secrets.unwrap_or(false),
             certs,
             provision,
         };

@@ -5,17 +5,19 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
 
+use super::metrics::{LimitHit, Refusal};
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
@@ -29,6 +31,76 @@ pub type ProxyBody = Either<LeasedBody, Full<Bytes>>;
 pub struct LeasedBody {
     inner: Incoming,
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Keeps the session busy (never idle-closed) while the response streams.
+    _active: ActiveGuard,
+}
+
+/// A request body on its way upstream: as received, or capped at `max_request_body_bytes`.
+pub type UpstreamBody = Either<Incoming, Limited<Incoming>>;
+
+/// What the idle-session timer looks at: requests whose response has not finished streaming,
+/// and the last time one started or finished.
+pub struct Activity {
+    in_flight: AtomicUsize,
+    last_ms: AtomicU64,
+    epoch: Instant,
+    /// The process-wide gauge of requests in flight (until their response body ends).
+    metrics: Arc<super::metrics::ProxyMetrics>,
+}
+
+impl Activity {
+    pub fn new(metrics: Arc<super::metrics::ProxyMetrics>) -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            metrics,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Marks a request in flight until the guard (moved into its response body) drops.
+    pub fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stream_started();
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+
+    /// Idle: nothing in flight and no request started or finished for `idle`.
+    pub fn is_idle(&self, idle: Duration) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self
+                .now_ms()
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed))
+                >= idle.as_millis() as u64
+    }
+
+    /// How long until the session could be idle, if nothing happens meanwhile.
+    pub fn time_to_idle(&self, idle: Duration) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return idle;
+        }
+        let quiet = self
+            .now_ms()
+            .saturating_sub(self.last_ms.load(Ordering::Relaxed));
+        idle.saturating_sub(Duration::from_millis(quiet))
+            .max(Duration::from_millis(10))
+    }
+}
+
+/// One request in flight (see `Activity`).
+pub struct ActiveGuard(Arc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.last_ms.store(self.0.now_ms(), Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.stream_ended();
+    }
 }
 
 /// The stream was closed because its route was removed or is no longer allowed.
@@ -66,6 +138,7 @@ pub struct Session {
     pub sni: Option<String>,
     /// The caller as cloudflared reports it (`Cf-Connecting-Ip`), else the TCP peer.
     pub client_ip: IpAddr,
+    pub activity: Arc<Activity>,
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 section 7.6.1).
@@ -90,12 +163,18 @@ impl Session {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
+        let active = self.activity.begin();
+        let metrics = self.proxy.metrics.clone();
         let Some(host) = request_host(&req) else {
+            metrics.refusal(Refusal::BadRequest);
+            metrics.request("", 400);
             return Ok(own(StatusCode::BAD_REQUEST, "Missing Host header\n"));
         };
         let snapshot = self.proxy.snapshot.load_full();
         let Some(route) = snapshot.routes.lookup(&host).cloned() else {
             info!(%host, method = %req.method(), path = req.uri().path(), "no route for host");
+            metrics.refusal(Refusal::NoRoute);
+            metrics.request("", 502);
             return Ok(own(
                 StatusCode::BAD_GATEWAY,
                 "No route configured for host\n",
@@ -108,12 +187,16 @@ impl Session {
             && sni_route.name != route.name
         {
             info!(%host, %sni, "misdirected request: TLS server name and Host select different routes");
+            metrics.refusal(Refusal::Misdirected);
+            metrics.request(&route.name, 421);
             return Ok(own(
                 StatusCode::MISDIRECTED_REQUEST,
                 "Misdirected request: the TLS server name and the Host header name different routes\n",
             ));
         }
         if req.method() == Method::CONNECT {
+            metrics.refusal(Refusal::BadRequest);
+            metrics.request(&route.name, 405);
             return Ok(own(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "CONNECT is not supported\n",
@@ -121,6 +204,17 @@ impl Session {
         }
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        if let Some(max) = self.proxy.limits.max_request_body_bytes
+            && req.body().size_hint().lower() > max
+        {
+            metrics.limit(LimitHit::RequestBodyTooLarge);
+            metrics.request(&route.name, 413);
+            info!(route = %route.name, %method, %path, max, "refused request: body over limits.max_request_body_bytes");
+            return Ok(own(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body too large (limits.max_request_body_bytes)\n",
+            ));
+        }
         info!(route = %route.name, %method, %path, "request started");
 
         let lease = snapshot
@@ -145,11 +239,25 @@ impl Session {
                     Either::Left(LeasedBody {
                         inner,
                         revoked: Box::pin(lease.cancelled_owned()),
+                        _active: active,
                     })
                 })
             }
-            Some(Ok(Err(e))) => error_response(&route, &e),
+            Some(Ok(Err(e))) if body_over_limit(&e) => {
+                metrics.limit(LimitHit::RequestBodyTooLarge);
+                info!(route = %route.name, %method, %path, "refused request: body over limits.max_request_body_bytes");
+                own(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body too large (limits.max_request_body_bytes)\n",
+                )
+            }
+            Some(Ok(Err(e))) => {
+                let (resp, why) = error_response(&route, &e);
+                metrics.refusal(why);
+                resp
+            }
             Some(Err(_)) => {
+                metrics.refusal(Refusal::ResponseTimeout);
                 warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
                 own(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -165,6 +273,7 @@ impl Session {
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,
             "request completed"
         );
+        metrics.request(&route.name, resp.status().as_u16());
         Ok(resp)
     }
 
@@ -173,8 +282,12 @@ impl Session {
         req: Request<Incoming>,
         route: &Route,
         host: &str,
-    ) -> Request<Incoming> {
+    ) -> Request<UpstreamBody> {
         let (mut parts, body) = req.into_parts();
+        let body = match self.proxy.limits.max_request_body_bytes {
+            Some(max) => Either::Right(Limited::new(body, max as usize)),
+            None => Either::Left(body),
+        };
         let path_and_query = parts
             .uri
             .path_and_query()
@@ -216,6 +329,18 @@ impl Session {
     }
 }
 
+/// Whether a failed upstream request failed because its body went over the limit.
+fn body_over_limit(err: &hyper_util::client::legacy::Error) -> bool {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cur) = e {
+        if cur.is::<LengthLimitError>() {
+            return true;
+        }
+        e = cur.source();
+    }
+    false
+}
+
 /// The name the request is for: `:authority` (h2, absolute-form) or `Host` (HTTP/1.1).
 fn request_host(req: &Request<Incoming>) -> Option<String> {
     if let Some(a) = req.uri().authority() {
@@ -243,8 +368,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn error_response(route: &Route, err: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
-    match find_connect_error(err) {
+fn error_response(
+    route: &Route,
+    err: &hyper_util::client::legacy::Error,
+) -> (Response<ProxyBody>, Refusal) {
+    let why = match find_connect_error(err) {
+        Some(ConnectError::NotAllowed { .. }) => Refusal::IpNotAllowed,
+        Some(ConnectError::Timeout { .. }) => Refusal::ConnectTimeout,
+        Some(_) => Refusal::ConnectFailed,
+        None => Refusal::UpstreamError,
+    };
+    let resp = match find_connect_error(err) {
         Some(e @ ConnectError::NotAllowed { host, .. }) => {
             warn!(route = %route.name, upstream_host = %host, "{e}");
             own(
@@ -267,7 +401,8 @@ fn error_response(route: &Route, err: &hyper_util::client::legacy::Error) -> Res
             warn!(route = %route.name, upstream = %route.upstream, error = %err, source = ?std::error::Error::source(err), "upstream request failed");
             own(StatusCode::BAD_GATEWAY, "Upstream request failed\n")
         }
-    }
+    };
+    (resp, why)
 }
 
 #[cfg(test)]

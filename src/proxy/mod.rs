@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod edge;
 mod forward;
+pub mod metrics;
 pub mod state;
 pub mod tls;
 pub mod upstream;
@@ -28,14 +29,11 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, info, warn};
 
 use crate::certs::{self, CertError};
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::lifecycle::Shutdown;
 use state::{ApplyReport, Snapshot, UpstreamPlane};
 use tls::CertStore;
 use upstream::{Resolve, SystemResolver};
-
-/// Time allowed for the inner TLS handshake once the WebSocket is up.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Errors that stop the proxy from starting.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +56,11 @@ pub struct Proxy {
     acceptor: TlsAcceptor,
     /// Serialises reloads so two never interleave their lease bookkeeping.
     apply_lock: tokio::sync::Mutex<()>,
+    /// `[limits]`, fixed at start (changing them needs a restart).
+    limits: Limits,
+    /// One permit per open tunnel connection (`limits.max_sessions`).
+    session_permits: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<metrics::ProxyMetrics>,
 }
 
 impl Proxy {
@@ -81,6 +84,9 @@ impl Proxy {
             acceptor: TlsAcceptor::from(tls::server_config(certs.clone())),
             certs,
             apply_lock: tokio::sync::Mutex::new(()),
+            limits: config.limits.clone(),
+            session_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_sessions)),
+            metrics: Arc::default(),
         };
         for route in config.route_table().iter() {
             info!(route = %route.name, upstream = %route.upstream, preserve_host = route.preserve_host, "route configured");
@@ -120,6 +126,11 @@ impl Proxy {
         Ok(report)
     }
 
+    /// Request, refusal and session counters (for `/metrics` and the watchdog).
+    pub fn metrics(&self) -> &Arc<metrics::ProxyMetrics> {
+        &self.metrics
+    }
+
     /// The certificate store, for rotation.
     pub fn cert_store(&self) -> &Arc<CertStore> {
         &self.certs
@@ -127,9 +138,14 @@ impl Proxy {
 
     /// Accepts tunnel connections until shutdown starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        let mut beat = tokio::time::interval(Duration::from_millis(250));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.started() => break,
+                _ = beat.tick() => {
+                    self.metrics.accept_loop_beats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 a = listener.accept() => a,
             };
             match accepted {
@@ -170,19 +186,38 @@ impl Proxy {
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(self.limits.upgrade_timeout)
+            .max_buf_size(self.limits.max_header_bytes)
+            .max_headers(self.limits.max_headers)
             .serve_connection(TokioIo::new(stream), svc)
             .with_upgrades();
         tokio::pin!(conn);
+        // An outer connection lives until it upgrades (which ends this future) or for
+        // upgrade_timeout at most: one that sends nothing is cut.
+        let deadline = tokio::time::sleep(self.limits.upgrade_timeout);
+        tokio::pin!(deadline);
         let result = tokio::select! {
             r = conn.as_mut() => r,
+            _ = &mut deadline => {
+                self.metrics.limit(metrics::LimitHit::UpgradeTimeout);
+                info!(%peer, timeout = ?self.limits.upgrade_timeout, "closing listener connection: no WebSocket upgrade within limits.upgrade_timeout");
+                return;
+            }
             _ = shutdown.started() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
         };
         if let Err(e) = result {
-            debug!(%peer, error = %e, "listener connection ended with an error");
+            if e.is_timeout() {
+                self.metrics.limit(metrics::LimitHit::UpgradeTimeout);
+                info!(%peer, timeout = ?self.limits.upgrade_timeout, "closing listener connection: no WebSocket upgrade within limits.upgrade_timeout");
+            } else if e.is_parse_too_large() {
+                self.metrics.limit(metrics::LimitHit::HeaderTooLarge);
+                info!(%peer, "refused upgrade request: header block over limits.max_header_bytes");
+            } else {
+                debug!(%peer, error = %e, "listener connection ended with an error");
+            }
         }
     }
 
@@ -217,15 +252,28 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<IpAddr>().ok())
             .unwrap_or(peer.ip());
+        let Ok(permit) = self.session_permits.clone().try_acquire_owned() else {
+            self.metrics.limit(metrics::LimitHit::Sessions);
+            warn!(%peer, max = self.limits.max_sessions, "refused tunnel session: limits.max_sessions reached");
+            return text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many tunnel sessions (limits.max_sessions)\n",
+            );
+        };
         let on_upgrade = hyper::upgrade::on(&mut req);
         let sd = shutdown.clone();
+        let ws_config = ws::session_config_with(
+            self.limits.max_ws_message_bytes,
+            self.limits.max_ws_frame_bytes,
+        );
         shutdown.spawn(async move {
+            let _permit = permit;
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(
                         TokioIo::new(upgraded),
                         Role::Server,
-                        Some(ws::session_config()),
+                        Some(ws_config),
                     )
                     .await;
                     self.serve_session(ws::WsByteStream::new(ws), client_ip, sd)
@@ -251,37 +299,86 @@ impl Proxy {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let tls =
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    warn!(client = %client_ip, error = %e, "tls handshake failed");
-                    return;
+        let handshake = tokio::time::timeout(
+            self.limits.tls_handshake_timeout,
+            self.acceptor.accept(stream),
+        );
+        let tls = match handshake.await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                if e.get_ref().is_some_and(|inner| inner.is::<ws::TooBig>()) {
+                    self.metrics.limit(metrics::LimitHit::WsMessageTooLarge);
                 }
-                Err(_) => {
-                    warn!(client = %client_ip, error = "timed out", "tls handshake failed");
-                    return;
-                }
-            };
+                warn!(client = %client_ip, error = %e, "tls handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.limit(metrics::LimitHit::TlsHandshakeTimeout);
+                warn!(client = %client_ip, error = "no handshake within limits.tls_handshake_timeout", "tls handshake failed");
+                return;
+            }
+        };
+        let _open = self.metrics.session();
         let sni = tls.get_ref().1.server_name().map(str::to_owned);
+        let activity = Arc::new(forward::Activity::new(self.metrics.clone()));
         let session = Arc::new(forward::Session {
             proxy: self.clone(),
             sni,
             client_ip,
+            activity: activity.clone(),
         });
         let svc = service_fn(move |req| session.clone().handle(req));
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.limits.request_header_timeout)
+            .max_buf_size(self.limits.max_header_bytes)
+            .max_headers(self.limits.max_headers);
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_concurrent_streams(self.limits.max_streams_per_session)
+            .max_header_list_size(self.limits.max_header_bytes as u32);
         let conn = builder.serve_connection(TokioIo::new(tls), svc);
         tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = shutdown.started() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        let idle = self.limits.idle_session_timeout;
+        let result = loop {
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                _ = shutdown.started() => {
+                    conn.as_mut().graceful_shutdown();
+                    break conn.await;
+                }
+                _ = tokio::time::sleep(activity.time_to_idle(idle)) => {
+                    if activity.is_idle(idle) {
+                        self.metrics.limit(metrics::LimitHit::IdleSession);
+                        debug!(client = %client_ip, timeout = ?idle, "closing idle tunnel session (limits.idle_session_timeout)");
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                }
             }
         };
         if let Err(e) = result {
-            debug!(client = %client_ip, error = %e, "tunnel session ended with an error");
+            match e.downcast_ref::<hyper::Error>() {
+                Some(h) if h.is_timeout() => {
+                    self.metrics.limit(metrics::LimitHit::HeaderTimeout);
+                    info!(client = %client_ip, "closed tunnel session: request headers not received within limits.request_header_timeout");
+                }
+                Some(h) if h.is_parse_too_large() => {
+                    self.metrics.limit(metrics::LimitHit::HeaderTooLarge);
+                    info!(client = %client_ip, "refused request: header block over limits.max_header_bytes");
+                }
+                _ if std::error::Error::source(e.as_ref())
+                    .is_some_and(|s| s.is::<ws::TooBig>())
+                    || e.to_string().contains("websocket message too large") =>
+                {
+                    self.metrics.limit(metrics::LimitHit::WsMessageTooLarge);
+                    info!(client = %client_ip, "closed tunnel session: WebSocket message over limits.max_ws_message_bytes (close code 1009)");
+                }
+                _ => debug!(client = %client_ip, error = %e, "tunnel session ended with an error"),
+            }
         }
     }
 }

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +32,7 @@ pub struct Snapshot {
 pub struct UpstreamPlane {
     pub config: UpstreamConfig,
     pub settings: Arc<UpstreamSettings>,
-    pub client: Client<Connector, Incoming>,
+    pub client: Client<Connector, super::forward::UpstreamBody>,
 }
 
 impl UpstreamPlane {

@@ -17,11 +17,19 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// WebSocket settings for tunnel sessions: modest buffers, since thousands of sessions can
-/// sit idle, and the crate's default message limits.
-pub fn session_config() -> WebSocketConfig {
+/// sit idle, and the message and frame limits from `[limits]`.
+pub fn session_config_with(max_message: usize, max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
         .write_buffer_size(0)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_frame))
+}
+
+/// `session_config_with` at the default limits (clients: the bridge, tests, benchmarks).
+pub fn session_config() -> WebSocketConfig {
+    let d = crate::config::Limits::default();
+    session_config_with(d.max_ws_message_bytes, d.max_ws_frame_bytes)
 }
 
 /// Byte-stream view of a WebSocket.
@@ -52,6 +60,33 @@ fn to_io(e: WsError) -> io::Error {
     }
 }
 
+/// A WebSocket message or frame over the configured limit.
+#[derive(Debug, thiserror::Error)]
+#[error("websocket message too large: {0}")]
+pub struct TooBig(String);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
+    fn close_too_big(&mut self, cx: &mut Context<'_>) {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        let mut sink = Pin::new(&mut self.inner);
+        if let Poll::Ready(Ok(())) = sink.as_mut().poll_ready(cx) {
+            let frame = CloseFrame {
+                code: CloseCode::Size,
+                reason: "message too large".into(),
+            };
+            if sink
+                .as_mut()
+                .start_send(Message::Close(Some(frame)))
+                .is_ok()
+            {
+                let _ = sink.poll_flush(cx);
+            }
+        }
+        self.eof = true;
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -74,6 +109,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Close(_))) | None => self.eof = true,
                 Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => self.eof = true,
+                Some(Err(WsError::Capacity(e))) => {
+                    // Over max_ws_message/frame size: say so with close code 1009, best effort.
+                    self.close_too_big(cx);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        TooBig(e.to_string()),
+                    )));
+                }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
             }
         }

@@ -1,15 +1,39 @@
-//! `mcp-tunnel run`: starts the parts in order and owns signals and shutdown.
+//! `mcp-tunnel run`: starts the parts in order and owns signals, sd-notify and shutdown.
+//!
+//! Start: proxy (config, certificate) -> listener -> admin endpoint -> cloudflared ->
+//! `READY=1` (after cloudflared's first edge connection when `ready_requires_tunnel`).
+//! Run: STATUS kept current, WATCHDOG=1 while the accept loop and this loop progress,
+//! SIGHUP goes to [`reload`] (the hook for hot reload), a permanent cloudflared failure ends
+//! the run with exit 78. Stop (first SIGTERM/SIGINT): STOPPING=1, SIGTERM to cloudflared and
+//! wait its grace period while the proxy still serves, then drain the proxy up to
+//! `shutdown_timeout`, then close what is left. A second signal cuts both waits short.
 
+pub mod notify;
 pub mod reload;
 pub mod watch;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use tracing::{info, warn};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
 
+use crate::cloudflared::{self, Outcome, spawn::Launcher};
 use crate::config::Config;
-use crate::lifecycle::{Shutdown, termination_signal};
+use crate::lifecycle::Shutdown;
 use crate::proxy::Proxy;
+use crate::telemetry::{admin, metrics};
+use metrics::AppState;
+use notify::Notifier;
+
+/// Exit status for configuration errors (sysexits EX_CONFIG); the unit's
+/// `RestartPreventExitStatus=78` stops systemd from looping on them.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// How often the supervision loop wakes up (STATUS refresh, watchdog evidence).
+const TICK: Duration = Duration::from_millis(500);
 
 /// Errors that end `run` with a non-zero exit.
 #[derive(Debug, thiserror::Error)]
@@ -17,49 +41,285 @@ pub enum RunError {
     #[error(transparent)]
     Proxy(#[from] crate::proxy::ProxyError),
     #[error(
-        "{file}: cloudflared.enabled: cloudflared supervision is not part of this build yet; set [cloudflared] enabled = false and run cloudflared as its own service (`cloudflared tunnel --no-autoupdate run --url http://{listen}`)"
+        "admin.listen_addr: cannot listen on {addr}: {source} (set [admin] listen_addr to a free port, or enabled = false)"
     )]
-    CloudflaredUnsupported {
-        file: String,
-        listen: std::net::SocketAddr,
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
     },
     #[error(transparent)]
     Cert(#[from] reload::CertRefused),
+    #[error(transparent)]
+    CloudflaredStart(#[from] cloudflared::StartError),
+    #[error("cloudflared cannot run: {0}")]
+    CloudflaredPermanent(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
 
-/// Runs the proxy until SIGTERM/SIGINT, then drains for up to `shutdown_timeout`.
-pub async fn run(config: Config) -> Result<(), RunError> {
-    if config.cloudflared.enabled {
-        return Err(RunError::CloudflaredUnsupported {
-            file: config.path.display().to_string(),
-            listen: config.listen_addr,
-        });
+impl RunError {
+    /// 78 for anything an operator must fix in config, token or installation; 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Proxy(crate::proxy::ProxyError::Cert(_))
+            | RunError::Cert(_)
+            | RunError::CloudflaredStart(_)
+            | RunError::CloudflaredPermanent(_) => EXIT_CONFIG,
+            _ => 1,
+        }
     }
+}
+
+/// The signals `run` handles, registered once before READY=1.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+enum Sig {
+    Stop(&'static str),
+    Reload,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> Sig {
+        tokio::select! {
+            _ = self.term.recv() => Sig::Stop("SIGTERM"),
+            _ = self.int.recv() => Sig::Stop("SIGINT"),
+            _ = self.hup.recv() => Sig::Reload,
+        }
+    }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Runs the appliance until SIGTERM/SIGINT (exit 0) or a permanent cloudflared failure.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let notifier = Notifier::new();
+    // Read once: the environment is never modified while threads run.
+    let watchdog = notify::watchdog_interval();
+    let mut signals = Signals::new().map_err(RunError::Signals)?;
+
     let (_, facts) = reload::load_checked(&config, reload::unix_now())?;
     let proxy = Proxy::new(&config)?;
+    let state = AppState::new(proxy.metrics().clone(), config.cloudflared.enabled);
+    state.routes.store(config.routes.len(), Ordering::Relaxed);
+    state
+        .cert_not_after
+        .store(facts.not_after, Ordering::Relaxed);
+    state.config_generation.store(1, Ordering::Relaxed);
     let listener = Proxy::bind(&config).await?;
     let addr = listener.local_addr().map_err(RunError::Signals)?;
+    state.listener_bound.store(true, Ordering::Relaxed);
     info!(listen = %addr, routes = config.routes.len(), "proxy listening");
+
+    let admin_stop = CancellationToken::new();
+    if config.admin.enabled {
+        let l = admin::bind(config.admin.listen_addr)
+            .await
+            .map_err(|source| RunError::Admin {
+                addr: config.admin.listen_addr,
+                source,
+            })?;
+        info!(listen = %l.local_addr().map_err(RunError::Signals)?, "admin endpoint listening (/healthz, /readyz, /metrics)");
+        tokio::spawn(admin::serve(l, state.clone(), admin_stop.clone()));
+    }
+
     let shutdown = Shutdown::new();
     tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
-    let reloader = Arc::new(reload::Reloader::new(config.clone(), proxy, facts));
+    let reloader = Arc::new(reload::Reloader::new(config.clone(), proxy.clone(), facts));
+    let hooks = Arc::new(SupervisorHooks {
+        notifier,
+        state: state.clone(),
+    });
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(reload::run_loop(
         reloader,
-        Arc::new(reload::NoHooks),
+        hooks,
+        reload_rx,
         shutdown.clone(),
     ));
-    let signal = termination_signal().await.map_err(RunError::Signals)?;
-    info!(signal, active = shutdown.active(), timeout = ?config.shutdown_timeout, "shutting down: draining in-flight requests");
-    let left = shutdown.drain(config.shutdown_timeout).await;
-    if left > 0 {
-        warn!(
-            sessions = left,
-            "shutdown_timeout reached: closing the remaining sessions"
+
+    let mut cf = if config.cloudflared.enabled {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+        let token_path = cloudflared::token::token_path(
+            config.cloudflared.token_file.as_deref(),
+            credentials.as_deref(),
         );
+        crate::certs::perms::check_secret(
+            "cloudflared.token_file",
+            &token_path,
+            config.allow_readable_secrets,
+        )
+        .map_err(reload::CertRefused::from)?;
+        let sup = cloudflared::start(
+            config.cloudflared.clone(),
+            config.log_level.as_str(),
+            addr,
+            Launcher::current(),
+        )?;
+        let _ = state.cloudflared.set(sup.status.clone());
+        Some(sup)
+    } else {
+        info!("cloudflared supervision disabled ([cloudflared] enabled = false)");
+        None
+    };
+
+    let stop_reason: Result<&'static str, String>;
+    let mut ready_sent = false;
+    if !(config.cloudflared.ready_requires_tunnel && cf.is_some()) {
+        notifier.ready(&metrics::status_line(&state, now()));
+        ready_sent = true;
+    }
+    let mut health = cf.as_ref().map(|c| c.status.subscribe());
+    let mut tick = tokio::time::interval(TICK);
+    let mut dog = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut last_status = String::new();
+    let mut accept_beats = 0;
+    loop {
+        tokio::select! {
+            sig = signals.next() => match sig {
+                Sig::Stop(name) => { stop_reason = Ok(name); break; }
+                Sig::Reload => {
+                    info!("SIGHUP: reloading configuration and certificates");
+                    let _ = reload_tx.send(());
+                }
+            },
+            outcome = async { cf.as_mut().expect("guarded").finished().await }, if cf.is_some() => {
+                // Only a permanent failure ends supervision by itself.
+                let why = match outcome { Outcome::Permanent(why) => why, Outcome::Stopped => "cloudflared supervision ended".into() };
+                notifier.status(&format!("cloudflared cannot run: {why}"));
+                stop_reason = Err(why);
+                cf = None;
+                break;
+            }
+            Ok(()) = async { health.as_mut().expect("guarded").changed().await }, if health.is_some() => {
+                if !ready_sent && state.cloudflared.get().is_some_and(|s| s.health().is_ready()) {
+                    notifier.ready(&metrics::status_line(&state, now()));
+                    ready_sent = true;
+                }
+            }
+            _ = tick.tick() => {
+                let line = metrics::status_line(&state, now());
+                if ready_sent && line != last_status {
+                    notifier.status(&line);
+                    last_status = line;
+                }
+            }
+            _ = dog.tick(), if watchdog.is_some() => {
+                // This loop is evidently running; the accept loop must have ticked too.
+                let beats = state.proxy.accept_loop_beats.load(Ordering::Relaxed);
+                if beats != accept_beats {
+                    notifier.watchdog();
+                } else {
+                    warn!("accept loop shows no progress: withholding the watchdog keep-alive");
+                }
+                accept_beats = beats;
+            }
+        }
+    }
+
+    // Ordered stop.
+    state.stopping.store(true, Ordering::Relaxed);
+    notifier.stopping(&metrics::status_line(&state, now()));
+    if let Ok(signal) = stop_reason {
+        info!(
+            signal,
+            "shutting down: stopping cloudflared first, the proxy keeps serving in-flight requests"
+        );
+    }
+    let forced = CancellationToken::new();
+    {
+        let forced = forced.clone();
+        tokio::spawn(async move {
+            if let Sig::Stop(name) = signals.next().await {
+                warn!(signal = name, "second signal: stopping now");
+                forced.cancel();
+            }
+        });
+    }
+    if let Some(sup) = cf {
+        sup.begin_stop();
+        let force = sup.force_token();
+        let stopped = sup.stopped();
+        tokio::pin!(stopped);
+        tokio::select! {
+            _ = &mut stopped => {}
+            _ = forced.cancelled() => {
+                force.cancel();
+                stopped.await;
+            }
+        }
+    }
+    info!(active = shutdown.active(), timeout = ?config.shutdown_timeout, "draining in-flight requests");
+    let left = tokio::select! {
+        left = shutdown.drain(config.shutdown_timeout) => left,
+        _ = forced.cancelled() => shutdown.active(),
+    };
+    if left > 0 {
+        warn!(sessions = left, "closing the remaining sessions");
     } else {
         info!("drained cleanly");
     }
-    Ok(())
+    admin_stop.cancel();
+    match stop_reason {
+        Ok(_) => Ok(()),
+        Err(why) => {
+            error!(reason = %why, "exiting with status 78: fix the cause, then restart the service");
+            Err(RunError::CloudflaredPermanent(why))
+        }
+    }
+}
+
+/// Reload notifications for systemd and the admin endpoint: `RELOADING=1` +
+/// `MONOTONIC_USEC=` before, `READY=1` with a fresh STATUS after (what `Type=notify-reload`
+/// expects), and the generation, failure and certificate gauges.
+struct SupervisorHooks {
+    notifier: Notifier,
+    state: Arc<AppState>,
+}
+
+impl reload::ReloadHooks for SupervisorHooks {
+    fn reloading(&self) {
+        self.notifier.reloading();
+    }
+
+    fn reloaded(&self, result: &Result<reload::Reloaded, reload::ReloadError>) {
+        match result {
+            Ok(_) => {}
+            Err(_) => {
+                self.state.reload_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.notifier
+            .reloaded(&metrics::status_line(&self.state, now()));
+    }
+
+    fn applied(&self, generation: u64, routes: usize, cert_not_after: i64) {
+        self.state
+            .config_generation
+            .store(generation, Ordering::Relaxed);
+        self.state.routes.store(routes, Ordering::Relaxed);
+        self.state
+            .cert_not_after
+            .store(cert_not_after, Ordering::Relaxed);
+    }
+
+    fn cert_expiry_warning(&self, days_left: i64, _not_after: i64) {
+        self.notifier.status(&format!(
+            "{}; WARNING: server certificate expires in {days_left}d and cannot be renewed here (no certs.ca_key_file)",
+            metrics::status_line(&self.state, now())
+        ));
+    }
 }

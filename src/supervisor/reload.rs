@@ -35,6 +35,8 @@ pub fn unix_now() -> i64 {
 pub enum CertRefused {
     #[error(transparent)]
     Load(#[from] CertError),
+    #[error(transparent)]
+    Permissions(#[from] certs::perms::TooOpen),
     #[error("{file}: {source}")]
     Preflight {
         file: String,
@@ -47,6 +49,11 @@ pub fn load_checked(
     config: &Config,
     now: i64,
 ) -> Result<(Arc<CertifiedKey>, CertFacts), CertRefused> {
+    let allow = config.allow_readable_secrets;
+    certs::perms::check_secret("tls.key_file", &config.tls.key_file, allow)?;
+    if let Some(ca_key) = &config.certs.ca_key_file {
+        certs::perms::check_secret("certs.ca_key_file", ca_key, allow)?;
+    }
     let pair = certs::load_server_pair(&config.tls)?;
     let ca: Option<CertificateDer<'static>> = match &config.certs.ca_cert_file {
         Some(path) => Some(certs::load_certs("certs.ca_cert_file", path)?.remove(0)),
@@ -90,6 +97,8 @@ pub struct Reloaded {
 pub trait ReloadHooks: Send + Sync {
     fn reloading(&self) {}
     fn reloaded(&self, _result: &Result<Reloaded, ReloadError>) {}
+    /// After every successful reload: config generation, route count, certificate expiry.
+    fn applied(&self, _generation: u64, _routes: usize, _cert_not_after: i64) {}
     fn cert_expiry_warning(&self, _days_left: i64, _not_after: i64) {}
 }
 
@@ -188,6 +197,13 @@ impl Reloader {
             );
             next.listen_addr = cur.config.listen_addr;
         }
+        if next.limits != cur.config.limits || next.admin != cur.config.admin {
+            warn!(
+                "[limits] and [admin] changes need a restart to apply; keeping the running values"
+            );
+            next.limits = cur.config.limits.clone();
+            next.admin = cur.config.admin.clone();
+        }
         if next.cloudflared != cur.config.cloudflared {
             warn!("[cloudflared] changes need a restart to apply; keeping the running values");
             next.cloudflared = cur.config.cloudflared.clone();
@@ -284,6 +300,14 @@ impl Reloader {
         }
         hooks.reloading();
         let result = self.reload(now).await;
+        if result.is_ok() {
+            let cur = self.current.lock().await;
+            hooks.applied(
+                self.generation(),
+                cur.config.routes.len(),
+                cur.facts.not_after,
+            );
+        }
         hooks.reloaded(&result);
         result.ok().and_then(|r| r.new_cert_serial)
     }
@@ -299,16 +323,14 @@ fn config_differs(a: &Config, b: &Config) -> bool {
         || a.certs != b.certs
 }
 
-/// Serves reload triggers until shutdown: SIGHUP, file changes, and the renewal timer.
-pub async fn run_loop(reloader: Arc<Reloader>, hooks: Arc<dyn ReloadHooks>, shutdown: Shutdown) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            error!(error = %e, "cannot handle SIGHUP; file changes still reload");
-            None
-        }
-    };
+/// Serves reload triggers until shutdown: `requests` (the supervisor forwards SIGHUP there),
+/// file changes, and the renewal timer.
+pub async fn run_loop(
+    reloader: Arc<Reloader>,
+    hooks: Arc<dyn ReloadHooks>,
+    mut requests: mpsc::UnboundedReceiver<()>,
+    shutdown: Shutdown,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher: Option<FileWatcher> = start_watcher(reloader.watch_set().await, tx.clone());
     let interval = reloader.config().await.certs.check_interval;
@@ -317,7 +339,7 @@ pub async fn run_loop(reloader: Arc<Reloader>, hooks: Arc<dyn ReloadHooks>, shut
     loop {
         let trigger = tokio::select! {
             _ = shutdown.started() => return,
-            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+            Some(()) = requests.recv() => "reload request",
             Some(()) = rx.recv() => "file change",
             _ = ticker.tick() => {
                 reloader.renew_if_due(unix_now(), hooks.as_ref()).await;
@@ -328,6 +350,14 @@ pub async fn run_loop(reloader: Arc<Reloader>, hooks: Arc<dyn ReloadHooks>, shut
         info!(trigger, "reloading");
         hooks.reloading();
         let result = reloader.reload(unix_now()).await;
+        if result.is_ok() {
+            let cur = reloader.current.lock().await;
+            hooks.applied(
+                reloader.generation(),
+                cur.config.routes.len(),
+                cur.facts.not_after,
+            );
+        }
         hooks.reloaded(&result);
         let set = reloader.watch_set().await;
         if watcher.as_ref().is_none_or(|w| w.set != set) {

@@ -67,7 +67,7 @@ pub fn roots_from(ca: &Path) -> RootCertStore {
 /// Config text with the test PKI, listening on an ephemeral loopback port.
 pub fn config_text(pki: &TestPki, extra_top: &str, routes: &str, upstream: &str) -> String {
     format!(
-        "listen_addr = \"127.0.0.1:0\"\ntunnel_domain = \"{DOMAIN}\"\nshutdown_timeout = \"5s\"\n{extra_top}\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[routes]\n{routes}\n[upstream]\n{upstream}\n",
+        "listen_addr = \"127.0.0.1:0\"\ntunnel_domain = \"{DOMAIN}\"\nshutdown_timeout = \"5s\"\n{extra_top}\n[cloudflared]\nenabled = false\n[admin]\nenabled = false\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[routes]\n{routes}\n[upstream]\n{upstream}\n",
         pki.path("tls.crt").display(),
         pki.path("tls.key").display(),
     )

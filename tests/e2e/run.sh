@@ -242,6 +242,9 @@ allowed_ips = ["127.0.0.0/8"]
 
 [cloudflared]
 enabled = false
+
+[admin]
+enabled = false
 EOF
 
 start everything env PORT="$EV_PORT" node "$EVERYTHING_JS" streamableHttp

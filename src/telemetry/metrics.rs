@@ -1,0 +1,390 @@
+//! The appliance's shared operational state, and the pure functions that turn it into
+//! `/readyz` JSON, Prometheus text and the sd-notify STATUS line.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::cloudflared::Status as CloudflaredStatus;
+use crate::cloudflared::policy::{EXPECTED_CONNECTIONS, Health};
+use crate::proxy::metrics::ProxyMetrics;
+
+/// Everything `/readyz`, `/metrics` and STATUS report. The supervisor owns it; the hot
+/// reload path bumps `config_generation` / `reload_failures` and `cert_not_after`.
+pub struct AppState {
+    pub proxy: Arc<ProxyMetrics>,
+    /// Set when cloudflared supervision starts; unset means disabled.
+    pub cloudflared: OnceLock<Arc<CloudflaredStatus>>,
+    pub cloudflared_enabled: bool,
+    pub routes: AtomicUsize,
+    /// Unix seconds; 0 when unknown.
+    pub cert_not_after: AtomicI64,
+    pub config_generation: AtomicU64,
+    pub reload_failures: AtomicU64,
+    pub listener_bound: AtomicBool,
+    pub stopping: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(proxy: Arc<ProxyMetrics>, cloudflared_enabled: bool) -> Arc<AppState> {
+        Arc::new(AppState {
+            proxy,
+            cloudflared: OnceLock::new(),
+            cloudflared_enabled,
+            routes: AtomicUsize::new(0),
+            cert_not_after: AtomicI64::new(0),
+            config_generation: AtomicU64::new(1),
+            reload_failures: AtomicU64::new(0),
+            listener_bound: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    fn cloudflared_health(&self) -> Health {
+        match self.cloudflared.get() {
+            Some(s) => s.health(),
+            None if self.cloudflared_enabled => Health::Stopped,
+            None => Health::Disabled,
+        }
+    }
+}
+
+/// One line of `/readyz`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Component {
+    pub name: &'static str,
+    pub ready: bool,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Readiness of each component at `now` (unix seconds).
+pub fn readiness(s: &AppState, now: i64) -> Vec<Component> {
+    let mut out = Vec::new();
+    let bound = s.listener_bound.load(Ordering::Relaxed);
+    out.push(Component {
+        name: "listener",
+        ready: bound,
+        state: if bound { "listening" } else { "not bound" }.into(),
+        reason: (!bound).then(|| "the proxy listener is not bound yet".into()),
+    });
+    let na = s.cert_not_after.load(Ordering::Relaxed);
+    let (ready, state, reason) = if na == 0 {
+        (
+            false,
+            "unknown".to_string(),
+            Some("certificate not loaded".to_string()),
+        )
+    } else if na <= now {
+        (
+            false,
+            "expired".into(),
+            Some("the server certificate has expired: run `mcp-tunnel renew-cert`".into()),
+        )
+    } else {
+        (true, format!("expires in {}d", (na - now) / 86400), None)
+    };
+    out.push(Component {
+        name: "certificate",
+        ready,
+        state,
+        reason,
+    });
+    let h = s.cloudflared_health();
+    let problem = s.cloudflared.get().and_then(|c| c.last_problem());
+    let reason = match h {
+        _ if h.is_ready() => None,
+        Health::Starting => Some("waiting for the first edge connection".to_string()),
+        Health::Disconnected => Some("no edge connection; cloudflared is retrying".to_string()),
+        Health::Hung => Some("cloudflared's metrics server does not answer".to_string()),
+        _ => Some(
+            problem
+                .clone()
+                .unwrap_or_else(|| "cloudflared is not running".into()),
+        ),
+    };
+    let state = match h {
+        Health::Connected(n) | Health::Degraded(n) => {
+            format!("{} {n}/{EXPECTED_CONNECTIONS}", h.name())
+        }
+        _ => h.name().to_string(),
+    };
+    out.push(Component {
+        name: "cloudflared",
+        ready: h.is_ready(),
+        state,
+        reason,
+    });
+    let stopping = s.stopping.load(Ordering::Relaxed);
+    out.push(Component {
+        name: "supervisor",
+        ready: !stopping,
+        state: if stopping { "stopping" } else { "running" }.into(),
+        reason: stopping.then(|| "shutting down".into()),
+    });
+    out
+}
+
+/// The `/readyz` body and whether every component is ready.
+pub fn readyz(s: &AppState, now: i64) -> (bool, String) {
+    let comps = readiness(s, now);
+    let ready = comps.iter().all(|c| c.ready);
+    let body = serde_json::json!({ "ready": ready, "components": comps });
+    (ready, format!("{body}\n"))
+}
+
+/// `STATUS=` for systemd, e.g. `tunnel 4/4 connections; 3 routes; cert expires in 61d`.
+pub fn status_line(s: &AppState, now: i64) -> String {
+    let tunnel = match s.cloudflared_health() {
+        Health::Disabled => "cloudflared disabled".to_string(),
+        Health::Connected(n) | Health::Degraded(n) => {
+            format!("tunnel {n}/{EXPECTED_CONNECTIONS} connections")
+        }
+        h => format!("tunnel {}", h.name()),
+    };
+    let routes = s.routes.load(Ordering::Relaxed);
+    let na = s.cert_not_after.load(Ordering::Relaxed);
+    let cert = if na == 0 {
+        "cert expiry unknown".to_string()
+    } else if na <= now {
+        "CERT EXPIRED".to_string()
+    } else {
+        format!("cert expires in {}d", (na - now) / 86400)
+    };
+    let stopping = if s.stopping.load(Ordering::Relaxed) {
+        "stopping; "
+    } else {
+        ""
+    };
+    format!(
+        "{stopping}{tunnel}; {routes} route{}; {cert}",
+        if routes == 1 { "" } else { "s" }
+    )
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text exposition (version 0.0.4).
+pub fn render(s: &AppState, now: i64) -> String {
+    let mut o = String::new();
+    let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    head(
+        &mut o,
+        "mcp_tunnel_requests_total",
+        "counter",
+        "Requests finished, by route (empty: no route matched) and status.",
+    );
+    for ((route, status), n) in s.proxy.requests_snapshot() {
+        let _ = writeln!(
+            o,
+            "mcp_tunnel_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+            label(&route)
+        );
+    }
+    head(
+        &mut o,
+        "mcp_tunnel_refusals_total",
+        "counter",
+        "Requests the proxy answered itself, by reason.",
+    );
+    for (r, n) in s.proxy.refusals_snapshot() {
+        let _ = writeln!(
+            o,
+            "mcp_tunnel_refusals_total{{reason=\"{}\"}} {n}",
+            r.as_str()
+        );
+    }
+    head(
+        &mut o,
+        "mcp_tunnel_limit_hits_total",
+        "counter",
+        "Times a [limits] bound refused or closed something, by limit.",
+    );
+    for (l, n) in s.proxy.limits_snapshot() {
+        let _ = writeln!(
+            o,
+            "mcp_tunnel_limit_hits_total{{limit=\"{}\"}} {n}",
+            l.as_str()
+        );
+    }
+    head(
+        &mut o,
+        "mcp_tunnel_sessions_open",
+        "gauge",
+        "Open tunnel sessions (WebSocket + inner TLS).",
+    );
+    let _ = writeln!(o, "mcp_tunnel_sessions_open {}", s.proxy.sessions_open());
+    head(
+        &mut o,
+        "mcp_tunnel_sessions_total",
+        "counter",
+        "Tunnel sessions accepted.",
+    );
+    let _ = writeln!(o, "mcp_tunnel_sessions_total {}", s.proxy.sessions_total());
+    head(
+        &mut o,
+        "mcp_tunnel_requests_in_flight",
+        "gauge",
+        "Requests in flight, until their response body ends (open streams, SSE included).",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_requests_in_flight {}",
+        s.proxy.requests_in_flight()
+    );
+    let h = s.cloudflared_health();
+    let cf = s.cloudflared.get();
+    head(
+        &mut o,
+        "mcp_tunnel_cloudflared_up",
+        "gauge",
+        "1 while cloudflared has at least one edge connection.",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_cloudflared_up {}",
+        u8::from(h.is_ready() && h != Health::Disabled)
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_cloudflared_ready_connections",
+        "gauge",
+        "Edge connections cloudflared reports on /ready.",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_cloudflared_ready_connections {}",
+        h.connections()
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_cloudflared_restarts_total",
+        "counter",
+        "cloudflared restarts by the supervisor.",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_cloudflared_restarts_total {}",
+        cf.map_or(0, |c| c.restarts.load(Ordering::Relaxed))
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_cloudflared_crash_loop",
+        "gauge",
+        "1 when cloudflared restarted too often inside the window.",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_cloudflared_crash_loop {}",
+        cf.map_or(0, |c| u8::from(c.crash_loop.load(Ordering::Relaxed)))
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_cert_not_after_seconds",
+        "gauge",
+        "Server certificate notAfter, Unix seconds.",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_cert_not_after_seconds {}",
+        s.cert_not_after.load(Ordering::Relaxed)
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_cert_expires_in_seconds",
+        "gauge",
+        "Seconds until the server certificate expires.",
+    );
+    let na = s.cert_not_after.load(Ordering::Relaxed);
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_cert_expires_in_seconds {}",
+        if na == 0 { 0 } else { na - now }
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_config_generation",
+        "gauge",
+        "Configuration generation (1 at start, +1 per applied reload).",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_config_generation {}",
+        s.config_generation.load(Ordering::Relaxed)
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_config_reload_failures_total",
+        "counter",
+        "Reloads refused (the previous config kept serving).",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_config_reload_failures_total {}",
+        s.reload_failures.load(Ordering::Relaxed)
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_ready",
+        "gauge",
+        "1 when every component is ready (as /readyz).",
+    );
+    let _ = writeln!(
+        o,
+        "mcp_tunnel_ready {}",
+        u8::from(readiness(s, now).iter().all(|c| c.ready))
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_readiness_without_cloudflared() {
+        let s = AppState::new(Arc::default(), false);
+        s.routes.store(3, Ordering::Relaxed);
+        s.cert_not_after
+            .store(1000 + 61 * 86400 + 5, Ordering::Relaxed);
+        assert_eq!(
+            status_line(&s, 1000),
+            "cloudflared disabled; 3 routes; cert expires in 61d"
+        );
+        let (ready, _) = readyz(&s, 1000);
+        assert!(!ready, "listener not bound yet");
+        s.listener_bound.store(true, Ordering::Relaxed);
+        let (ready, body) = readyz(&s, 1000);
+        assert!(ready, "{body}");
+        let (ready, body) = readyz(&s, 1000 + 62 * 86400);
+        assert!(!ready && body.contains("expired"), "{body}");
+        s.proxy.request("echo", 200);
+        s.proxy.request("", 502);
+        let m = render(&s, 1000);
+        assert!(
+            m.contains("mcp_tunnel_requests_total{route=\"echo\",status=\"200\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("mcp_tunnel_requests_total{route=\"\",status=\"502\"} 1"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn enabled_but_not_started_is_not_ready() {
+        let s = AppState::new(Arc::default(), true);
+        s.listener_bound.store(true, Ordering::Relaxed);
+        s.cert_not_after.store(i64::MAX, Ordering::Relaxed);
+        let c = readiness(&s, 0);
+        let cf = c.iter().find(|c| c.name == "cloudflared").unwrap();
+        assert!(!cf.ready);
+    }
+}
