@@ -29,7 +29,7 @@ if [[ $MODE == smoke ]]; then
   OUT=${BENCH_OUT:-$ROOT/target/bench-smoke/BENCHMARKS.md}
 else
   ROUNDS=3 WARMUP=1s DUR=5s
-  SSE_STREAMS=(1 1000) SSE_WARMUP=4s SSE_DUR=10s SSE_RATE=10
+  SSE_STREAMS=(1 1000) SSE_WARMUP=4s SSE_DUR=8s SSE_RATE=10
   IDLE_STEPS=1000,10000
   CHURN_DUR=30s RELOAD_EVERY=1s ROTATE_EVERY=5s RECONNECT_EVERY=50
   READY_RUNS=10
@@ -231,10 +231,12 @@ done
 
 # --- (b) SSE event latency -----------------------------------------------------------------
 for streams in "${SSE_STREAMS[@]}"; do
-  step "(b) SSE, $streams streams at $SSE_RATE events/s each"
-  for target in ${ORDERS[0]}; do
-    load "$target" b 1 --mode sse --sessions "$streams" --rate "$SSE_RATE" \
-      --warmup "$SSE_WARMUP" --duration "$SSE_DUR"
+  step "(b) SSE, $streams streams at $SSE_RATE events/s each, $ROUNDS rounds"
+  for round in $(seq 1 "$ROUNDS"); do
+    for target in ${ORDERS[$(((round - 1) % 3))]}; do
+      load "$target" b "$round" --mode sse --sessions "$streams" --rate "$SSE_RATE" \
+        --warmup "$SSE_WARMUP" --duration "$SSE_DUR"
+    done
   done
 done
 

@@ -709,6 +709,10 @@ async fn run_sse(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
             sse_worker(shared, permit, warm_end, end).await
         });
     }
+    tokio::time::sleep_until(warm_end.into()).await;
+    let cpu = CpuWindow::start(args.pid);
+    tokio::time::sleep_until(end.into()).await;
+    let used = cpu.stop();
     let mut tally = Tally::new();
     while let Some(t) = set.join_next().await {
         tally.merge(t?);
@@ -716,7 +720,11 @@ async fn run_sse(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
     if Instant::now() > end + Duration::from_secs(1) {
         eprintln!("warning: streams were still opening after the warm-up");
     }
-    println!("{}", summary(args, &tally, args.duration));
+    let (target_cpu, own_cpu) = used.per_request(tally.requests);
+    let mut out = summary(args, &tally, args.duration);
+    out["target_cpu_us_per_req"] = json!(target_cpu);
+    out["loadgen_cpu_us_per_req"] = json!(own_cpu);
+    println!("{out}");
     Ok(())
 }
 
