@@ -2,13 +2,14 @@
 # Benchmarks: this proxy against nginx (TLS termination + proxy_pass) and against the client
 # talking to the upstream directly, side by side in one run, on loopback. Writes BENCHMARKS.md.
 #
-#   bench/run.sh            full run (about 10 minutes plus the release build)
-#   bench/run.sh --smoke    every scenario briefly (seconds): exercises every path, fails on
-#                           any error; writes target/bench-smoke/BENCHMARKS.md instead
+#   bench/run.sh            full run (about 12 minutes plus the release build)
+#   bench/run.sh --smoke    every scenario briefly (about 30 s, debug build): exercises every
+#                           path, fails on any error; writes target/bench-smoke/BENCHMARKS.md
 #
 # Needs: cargo, and nginx (installed with apt-get when missing; run as root for that).
 # Environment: BENCH_PORT_BASE (default 18700; five ports from it are used),
-#              BENCH_OUT (where BENCHMARKS.md goes).
+#              BENCH_OUT (where BENCHMARKS.md goes), BENCH_PROFILE (cargo profile: release
+#              for full runs, dev for smoke runs), BENCH_KEEP=1 keeps the work directory.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -21,13 +22,16 @@ case "${1:-}" in
 esac
 
 if [[ $MODE == smoke ]]; then
+  PROFILE=${BENCH_PROFILE:-dev}
   ROUNDS=1 WARMUP=200ms DUR=1s
-  SSE_STREAMS=(1 50) SSE_WARMUP=1s SSE_DUR=2s SSE_RATE=20
-  IDLE_STEPS=20,100
+  SSE_STREAMS=(1 50) SSE_WARMUP=700ms SSE_DUR=1s SSE_RATE=20
+  IDLE_STEPS=20,100 SETTLE=300ms
   CHURN_DUR=4s RELOAD_EVERY=500ms ROTATE_EVERY=1500ms RECONNECT_EVERY=20
   READY_RUNS=2
   OUT=${BENCH_OUT:-$ROOT/target/bench-smoke/BENCHMARKS.md}
 else
+  PROFILE=${BENCH_PROFILE:-release}
+  SETTLE=2s
   ROUNDS=3 WARMUP=1s DUR=5s
   SSE_STREAMS=(1 1000) SSE_WARMUP=4s SSE_DUR=8s SSE_RATE=10
   IDLE_STEPS=1000,10000
@@ -51,12 +55,13 @@ if ! command -v nginx >/dev/null; then
 fi
 NGINX=$(command -v nginx)
 
-step "building release binaries"
+step "building binaries (profile $PROFILE)"
 T_BUILD=$(date +%s)
-cargo build --release --locked --bin mcp-tunnel --bin mcp-tunnel-bench >&2
+cargo build --profile "$PROFILE" --locked --bin mcp-tunnel --bin mcp-tunnel-bench >&2
 BUILD_SECS=$(($(date +%s) - T_BUILD))
-TUNNEL=$ROOT/target/release/mcp-tunnel
-BENCH=$ROOT/target/release/mcp-tunnel-bench
+BIN_DIR=$ROOT/target/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")
+TUNNEL=$BIN_DIR/mcp-tunnel
+BENCH=$BIN_DIR/mcp-tunnel-bench
 
 # --- workspace and cleanup -------------------------------------------------------------
 WORK=$(mktemp -d /tmp/mcp-tunnel-bench.XXXXXX)
@@ -259,7 +264,7 @@ stop_pid "$NGINX_PID"; NGINX_PID=""
 start_nginx
 start_proxy
 for target in nginx proxy; do
-  load "$target" c 1 --mode idle --steps "$IDLE_STEPS" --connect-parallelism 32
+  load "$target" c 1 --mode idle --steps "$IDLE_STEPS" --settle "$SETTLE" --connect-parallelism 32
 done
 
 # --- BENCHMARKS.md -----------------------------------------------------------------------
@@ -280,7 +285,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo
   echo "- CPU: $cpu, $(nproc) cores; $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM; $(uname -sr)"
   echo "- Load average at the end of the run: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "- $("$NGINX" -v 2>&1); mcp-tunnel $("$TUNNEL" --version | cut -d' ' -f2) (release build)"
+  echo "- $("$NGINX" -v 2>&1); mcp-tunnel $("$TUNNEL" --version | cut -d' ' -f2) (cargo profile $PROFILE)"
   echo "- All processes on loopback on the same machine: the load generator, the upstream and the"
   echo "  target compete for the same cores, so absolute figures are low and drift. The cores are"
   echo "  shared with other work (builds of other branches may run at the same time). Compare the"

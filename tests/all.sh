@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests, and the end-to-end
 # tests with real MCP peers (npm and PyPI packages are installed into tests/e2e by run.sh).
-# Needs node + npm, python3 with venv, curl and openssl; `.ci/run` installs them with apt.
+# Needs node + npm, python3 with venv, curl, openssl and nginx (for the benchmark smoke run);
+# `.ci/run` installs them with apt.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-for tool in node npm python3 curl openssl; do
+for tool in node npm python3 curl openssl nginx; do
   command -v "$tool" >/dev/null || { echo "tests/all.sh: $tool is missing (run .ci/run, which installs it)" >&2; exit 1; }
 done
 
@@ -19,4 +20,6 @@ step "cargo test"
 cargo test --locked
 step "end-to-end: real MCP peers through bridge -> WebSocket -> inner TLS -> proxy"
 MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/e2e/run.sh
+step "benchmark smoke: every scenario of bench/run.sh briefly (the figures mean nothing)"
+bench/run.sh --smoke
 step "all tests passed"

@@ -85,6 +85,9 @@ pub struct LoadArgs {
     /// mode) is read.
     #[arg(long)]
     pub pid: Option<u32>,
+    /// Idle mode: wait this long after opening sessions before reading RSS.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "2s")]
+    pub settle: Duration,
     /// Sessions opened concurrently while setting up.
     #[arg(long, default_value_t = 64)]
     pub connect_parallelism: usize,
@@ -752,7 +755,7 @@ async fn run_idle(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
         .await;
         held.extend(sessions);
         tally.merge(t);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(args.settle).await;
         let rss = rss_tree_kib(pid);
         let open = held.len();
         let out = json!({
