@@ -502,7 +502,12 @@ pub fn cpu_tree_ticks(pid: u32) -> u64 {
             .rsplit_once(')')
             .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
         // utime and stime are fields 14 and 15 of stat(5); the rest starts at field 3.
-        let at = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let at = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         at(11) + at(12)
     };
     ticks(pid) + children(pid).into_iter().map(ticks).sum::<u64>()
@@ -512,7 +517,10 @@ fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
             else {
                 continue;
             };
