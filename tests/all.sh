@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests, and the end-to-end
 # tests with real MCP peers (npm and PyPI packages are installed into tests/e2e by run.sh).
-# Needs node + npm, python3 with venv, curl and openssl, and for the packaging and system
-# tests root, lintian, rpm, rpmlint, debootstrap, systemd-container, binutils, cargo-deb and
-# cargo-generate-rpm; `.ci/run` installs them all.
+# Needs node + npm, python3 with venv, curl, openssl and nginx (benchmark smoke run), and for
+# the packaging and system tests root, lintian, rpm, rpmlint, debootstrap, systemd-container,
+# binutils, cargo-deb and cargo-generate-rpm; `.ci/run` installs them all.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-for tool in node npm python3 curl openssl lintian rpmlint rpm debootstrap systemd-nspawn strip cargo-deb cargo-generate-rpm; do
+for tool in node npm python3 curl openssl nginx lintian rpmlint rpm debootstrap systemd-nspawn strip cargo-deb cargo-generate-rpm; do
   command -v "$tool" >/dev/null || { echo "tests/all.sh: $tool is missing (run .ci/run, which installs it)" >&2; exit 1; }
 done
 
@@ -25,4 +25,6 @@ step "packages: build .deb/.rpm (plain and bundled), lintian, rpmlint, file list
 packaging/test-packages.sh
 step "system test: the .deb under real systemd (systemd-nspawn)"
 packaging/system-test.sh
+step "benchmark smoke: every scenario of bench/run.sh briefly (the figures mean nothing)"
+bench/run.sh --smoke
 step "all tests passed"

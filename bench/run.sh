@@ -1,0 +1,329 @@
+#!/usr/bin/env bash
+# Benchmarks: this proxy against nginx (TLS termination + proxy_pass) and against the client
+# talking to the upstream directly, side by side in one run, on loopback. Writes BENCHMARKS.md.
+#
+#   bench/run.sh            full run (about 12 minutes plus the release build)
+#   bench/run.sh --smoke    every scenario briefly (about 30 s, debug build): exercises every
+#                           path, fails on any error; writes target/bench-smoke/BENCHMARKS.md
+#
+# Needs: cargo, and nginx (installed with apt-get when missing; run as root for that).
+# Environment: BENCH_PORT_BASE (default 18700; five ports from it are used),
+#              BENCH_OUT (where BENCHMARKS.md goes), BENCH_PROFILE (cargo profile: release
+#              for full runs, dev for smoke runs), BENCH_KEEP=1 keeps the work directory.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+MODE=full
+case "${1:-}" in
+  --smoke) MODE=smoke ;;
+  "") ;;
+  *) echo "usage: bench/run.sh [--smoke]" >&2; exit 2 ;;
+esac
+
+if [[ $MODE == smoke ]]; then
+  PROFILE=${BENCH_PROFILE:-dev}
+  ROUNDS=1 WARMUP=200ms DUR=1s
+  SSE_STREAMS=(1 50) SSE_WARMUP=700ms SSE_DUR=1s SSE_RATE=20
+  IDLE_STEPS=20,100 SETTLE=300ms
+  CHURN_DUR=4s RELOAD_EVERY=500ms ROTATE_EVERY=1500ms RECONNECT_EVERY=20
+  READY_RUNS=2
+  OUT=${BENCH_OUT:-$ROOT/target/bench-smoke/BENCHMARKS.md}
+else
+  PROFILE=${BENCH_PROFILE:-release}
+  SETTLE=2s
+  ROUNDS=3 WARMUP=1s DUR=5s
+  SSE_STREAMS=(1 1000) SSE_WARMUP=4s SSE_DUR=8s SSE_RATE=10
+  IDLE_STEPS=1000,10000
+  CHURN_DUR=30s RELOAD_EVERY=1s ROTATE_EVERY=5s RECONNECT_EVERY=50
+  READY_RUNS=10
+  OUT=${BENCH_OUT:-$ROOT/BENCHMARKS.md}
+fi
+BASE=${BENCH_PORT_BASE:-18700}
+UP_PORT=$BASE NGINX_PORT=$((BASE + 1)) PROXY_PORT=$((BASE + 2))
+READY_PROXY_PORT=$((BASE + 3)) READY_NGINX_PORT=$((BASE + 4))
+DOMAIN=bench.test NAME=echo.bench.test
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+T_START=$(date +%s)
+
+# --- tools -----------------------------------------------------------------------------
+if ! command -v nginx >/dev/null; then
+  step "installing nginx (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq nginx >/dev/null
+fi
+NGINX=$(command -v nginx)
+
+step "building binaries (profile $PROFILE)"
+T_BUILD=$(date +%s)
+cargo build --profile "$PROFILE" --locked --bin mcp-tunnel --bin mcp-tunnel-bench >&2
+BUILD_SECS=$(($(date +%s) - T_BUILD))
+BIN_DIR=$ROOT/target/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")
+TUNNEL=$BIN_DIR/mcp-tunnel
+BENCH=$BIN_DIR/mcp-tunnel-bench
+
+# --- workspace and cleanup -------------------------------------------------------------
+WORK=$(mktemp -d /tmp/mcp-tunnel-bench.XXXXXX)
+# Logs live apart from the configs and certificates: the proxy watches those directories,
+# and a log written next to them would wake its file watcher on every request (measured:
+# twice the proxy's CPU per request).
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+PIDS=()
+UP_PID="" NGINX_PID="" PROXY_PID=""
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $PROXY_PID; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $PROXY_PID; do
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ -n ${BENCH_KEEP:-} ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() { # port
+  local i
+  for i in $(seq 1 500); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.01
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2
+  return 1
+}
+
+# --- certificates, configs -------------------------------------------------------------
+"$TUNNEL" certs init --tunnel-domain "$DOMAIN" --dir "$WORK/pki" >/dev/null
+mkdir -p "$WORK/nginx/tmp"
+cp "$WORK/pki/tls.crt" "$WORK/pki/tls.key" "$WORK/nginx/"
+CA=$WORK/pki/ca.crt
+
+proxy_config() { # port file
+  cat >"$2" <<EOF
+listen_addr = "127.0.0.1:$1"
+log_level = "info"
+shutdown_timeout = "5s"
+tunnel_domain = "$DOMAIN"
+
+[tls]
+cert_file = "$WORK/pki/tls.crt"
+key_file = "$WORK/pki/tls.key"
+
+[routes]
+echo = "http://127.0.0.1:$UP_PORT"
+
+[upstream]
+allowed_ips = ["127.0.0.0/8"]
+
+[cloudflared]
+enabled = false
+EOF
+  if grep -q '\[admin\]' "$ROOT/config/mcp-tunnel.toml"; then
+    printf '\n[admin]\nenabled = false\n' >>"$2"
+  fi
+}
+proxy_config "$PROXY_PORT" "$WORK/proxy.toml"
+proxy_config "$READY_PROXY_PORT" "$WORK/proxy-ready.toml"
+
+nginx_config() { # port file pidfile
+  cat >"$2" <<EOF
+worker_processes auto;
+worker_rlimit_nofile 30000;
+daemon off;
+pid $3;
+error_log $LOGS/nginx-error.log warn;
+events { worker_connections 25000; }
+http {
+    access_log $LOGS/nginx-access.log;
+    client_body_temp_path $WORK/nginx/tmp/body;
+    proxy_temp_path $WORK/nginx/tmp/proxy;
+    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+    scgi_temp_path $WORK/nginx/tmp/scgi;
+    keepalive_timeout 1h;
+    keepalive_requests 10000000;
+    upstream bench_upstream {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+        keepalive_requests 10000000;
+        keepalive_timeout 1h;
+    }
+    server {
+        listen 127.0.0.1:$1 ssl;
+        server_name $NAME;
+        ssl_certificate $WORK/nginx/tls.crt;
+        ssl_certificate_key $WORK/nginx/tls.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+        }
+    }
+}
+EOF
+}
+nginx_config "$NGINX_PORT" "$WORK/nginx/nginx.conf" "$WORK/nginx/nginx.pid"
+nginx_config "$READY_NGINX_PORT" "$WORK/nginx/nginx-ready.conf" "$WORK/nginx/nginx-ready.pid"
+"$NGINX" -t -q -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf"
+
+start_upstream() {
+  "$BENCH" upstream --listen "127.0.0.1:$UP_PORT" 2>"$LOGS/upstream.log" &
+  UP_PID=$!
+  wait_port "$UP_PORT"
+}
+start_nginx() {
+  "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" 2>>"$LOGS/nginx-stderr.log" &
+  NGINX_PID=$!
+  wait_port "$NGINX_PORT"
+}
+start_proxy() {
+  "$TUNNEL" run --config "$WORK/proxy.toml" 2>>"$LOGS/proxy.log" &
+  PROXY_PID=$!
+  wait_port "$PROXY_PORT"
+}
+stop_pid() { # pid
+  [[ -n $1 ]] || return 0
+  kill -TERM "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+# The three targets: name and load arguments.
+declare -A TARGET_ARGS=(
+  [direct]="--target http://127.0.0.1:$UP_PORT"
+  [nginx]="--target https://127.0.0.1:$NGINX_PORT --server-name $NAME --host $NAME --ca $CA"
+  [proxy]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA"
+)
+ORDERS=("direct nginx proxy" "nginx proxy direct" "proxy direct nginx")
+
+load() { # target scenario round args...
+  local target=$1 scenario=$2 round=$3 pid=()
+  shift 3
+  # The process whose CPU per request (post) or RSS (idle) is read: nginx or the proxy.
+  [[ $target == nginx ]] && pid=(--pid "$NGINX_PID")
+  [[ $target == proxy ]] && pid=(--pid "$PROXY_PID")
+  # shellcheck disable=SC2086
+  "$BENCH" load --name "$target" --scenario "$scenario" --round "$round" ${TARGET_ARGS[$target]} "${pid[@]}" "$@" \
+    | tee -a "$RESULTS" >&2
+}
+
+# --- (e) time to READY=1 ---------------------------------------------------------------
+start_upstream
+step "(e) start to READY=1, $READY_RUNS runs each"
+"$BENCH" ready --name mcp-tunnel --probe "127.0.0.1:$READY_PROXY_PORT" --runs "$READY_RUNS" --notify \
+  -- "$TUNNEL" run --config "$WORK/proxy-ready.toml" | tee -a "$RESULTS" >&2
+"$BENCH" ready --name nginx --probe "127.0.0.1:$READY_NGINX_PORT" --runs "$READY_RUNS" \
+  -- "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx-ready.conf" | tee -a "$RESULTS" >&2
+
+start_nginx
+start_proxy
+
+# --- (a) tools/call ----------------------------------------------------------------------
+for path in /mcp /mcp-sse; do
+  if [[ $path == /mcp ]]; then levels=(1 16 64); else levels=(16); fi
+  for sessions in "${levels[@]}"; do
+    step "(a) tools/call $path, $sessions sessions, $ROUNDS rounds"
+    for round in $(seq 1 "$ROUNDS"); do
+      for target in ${ORDERS[$(((round - 1) % 3))]}; do
+        load "$target" a "$round" --mode post --path "$path" --sessions "$sessions" \
+          --warmup "$WARMUP" --duration "$DUR"
+      done
+    done
+  done
+done
+
+# --- (b) SSE event latency -----------------------------------------------------------------
+for streams in "${SSE_STREAMS[@]}"; do
+  step "(b) SSE, $streams streams at $SSE_RATE events/s each, $ROUNDS rounds"
+  for round in $(seq 1 "$ROUNDS"); do
+    for target in ${ORDERS[$(((round - 1) % 3))]}; do
+      load "$target" b "$round" --mode sse --sessions "$streams" --rate "$SSE_RATE" \
+        --warmup "$SSE_WARMUP" --duration "$SSE_DUR"
+    done
+  done
+done
+
+# --- (d) reload every second, rotation every 5 s, under (a) at 16 sessions ---------------
+step "(d) config rewrite every $RELOAD_EVERY, cert rotation every $ROTATE_EVERY, for $CHURN_DUR"
+"$BENCH" churn --config "$WORK/proxy.toml" --cert-dir "$WORK/pki" --domain "$DOMAIN" \
+  --duration "$CHURN_DUR" --reload-every "$RELOAD_EVERY" --rotate-every "$ROTATE_EVERY" \
+  --log "$LOGS/proxy.log" >"$WORK/churn.json" &
+CHURN_PID=$!
+PIDS+=("$CHURN_PID")
+load proxy d 1 --mode post --sessions 16 --reconnect-every "$RECONNECT_EVERY" \
+  --warmup 0s --duration "$CHURN_DUR"
+wait "$CHURN_PID"
+cat "$WORK/churn.json" | tee -a "$RESULTS" >&2
+
+# --- (c) memory, on freshly started targets ----------------------------------------------
+step "(c) RSS idle and with $IDLE_STEPS idle sessions"
+stop_pid "$PROXY_PID"; PROXY_PID=""
+stop_pid "$NGINX_PID"; NGINX_PID=""
+start_nginx
+start_proxy
+for target in nginx proxy; do
+  load "$target" c 1 --mode idle --steps "$IDLE_STEPS" --settle "$SETTLE" --connect-parallelism 32
+done
+
+# --- BENCHMARKS.md -----------------------------------------------------------------------
+TOTAL_SECS=$(($(date +%s) - T_START))
+mkdir -p "$(dirname "$OUT")"
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+{
+  echo "# Benchmarks"
+  echo
+  if [[ $MODE == smoke ]]; then
+    echo "**Smoke run** (\`bench/run.sh --smoke\`): every path exercised briefly; the figures mean nothing."
+    echo
+  fi
+  echo "Regenerate with \`bench/run.sh\` (needs nginx; it installs it with apt-get when missing)."
+  echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') from commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)'); the run took ${TOTAL_SECS} s, of which ${BUILD_SECS} s building."
+  echo
+  echo "## Machine and conditions"
+  echo
+  echo "- CPU: $cpu, $(nproc) cores; $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM; $(uname -sr)"
+  echo "- Load average at the end of the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "- $("$NGINX" -v 2>&1); mcp-tunnel $("$TUNNEL" --version | cut -d' ' -f2) (cargo profile $PROFILE)"
+  echo "- All processes on loopback on the same machine: the load generator, the upstream and the"
+  echo "  target compete for the same cores, so absolute figures are low and drift. The cores are"
+  echo "  shared with other work (builds of other branches may run at the same time). Compare the"
+  echo "  **ratios**: every comparison is measured in the same run, interleaved round by round"
+  echo "  (order rotated each round), and reported as medians over rounds."
+  echo
+  echo "## What runs"
+  echo
+  echo "- **direct**: the load generator speaks plain HTTP/1.1 to the upstream (the physical limit)."
+  echo "- **nginx**: TLS (1.3) to nginx, which \`proxy_pass\`es to the same upstream (\`proxy_http_version 1.1\`,"
+  echo "  \`proxy_buffering off\`, upstream \`keepalive 64\`), \`worker_processes auto\`, access log on."
+  echo "- **proxy**: what the edge does: WebSocket to \`mcp-tunnel run\`'s listener, inner TLS (1.3) inside it,"
+  echo "  HTTP/1.1 inside that; the proxy forwards to the same upstream. Log level info (default)."
+  echo "- Upstream: \`mcp-tunnel-bench upstream\` (hyper): \`POST /mcp\` answers a tools/call as JSON,"
+  echo "  \`POST /mcp-sse\` as one SSE event, \`GET /events?rate=N\` streams timestamped events."
+  echo "- Load: \`mcp-tunnel-bench load\` (one hyper HTTP/1.1 client code path over three transports),"
+  echo "  fixed sessions, warm-up ${WARMUP}, then ${DUR} measured, ${ROUNDS} round(s); HDR histogram."
+  echo
+  echo "Commands (see bench/run.sh for the generated nginx and proxy configs):"
+  echo
+  echo '```'
+  echo "mcp-tunnel-bench upstream --listen 127.0.0.1:$UP_PORT"
+  echo "mcp-tunnel-bench load --name proxy --target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca ca.crt --mode post --path /mcp --sessions 16 --warmup $WARMUP --duration $DUR"
+  echo "mcp-tunnel-bench load --name nginx --target https://127.0.0.1:$NGINX_PORT ... (same arguments)"
+  echo "mcp-tunnel-bench load --name direct --target http://127.0.0.1:$UP_PORT ... (same arguments)"
+  echo "mcp-tunnel-bench load ... --mode sse --sessions ${SSE_STREAMS[-1]} --rate $SSE_RATE --warmup $SSE_WARMUP --duration $SSE_DUR"
+  echo "mcp-tunnel-bench load ... --mode idle --steps $IDLE_STEPS --pid PID"
+  echo "mcp-tunnel-bench churn --config proxy.toml --cert-dir pki --domain $DOMAIN --duration $CHURN_DUR --reload-every $RELOAD_EVERY --rotate-every $ROTATE_EVERY  # with: load --name proxy --sessions 16 --reconnect-every $RECONNECT_EVERY"
+  echo "mcp-tunnel-bench ready --name mcp-tunnel --probe 127.0.0.1:$READY_PROXY_PORT --runs $READY_RUNS --notify -- mcp-tunnel run --config proxy-ready.toml"
+  echo '```'
+} >"$WORK/header.md"
+footer=()
+[[ -f $ROOT/bench/NOTES.md && $MODE == full ]] && footer=(--footer "$ROOT/bench/NOTES.md")
+cp "$RESULTS" "$ROOT/target/bench-results-$MODE.jsonl"
+"$BENCH" report --results "$RESULTS" --header "$WORK/header.md" "${footer[@]}" --out "$OUT"
+step "done in ${TOTAL_SECS} s: $OUT"

@@ -1,0 +1,426 @@
+//! BENCHMARKS.md from the JSON lines the runs printed: medians over rounds, ratios against
+//! nginx and direct measured in the same run, and each target marked met or missed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// JSON lines collected from `load`, `churn` and `ready`.
+    #[arg(long)]
+    results: PathBuf,
+    /// Markdown written before the tables (machine, commands, conditions).
+    #[arg(long)]
+    header: PathBuf,
+    /// Markdown written after the tables.
+    #[arg(long)]
+    footer: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+const TARGETS: [&str; 3] = ["direct", "nginx", "proxy"];
+
+fn f(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Medians over rounds of one (scenario, path, sessions, target) group.
+#[derive(Debug, Default, Clone)]
+struct Agg {
+    rounds: usize,
+    rate: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+    errors: u64,
+    handshakes: u64,
+    handshake_errors: u64,
+    distinct_certs: u64,
+    count: u64,
+    /// CPU of the target process (nginx with its workers, or the proxy) per request, in µs.
+    cpu: f64,
+    first_error: Option<String>,
+}
+
+fn aggregate(runs: &[&Value]) -> Agg {
+    let col = |k: &str| median(runs.iter().map(|r| f(r, k)).collect());
+    Agg {
+        rounds: runs.len(),
+        rate: col("rate"),
+        p50: col("p50_us"),
+        p90: col("p90_us"),
+        p99: col("p99_us"),
+        max: runs.iter().map(|r| f(r, "max_us")).fold(0.0, f64::max),
+        errors: runs.iter().map(|r| u(r, "errors")).sum(),
+        handshakes: runs.iter().map(|r| u(r, "handshakes")).sum(),
+        handshake_errors: runs.iter().map(|r| u(r, "handshake_errors")).sum(),
+        distinct_certs: runs
+            .iter()
+            .map(|r| u(r, "distinct_certs"))
+            .max()
+            .unwrap_or(0),
+        count: runs.iter().map(|r| u(r, "count")).sum(),
+        cpu: median(
+            runs.iter()
+                .filter_map(|r| r.get("target_cpu_us_per_req").and_then(Value::as_f64))
+                .collect(),
+        ),
+        first_error: runs.iter().find_map(|r| {
+            r.get("first_error")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        }),
+    }
+}
+
+fn note_errors(problems: &mut Vec<String>, what: &str, a: &Agg) {
+    if a.errors + a.handshake_errors > 0 {
+        problems.push(format!(
+            "{what}: {} request errors, {} handshake errors (first: {})",
+            a.errors,
+            a.handshake_errors,
+            a.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+}
+
+fn ms(us: f64) -> String {
+    if us.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{:.2}", us / 1000.0)
+    }
+}
+
+fn signed_ms(us: f64) -> String {
+    if us.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{:+.2}", us / 1000.0)
+    }
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "**met**" } else { "**missed**" }
+}
+
+type Groups<'a> = BTreeMap<(String, usize), BTreeMap<String, Vec<&'a Value>>>;
+
+fn group<'a>(rows: &'a [Value], scenario: &str) -> Groups<'a> {
+    let mut g: Groups<'a> = BTreeMap::new();
+    for r in rows.iter().filter(|r| s(r, "scenario") == scenario) {
+        g.entry((s(r, "path").to_owned(), u(r, "sessions") as usize))
+            .or_default()
+            .entry(s(r, "target").to_owned())
+            .or_default()
+            .push(r);
+    }
+    g
+}
+
+pub fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.results)?;
+    let rows: Vec<Value> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let mut md = std::fs::read_to_string(&args.header)?;
+    let mut problems: Vec<String> = Vec::new();
+
+    // (a) tools/call throughput and latency.
+    let _ = writeln!(
+        md,
+        "\n## (a) tools/call POSTs, closed loop, one request in flight per session\n\n\
+         Medians over rounds (interleaved direct, nginx, proxy). Latency in ms. \
+         \"added p99\" = p99 through the target minus p99 direct in the same round set. \
+         CPU = user + system time of the target process (nginx: master and workers) per request \
+         over the measured window: less sensitive to the other work on the machine than req/s.\n\n\
+         | reply | sessions | direct req/s | nginx req/s | proxy req/s | proxy / nginx | direct p99 | nginx added p99 | proxy added p99 | CPU µs/req nginx / proxy | target: >= 1.0x nginx and added p99 <= nginx's |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    );
+    let mut detail = String::from(
+        "\n<details><summary>(a) every target's percentiles</summary>\n\n\
+         | reply | sessions | target | rounds | req/s | p50 | p90 | p99 | max | errors |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for ((path, sessions), by) in group(&rows, "a") {
+        let agg: BTreeMap<&str, Agg> = TARGETS
+            .iter()
+            .filter_map(|t| by.get(*t).map(|r| (*t, aggregate(r))))
+            .collect();
+        let reply = if path == "/mcp-sse" {
+            "SSE-framed"
+        } else {
+            "JSON"
+        };
+        for (t, a) in &agg {
+            note_errors(
+                &mut problems,
+                &format!("(a) {reply} {sessions} sessions {t}"),
+                a,
+            );
+            let _ = writeln!(
+                detail,
+                "| {reply} | {sessions} | {t} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                a.rounds,
+                a.rate,
+                ms(a.p50),
+                ms(a.p90),
+                ms(a.p99),
+                ms(a.max),
+                a.errors + a.handshake_errors
+            );
+        }
+        let (Some(d), Some(n), Some(p)) = (agg.get("direct"), agg.get("nginx"), agg.get("proxy"))
+        else {
+            continue;
+        };
+        let ratio = p.rate / n.rate;
+        let (n_add, p_add) = (n.p99 - d.p99, p.p99 - d.p99);
+        let ok = ratio >= 1.0 && p_add <= n_add;
+        let _ = writeln!(
+            md,
+            "| {reply} | {sessions} | {:.0} | {:.0} | {:.0} | {ratio:.2}x | {} | {} | {} | {:.1} / {:.1} ({:.2}x) | {} |",
+            d.rate,
+            n.rate,
+            p.rate,
+            ms(d.p99),
+            signed_ms(n_add),
+            signed_ms(p_add),
+            n.cpu,
+            p.cpu,
+            p.cpu / n.cpu,
+            mark(ok)
+        );
+    }
+    md.push_str(&detail);
+    md.push_str("\n</details>\n");
+
+    // (b) SSE per-event latency.
+    let _ = writeln!(
+        md,
+        "\n## (b) SSE: per-event latency, upstream timestamp to client receipt\n\n\
+         Latency in ms; \"added\" = the target's percentile minus direct's.\n\n\
+         | streams | events/s per stream | direct p50 / p99 | nginx p50 / p99 (added p99) | proxy p50 / p99 (added p99) | proxy max | target: proxy added p99 <= 1 ms at 1,000 |\n\
+         |---:|---:|---|---|---|---:|---|"
+    );
+    for ((_, sessions), by) in group(&rows, "b") {
+        let agg: BTreeMap<&str, Agg> = TARGETS
+            .iter()
+            .filter_map(|t| by.get(*t).map(|r| (*t, aggregate(r))))
+            .collect();
+        for (t, a) in &agg {
+            note_errors(&mut problems, &format!("(b) {sessions} streams {t}"), a);
+        }
+        let rate = by
+            .values()
+            .flatten()
+            .next()
+            .and_then(|r| r.get("events_per_stream"))
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN);
+        let (Some(d), Some(n), Some(p)) = (agg.get("direct"), agg.get("nginx"), agg.get("proxy"))
+        else {
+            continue;
+        };
+        let p_add = p.p99 - d.p99;
+        let verdict = if sessions >= 1000 {
+            mark(p_add <= 1000.0)
+        } else {
+            "(reference)"
+        };
+        let _ = writeln!(
+            md,
+            "| {sessions} | {rate:.0} | {} / {} | {} / {} ({}) | {} / {} ({}) | {} | {verdict} |",
+            ms(d.p50),
+            ms(d.p99),
+            ms(n.p50),
+            ms(n.p99),
+            signed_ms(n.p99 - d.p99),
+            ms(p.p50),
+            ms(p.p99),
+            signed_ms(p_add),
+            ms(p.max),
+        );
+    }
+
+    // (c) memory.
+    let _ = writeln!(
+        md,
+        "\n## (c) memory: RSS idle and with open idle sessions\n\n\
+         A session: WebSocket + inner TLS (proxy) or TLS (nginx), one tools/call, then idle. \
+         nginx's RSS is the master plus its workers. Per session = (RSS with N open - idle RSS) / N.\n\n\
+         | target | idle RSS | RSS at 1,000 | KiB/session at 1,000 | RSS at 10,000 | KiB/session at 10,000 |\n\
+         |---|---:|---:|---:|---:|---:|"
+    );
+    let mut mem: BTreeMap<String, BTreeMap<usize, &Value>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| s(r, "scenario") == "c") {
+        mem.entry(s(r, "target").to_owned())
+            .or_default()
+            .insert(u(r, "sessions") as usize, r);
+        if u(r, "errors") + u(r, "handshake_errors") > 0 || u(r, "open") < u(r, "sessions") {
+            problems.push(format!(
+                "(c) {} {} sessions: {} open, {} errors, {} handshake errors (first: {})",
+                s(r, "target"),
+                u(r, "sessions"),
+                u(r, "open"),
+                u(r, "errors"),
+                u(r, "handshake_errors"),
+                s(r, "first_error")
+            ));
+        }
+    }
+    let mib = |kib: f64| format!("{:.1} MiB", kib / 1024.0);
+    let mut mem_verdict = Vec::new();
+    for (t, steps) in &mem {
+        let idle = steps
+            .values()
+            .next()
+            .map_or(f64::NAN, |r| f(r, "rss_idle_kib"));
+        let mut cells = vec![t.clone(), mib(idle)];
+        let mut largest = None;
+        for (n, r) in steps {
+            cells.push(format!("{} ({n})", mib(f(r, "rss_kib"))));
+            cells.push(format!("{:.1}", f(r, "per_session_kib")));
+            largest = Some((*n, f(r, "per_session_kib")));
+        }
+        let _ = writeln!(md, "| {} |", cells.join(" | "));
+        if t == "proxy" {
+            mem_verdict.push(format!(
+                "- idle RSS <= 15 MiB: {} ({})",
+                mark(idle <= 15.0 * 1024.0),
+                mib(idle)
+            ));
+            if let Some((n, per)) = largest {
+                let nginx_per = mem
+                    .get("nginx")
+                    .and_then(|m| m.get(&n))
+                    .map(|r| f(r, "per_session_kib"));
+                mem_verdict.push(format!(
+                    "- <= 48 KiB per idle session at {n}: {} ({per:.1} KiB{})",
+                    mark(per <= 48.0 && n >= 10_000),
+                    nginx_per.map_or(String::new(), |np| format!(
+                        "; nginx {np:.1} KiB per connection, ratio {:.2}x",
+                        per / np
+                    ))
+                ));
+            }
+        }
+    }
+    if !mem_verdict.is_empty() {
+        let _ = writeln!(md, "\nTargets:\n{}", mem_verdict.join("\n"));
+    }
+
+    // (d) reload and rotation under load.
+    let _ = writeln!(
+        md,
+        "\n## (d) config rewrite every second and certificate rotation every 5 s, during (a) at 16 sessions\n\n\
+         Through the proxy (WebSocket + inner TLS); every session opens a new tunnel session \
+         (new handshake) after a fixed number of requests, so handshakes happen throughout.\n\n\
+         | requests | failed requests | handshakes | failed handshakes | server certs seen | config rewrites / reloads logged | rotations / swaps logged | refused (cert / config) | req/s | p99 | target: zero failures |\n\
+         |---:|---:|---:|---:|---:|---|---|---|---:|---:|---|"
+    );
+    let load_d: Vec<&Value> = rows
+        .iter()
+        .filter(|r| s(r, "scenario") == "d" && s(r, "mode") == "post")
+        .collect();
+    let churn_d = rows
+        .iter()
+        .find(|r| s(r, "scenario") == "d" && s(r, "mode") == "churn");
+    if let (false, Some(c)) = (load_d.is_empty(), churn_d) {
+        let a = aggregate(&load_d);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} | {:.0} | {} | {} |",
+            a.count,
+            a.errors,
+            a.handshakes,
+            a.handshake_errors,
+            a.distinct_certs,
+            u(c, "config_rewrites"),
+            u(c, "log_reloads"),
+            u(c, "cert_rotations"),
+            u(c, "log_cert_swaps"),
+            u(c, "log_cert_refused"),
+            u(c, "log_reload_refused"),
+            a.rate,
+            ms(a.p99),
+            mark(a.errors == 0 && a.handshake_errors == 0)
+        );
+        note_errors(&mut problems, "(d) under reload and rotation", &a);
+    }
+
+    // (e) start-up time.
+    let _ = writeln!(
+        md,
+        "\n## (e) time from start to READY=1 (sd-notify) and to accepting connections\n\n\
+         | program | runs | READY=1 median | READY=1 max | listening median | listening max |\n\
+         |---|---:|---:|---:|---:|---:|"
+    );
+    let opt_ms = |r: &Value, k: &str| {
+        r.get(k)
+            .and_then(Value::as_f64)
+            .map_or("not sent".to_owned(), |v| format!("{v:.1} ms"))
+    };
+    for r in rows.iter().filter(|r| s(r, "scenario") == "e") {
+        let ready_cols = if r.get("ready_missing").is_some_and(Value::is_null) {
+            ("n/a".to_owned(), "n/a".to_owned())
+        } else {
+            (opt_ms(r, "ready_ms_median"), opt_ms(r, "ready_ms_max"))
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            s(r, "target"),
+            u(r, "runs"),
+            ready_cols.0,
+            ready_cols.1,
+            opt_ms(r, "listen_ms_median"),
+            opt_ms(r, "listen_ms_max")
+        );
+    }
+
+    if let Some(footer) = &args.footer {
+        md.push('\n');
+        md.push_str(&std::fs::read_to_string(footer)?);
+    }
+    if !problems.is_empty() {
+        md.push_str("\n## Errors seen during the run\n\n");
+        for p in &problems {
+            let _ = writeln!(md, "- {p}");
+        }
+    }
+    std::fs::write(&args.out, md)?;
+    eprintln!("wrote {}", args.out.display());
+    if !problems.is_empty() {
+        anyhow::bail!("errors during the run:\n{}", problems.join("\n"));
+    }
+    Ok(())
+}
