@@ -83,15 +83,30 @@ impl IpPolicy {
     }
 }
 
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it maps, since
+/// addresses are judged in their IPv4 form; any other network unchanged.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        other => other,
+    }
+}
+
 /// Parses one `allowed_ips` entry: a CIDR or a single address (taken as /32 or /128).
 pub fn parse_entry(entry: &str) -> Result<IpNet, String> {
     let entry = entry.trim();
     if let Ok(net) = entry.parse::<IpNet>() {
-        return Ok(net.trunc());
+        return Ok(canonical_net(net.trunc()));
     }
-    entry.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-        format!("expected a CIDR such as \"10.0.0.0/8\" or a single address, found {entry:?}")
-    })
+    entry
+        .parse::<IpAddr>()
+        .map(|ip| IpNet::from(ip.to_canonical()))
+        .map_err(|_| {
+            format!("expected a CIDR such as \"10.0.0.0/8\" or a single address, found {entry:?}")
+        })
 }
 
 #[cfg(test)]
@@ -184,6 +199,15 @@ mod tests {
         );
         assert_eq!(parse_entry("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert!(parse_entry("10.0.0.0/33").is_err());
+        assert_eq!(
+            parse_entry("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            parse_entry("::ffff:192.168.1.7").unwrap().to_string(),
+            "192.168.1.7/32"
+        );
+        assert_eq!(parse_entry("fd00::/8").unwrap().to_string(), "fd00::/8");
         assert!(
             parse_entry("localhost")
                 .unwrap_err()
