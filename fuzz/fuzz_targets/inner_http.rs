@@ -1,7 +1,7 @@
 //! The inner request path with arbitrary bytes after a valid handshake: an in-process proxy
 //! (built once per fuzzing process), a WebSocket and a real inner TLS handshake per input,
 //! then the input as raw plaintext inside TLS (HTTP/1.1 requests, an h2 preface and frames,
-//! or garbage), then end-of-stream. The proxy must answer or close, never panic, and keep
+//! or garbage), then whatever the proxy answers until it closes or goes quiet. The proxy must answer or close, never panic, and keep
 //! serving a valid request afterwards (checked every `ALIVE_EVERY` inputs).
 //!
 //! First input byte: bit 0 offers ALPN h2 instead of http/1.1; bits 1-2 pick the TLS server
@@ -49,6 +49,9 @@ const SNI: [&str; 4] = [
 /// and counted (the proxy's own timeouts are what end a trickle, not this harness).
 const SESSION_DEADLINE: Duration = Duration::from_secs(3);
 const ALIVE_EVERY: u64 = 64;
+/// A session that sent nothing for this long is done with (the proxy keeps it open for
+/// more requests; ending it by closing would cut an answer in flight, see `session`).
+const IDLE: Duration = Duration::from_millis(25);
 
 struct Harness {
     rt: Runtime,
@@ -156,9 +159,19 @@ response_header_timeout = "2s"
 }
 
 impl Harness {
-    /// One tunnel session: handshake, `input` as plaintext, end-of-stream, read the answer.
+    /// One tunnel session: handshake, `input` as plaintext, then read the answer until the
+    /// proxy closes or stays quiet for `idle`; then a TLS close_notify and a last read.
     /// Returns what came back, or `None` past the deadline.
-    async fn session(&self, tls: usize, sni: &str, input: &[u8]) -> Option<Vec<u8>> {
+    ///
+    /// The session is not ended by closing the WebSocket right after the input: a WebSocket
+    /// close is a full close (no half-close), so the proxy could not answer any more.
+    async fn session(
+        &self,
+        tls: usize,
+        sni: &str,
+        input: &[u8],
+        idle: Duration,
+    ) -> Option<Vec<u8>> {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let client_ip = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
         tokio::spawn(
@@ -175,16 +188,35 @@ impl Harness {
             .expect("inner TLS handshake with a fresh session");
         let exchange = async {
             let mut back = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
             let (mut rx, mut tx) = tokio::io::split(&mut stream);
             let write = async {
                 let _ = tx.write_all(input).await;
                 let _ = tx.flush().await;
-                let _ = tx.shutdown().await;
             };
             let read = async {
-                let _ = rx.read_to_end(&mut back).await;
+                while let Ok(Ok(n)) = tokio::time::timeout(idle, rx.read(&mut buf)).await {
+                    if n == 0 {
+                        return true;
+                    }
+                    back.extend_from_slice(&buf[..n]);
+                }
+                false
             };
-            tokio::join!(write, read);
+            let ((), closed) = tokio::join!(write, read);
+            if !closed {
+                stream.get_mut().1.send_close_notify();
+                let _ = stream.flush().await;
+                let _ = tokio::time::timeout(idle, async {
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        back.extend_from_slice(&buf[..n]);
+                    }
+                })
+                .await;
+            }
             back
         };
         tokio::time::timeout(SESSION_DEADLINE, exchange).await.ok()
@@ -194,11 +226,11 @@ impl Harness {
         let req = b"GET /alive HTTP/1.1\r\nHost: echo.tunnel.test\r\nConnection: close\r\n\r\n";
         let back = self
             .rt
-            .block_on(self.session(0, SNI[0], req))
+            .block_on(self.session(0, SNI[0], req, SESSION_DEADLINE))
             .expect("a valid request after fuzz input got no answer in time");
         let text = String::from_utf8_lossy(&back);
         assert!(
-            text.starts_with("HTTP/1.1 200 OK") && text.contains("GET http://127.0.0.1:"),
+            text.starts_with("HTTP/1.1 200 OK") && text.ends_with("GET /alive\n0 body bytes\n"),
             "the proxy stopped serving valid requests: {text:?}"
         );
     }
@@ -215,7 +247,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let tls = usize::from(flags & 1);
     let sni = SNI[usize::from((flags >> 1) & 3)];
-    if h.rt.block_on(h.session(tls, sni, input)).is_none() {
+    if h.rt.block_on(h.session(tls, sni, input, IDLE)).is_none() {
         let n = h.overdue.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             eprintln!(
