@@ -288,11 +288,9 @@ impl Config {
                 Vec::new()
             }
             // With [provision] the domain comes from the state directory once provisioned.
-            Some(value) => parse_routes(
-                &mut v,
-                value,
-                tunnel_domain.is_some() || provision.is_some(),
-            ),
+            Some(value) => {
+                parse_routes(&mut v, value, tunnel_domain.as_deref(), provision.is_some())
+            }
         };
 
         let up = raw.upstream;
@@ -412,8 +410,8 @@ impl Config {
         self.routes
             .iter()
             .map(|r| match &self.tunnel_domain {
-                Some(d) if !r.name.ends_with(d.as_str()) => format!("{}.{d}", r.name),
-                _ => r.name.clone(),
+                Some(d) => full_name(&r.name, d),
+                None => r.name.clone(),
             })
             .collect()
     }
@@ -470,7 +468,24 @@ fn valid_label(label: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn parse_routes(v: &mut Validator, value: toml::Value, have_domain: bool) -> Vec<Route> {
+/// The hostname the edge sends for route key `name`: the key itself when it already is the
+/// domain or a name under it, else the key joined to the domain.
+fn full_name(name: &str, domain: &str) -> String {
+    if name == domain || name.strip_suffix(domain).is_some_and(|s| s.ends_with('.')) {
+        name.to_string()
+    } else {
+        format!("{name}.{domain}")
+    }
+}
+
+/// `domain_later`: bare keys are fine without a domain yet (`[provision]` supplies it).
+fn parse_routes(
+    v: &mut Validator,
+    value: toml::Value,
+    domain: Option<&str>,
+    domain_later: bool,
+) -> Vec<Route> {
+    let have_domain = domain.is_some() || domain_later;
     let table = match value {
         toml::Value::Table(t) => t,
         other => {
@@ -557,6 +572,19 @@ fn parse_routes(v: &mut Validator, value: toml::Value, have_domain: bool) -> Vec
                 preserve_host,
             }),
             Err(m) => v.push(&field, m),
+        }
+    }
+    // Exact names are matched first, so a key whose full name is also configured as a key
+    // could never be reached through the edge.
+    if let Some(d) = domain {
+        for r in &out {
+            let full = full_name(&r.name, d);
+            if full != r.name && out.iter().any(|o| o.name == full) {
+                v.push(
+                    &format!("routes.{}", r.name),
+                    format!("unreachable: {full:?} is also configured as a route key, and an exact hostname takes precedence; keep one of the two"),
+                );
+            }
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

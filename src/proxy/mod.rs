@@ -294,6 +294,19 @@ impl Proxy {
         resp
     }
 
+    /// Serves one tunnel session on a connection whose WebSocket upgrade has already been
+    /// answered: WebSocket framing, inner TLS, then HTTP. The listener reaches the same path
+    /// after its upgrade; the `inner_http` fuzz target drives it over an in-memory pipe.
+    pub async fn serve_websocket<S>(self: Arc<Self>, io: S, client_ip: IpAddr, shutdown: Shutdown)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let ws =
+            WebSocketStream::from_raw_socket(io, Role::Server, Some(ws::session_config())).await;
+        self.serve_session(ws::WsByteStream::new(ws), client_ip, shutdown)
+            .await;
+    }
+
     /// One tunnel session: inner TLS, then HTTP/1.1 or h2 with keep-alive.
     async fn serve_session<S>(self: Arc<Self>, stream: S, client_ip: IpAddr, shutdown: Shutdown)
     where
