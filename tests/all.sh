@@ -27,4 +27,6 @@ step "system test: the .deb under real systemd (systemd-nspawn)"
 packaging/system-test.sh
 step "benchmark smoke: every scenario of bench/run.sh briefly (the figures mean nothing)"
 bench/run.sh --smoke
+step "fuzz smoke: every cargo-fuzz target for a short bounded time from the committed seeds"
+fuzz/ci.sh
 step "all tests passed"
