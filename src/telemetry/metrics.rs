@@ -188,6 +188,12 @@ pub fn render(s: &AppState, now: i64) -> String {
     let head = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
+    // A metric with one unlabelled value: its HELP/TYPE lines and the sample.
+    let scalar =
+        |o: &mut String, name: &str, kind: &str, help: &str, value: &dyn std::fmt::Display| {
+            head(o, name, kind, help);
+            let _ = writeln!(o, "{name} {value}");
+        };
     head(
         &mut o,
         "mcp_tunnel_requests_total",
@@ -227,13 +233,13 @@ pub fn render(s: &AppState, now: i64) -> String {
             l.as_str()
         );
     }
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_sessions_open",
         "gauge",
         "Open tunnel sessions (WebSocket + inner TLS).",
+        &(s.proxy.sessions_open()),
     );
-    let _ = writeln!(o, "mcp_tunnel_sessions_open {}", s.proxy.sessions_open());
     head(
         &mut o,
         "mcp_tunnel_sessions_total",
@@ -241,129 +247,85 @@ pub fn render(s: &AppState, now: i64) -> String {
         "Tunnel sessions accepted.",
     );
     let _ = writeln!(o, "mcp_tunnel_sessions_total {}", s.proxy.sessions_total());
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_requests_in_flight",
         "gauge",
         "Requests in flight, until their response body ends (open streams, SSE included).",
-    );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_requests_in_flight {}",
-        s.proxy.requests_in_flight()
+        &(s.proxy.requests_in_flight()),
     );
     let h = s.cloudflared_health();
     let cf = s.cloudflared.get();
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_cloudflared_up",
         "gauge",
         "1 while cloudflared has at least one edge connection.",
+        &(u8::from(h.is_ready() && h != Health::Disabled)),
     );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_cloudflared_up {}",
-        u8::from(h.is_ready() && h != Health::Disabled)
-    );
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_cloudflared_ready_connections",
         "gauge",
         "Edge connections cloudflared reports on /ready.",
+        &(h.connections()),
     );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_cloudflared_ready_connections {}",
-        h.connections()
-    );
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_cloudflared_restarts_total",
         "counter",
         "cloudflared restarts by the supervisor.",
+        &(cf.map_or(0, |c| c.restarts.load(Ordering::Relaxed))),
     );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_cloudflared_restarts_total {}",
-        cf.map_or(0, |c| c.restarts.load(Ordering::Relaxed))
-    );
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_cloudflared_crash_loop",
         "gauge",
         "1 when cloudflared restarted too often inside the window.",
+        &(cf.map_or(0, |c| u8::from(c.crash_loop.load(Ordering::Relaxed)))),
     );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_cloudflared_crash_loop {}",
-        cf.map_or(0, |c| u8::from(c.crash_loop.load(Ordering::Relaxed)))
-    );
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_cert_not_after_seconds",
         "gauge",
         "Server certificate notAfter, Unix seconds.",
+        &(s.cert_not_after.load(Ordering::Relaxed)),
     );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_cert_not_after_seconds {}",
-        s.cert_not_after.load(Ordering::Relaxed)
-    );
-    head(
+    let na = s.cert_not_after.load(Ordering::Relaxed);
+    scalar(
         &mut o,
         "mcp_tunnel_cert_expires_in_seconds",
         "gauge",
         "Seconds until the server certificate expires.",
+        &(if na == 0 { 0 } else { na - now }),
     );
-    let na = s.cert_not_after.load(Ordering::Relaxed);
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_cert_expires_in_seconds {}",
-        if na == 0 { 0 } else { na - now }
-    );
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_config_generation",
         "gauge",
         "Configuration generation (1 at start, +1 per applied reload).",
+        &(s.config_generation.load(Ordering::Relaxed)),
     );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_config_generation {}",
-        s.config_generation.load(Ordering::Relaxed)
-    );
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_config_reload_failures_total",
         "counter",
         "Reloads refused (the previous config kept serving).",
+        &(s.reload_failures.load(Ordering::Relaxed)),
     );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_config_reload_failures_total {}",
-        s.reload_failures.load(Ordering::Relaxed)
-    );
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_provision_failures_total",
         "counter",
         "Failed provisioning checks ([provision]: CA rotation, server certificate renewal, token rotation); each is retried.",
+        &(s.provision_failures.load(Ordering::Relaxed)),
     );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_provision_failures_total {}",
-        s.provision_failures.load(Ordering::Relaxed)
-    );
-    head(
+    scalar(
         &mut o,
         "mcp_tunnel_ready",
         "gauge",
         "1 when every component is ready (as /readyz).",
-    );
-    let _ = writeln!(
-        o,
-        "mcp_tunnel_ready {}",
-        u8::from(readiness(s, now).iter().all(|c| c.ready))
+        &(u8::from(readiness(s, now).iter().all(|c| c.ready))),
     );
     o
 }
