@@ -324,6 +324,32 @@ fn the_documented_example_config_parses() {
         mcp_tunnel::config::Limits::default(),
         "documented limits are the defaults"
     );
+    // Every value the example sets is the default: copying it changes nothing.
+    let minimal = mcp_tunnel::config::Config::parse(
+        &path,
+        "tunnel_domain = \"abcd1234.tunnel.anthropic.com\"\n[tls]\ncert_file = \"/var/lib/mcp-tunnel/tls.crt\"\nkey_file = \"/var/lib/mcp-tunnel/tls.key\"\n[routes]\necho = \"http://10.0.12.7:9000\"\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.cloudflared, minimal.cloudflared,
+        "documented [cloudflared] values are the defaults"
+    );
+    assert_eq!(
+        config.admin, minimal.admin,
+        "documented [admin] values are the defaults"
+    );
+    assert_eq!(
+        config.certs, minimal.certs,
+        "documented [certs] values are the defaults"
+    );
+    assert_eq!(
+        config.upstream, minimal.upstream,
+        "documented [upstream] values are the defaults"
+    );
+    assert_eq!(
+        (config.shutdown_timeout, config.log_level),
+        (minimal.shutdown_timeout, minimal.log_level)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
