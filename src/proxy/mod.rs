@@ -75,6 +75,16 @@ impl Proxy {
         resolver: Arc<dyn Resolve>,
     ) -> Result<Arc<Proxy>, ProxyError> {
         let pair = certs::load_server_pair(&config.tls)?;
+        Proxy::with_pair(config, pair, resolver)
+    }
+
+    /// As `with_resolver`, presenting a pair the caller already loaded and checked (`run`
+    /// preflights it), so the file is read once and what is presented is what was checked.
+    pub fn with_pair(
+        config: &Config,
+        pair: Arc<rustls::sign::CertifiedKey>,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Arc<Proxy>, ProxyError> {
         let certs = Arc::new(CertStore::new(pair));
         let upstream = ArcSwap::from_pointee(UpstreamPlane::new(&config.upstream, &resolver)?);
         let proxy = Proxy {

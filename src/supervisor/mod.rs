@@ -139,8 +139,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         config
     };
 
-    let (_, facts) = reload::load_checked(&config, reload::unix_now())?;
-    let proxy = Proxy::new(&config)?;
+    let (pair, facts) = reload::load_checked(&config, reload::unix_now())?;
+    let proxy = Proxy::with_pair(
+        &config,
+        pair,
+        Arc::new(crate::proxy::upstream::SystemResolver),
+    )?;
     let state = AppState::new(proxy.metrics().clone(), config.cloudflared.enabled);
     state.routes.store(config.routes.len(), Ordering::Relaxed);
     state
