@@ -51,11 +51,6 @@ fn never_legitimate() -> &'static [IpNet] {
     })
 }
 
-/// Whether `inner` lies entirely within `outer`.
-fn within(inner: &IpNet, outer: &IpNet) -> bool {
-    outer.contains(inner)
-}
-
 impl IpPolicy {
     /// Whether `ip` may be dialled; an IPv4-mapped IPv6 address is judged as the IPv4 it maps.
     pub fn allows(&self, ip: IpAddr) -> bool {
@@ -66,7 +61,7 @@ impl IpPolicy {
                 match never_legitimate().iter().find(|s| s.contains(&ip)) {
                     // Only an entry inside the special range itself allows such an address:
                     // "0.0.0.0/0" or "169.0.0.0/8" do not reach the metadata service.
-                    Some(special) => nets.iter().any(|n| n.contains(&ip) && within(n, special)),
+                    Some(special) => nets.iter().any(|n| n.contains(&ip) && special.contains(n)),
                     None => nets.iter().any(|n| n.contains(&ip)),
                 }
             }
