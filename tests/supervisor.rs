@@ -598,7 +598,11 @@ async fn persistent_token_rejection_is_permanent_and_the_supervisor_exits_78() {
     // cloudflared never exits when the edge refuses its token: it logs and retries. The
     // supervisor notices the refusals and stops instead of waiting forever.
     let env = Env::new().await;
-    let cfg = env.config(None, "", &[("STANDIN_REJECTED", "1")]);
+    let cfg = env.config(
+        None,
+        "token_refused_timeout = \"2s\"",
+        &[("STANDIN_REJECTED", "1")],
+    );
     let mut sup = env.start(&cfg, false);
     assert_eq!(exit_code(&mut sup, Duration::from_secs(15)).await, 78);
     assert_eq!(

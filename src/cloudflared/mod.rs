@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,8 @@ use tracing::{error, info, warn};
 
 use crate::config::CloudflaredConfig;
 use policy::{
-    Decision, Ending, Health, HealthLimits, HealthTracker, Probe, RestartPolicy, RestartReason,
+    Decision, Ending, Health, HealthLimits, HealthTracker, Probe, Refusals, RestartPolicy,
+    RestartReason,
 };
 use spawn::{Launcher, SpawnError, Spawner};
 use token::{Token, TokenError};
@@ -223,8 +224,9 @@ impl Run {
             self.status.pid.store(pid, Ordering::SeqCst);
             self.status.set_health(Health::Starting);
             info!(pid, metrics = %metrics, url = %args.last().map(String::as_str).unwrap_or(""), "cloudflared started");
-            let rejections = Arc::new(AtomicU32::new(0));
-            forward_logs(&mut child, rejections.clone());
+            let (events_tx, mut events) = mpsc::channel(64);
+            forward_logs(&mut child, events_tx);
+            let mut refusals = Refusals::default();
 
             let mut tracker = HealthTracker::new(Instant::now());
             let mut tick = tokio::time::interval(self.cfg.health_interval);
@@ -254,22 +256,40 @@ impl Run {
                             log_health(now);
                         }
                         self.status.set_health(now);
-                        let refused = rejections.load(Ordering::Relaxed);
-                        if refused >= PERSISTENT_REJECTIONS && !now.is_ready() {
-                            self.terminate(&mut child, Duration::ZERO).await;
+                        if now.is_ready() {
+                            refusals.accepted();
+                        } else if let Some((n, since)) = refusals.persistent(Instant::now(), self.cfg.token_refused_timeout) {
+                            self.terminate(&mut child, policy::NOT_CONNECTED_STOP_WAIT).await;
                             self.status.pid.store(0, Ordering::SeqCst);
                             return self.give_up(format!(
-                                "the edge refused the tunnel token ({refused} Unauthorized registration errors, no connection): check [cloudflared] token_file holds this tunnel's current token (rotated?)"
+                                "the edge refused the tunnel token for {} ({n} refused registrations, none accepted, no connection; token_refused_timeout = {}): check [cloudflared] token_file holds this tunnel's current token (rotated or revoked?)",
+                                humantime::format_duration(Duration::from_secs(since.as_secs())),
+                                humantime::format_duration(self.cfg.token_refused_timeout),
                             ));
                         }
                         if let Some(reason) = restart {
                             warn!(pid, reason = reason.as_str(), "restarting cloudflared");
                             self.status.problem(reason.as_str());
-                            let grace = if reason == RestartReason::Hung { Duration::ZERO } else { self.cfg.grace_period };
-                            self.terminate(&mut child, grace).await;
+                            let wait = if reason == RestartReason::Hung {
+                                Duration::ZERO
+                            } else {
+                                policy::stop_wait(probe, self.cfg.grace_period)
+                            };
+                            self.terminate(&mut child, wait).await;
                             break Ending::Replaced(reason);
                         }
                     }
+                    Some(ev) = events.recv() => match ev {
+                        logs::Event::Registered => refusals.accepted(),
+                        logs::Event::RegistrationRefused(err) => {
+                            refusals.refused(Instant::now());
+                            let n = refusals.count();
+                            if n == 1 || n.is_power_of_two() {
+                                warn!(pid, refusals = n, error = %err, give_up_after = %humantime::format_duration(self.cfg.token_refused_timeout), "the edge refused the tunnel token; cloudflared retries (a new or rotated token can take minutes to reach the edge)");
+                            }
+                            self.status.problem(format!("the edge refused the tunnel token ({n} refused registrations): {err}"));
+                        }
+                    },
                     Some(()) = token_rx.recv() => {
                         // Editors and `setup` write by rename: let the burst settle.
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -277,7 +297,8 @@ impl Run {
                         match token::read(&self.token_path) {
                             Ok(new) if new != token => {
                                 info!(pid, tunnel_id = new.tunnel_id(), "tunnel token changed: restarting cloudflared gracefully");
-                                self.terminate(&mut child, self.cfg.grace_period).await;
+                                let wait = policy::stop_wait(probe_ready(metrics, STOP_PROBE_TIMEOUT).await, self.cfg.grace_period);
+                                self.terminate(&mut child, wait).await;
                                 break Ending::TokenChanged;
                             }
                             Ok(_) => {}
@@ -285,8 +306,14 @@ impl Run {
                         }
                     }
                     _ = self.stop.cancelled() => {
-                        info!(pid, grace = ?self.cfg.grace_period, "stopping cloudflared (it unregisters from the edge)");
-                        self.terminate(&mut child, self.cfg.grace_period).await;
+                        let probe = probe_ready(metrics, STOP_PROBE_TIMEOUT).await;
+                        let wait = policy::stop_wait(probe, self.cfg.grace_period);
+                        if matches!(probe, Probe::Ready(_)) {
+                            info!(pid, grace = ?self.cfg.grace_period, "stopping cloudflared (it unregisters from the edge)");
+                        } else {
+                            info!(pid, wait = ?wait, "stopping cloudflared; it has no edge connection, so there is nothing to drain and its grace period is not waited for");
+                        }
+                        self.terminate(&mut child, wait).await;
                         self.status.pid.store(0, Ordering::SeqCst);
                         self.status.set_health(Health::Stopped);
                         return Outcome::Stopped;
@@ -361,15 +388,15 @@ impl Run {
         l.local_addr()
     }
 
-    /// SIGTERM to the process group, up to `grace` (cut short by `force`), then SIGKILL.
-    async fn terminate(&self, child: &mut Child, grace: Duration) {
+    /// SIGTERM to the process group, up to `wait` (cut short by `force`), then SIGKILL;
+    /// a zero `wait` kills at once (a hung child ignores SIGTERM).
+    async fn terminate(&self, child: &mut Child, wait: Duration) {
         let Some(pid) = child.id() else {
             return;
         };
         let group = Pid::from_raw(pid as i32);
-        if !grace.is_zero() {
+        if !wait.is_zero() {
             let _ = killpg(group, Signal::SIGTERM);
-            let margin = Duration::from_secs(5);
             tokio::select! {
                 r = child.wait() => {
                     if let Ok(st) = r {
@@ -379,7 +406,7 @@ impl Run {
                     let _ = killpg(group, Signal::SIGKILL);
                     return;
                 }
-                _ = tokio::time::sleep(grace + margin) => warn!(pid, "cloudflared did not stop within its grace period: killing it"),
+                _ = tokio::time::sleep(wait) => warn!(pid, ?wait, "cloudflared did not stop in time: killing it"),
                 _ = self.force.cancelled() => warn!(pid, "second signal: killing cloudflared now"),
             }
         }
@@ -404,33 +431,62 @@ fn log_health(h: Health) {
     }
 }
 
-/// Edge refusals of the token, seen without any connection becoming ready, after which the
-/// refusal counts as persistent (one per HA connection attempt, twice over).
-const PERSISTENT_REJECTIONS: u32 = 8;
+/// How long the stop path waits for `/ready` before treating cloudflared as unconnected.
+const STOP_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
-fn forward_logs(child: &mut Child, rejections: Arc<AtomicU32>) {
-    if let Some(out) = child.stdout.take() {
-        let rejections = rejections.clone();
+/// Re-emits both output streams; classified events go to the supervision loop. A full
+/// channel drops events (they are rare: one per registration attempt).
+fn forward_logs(child: &mut Child, events: mpsc::Sender<logs::Event>) {
+    fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+        r: R,
+        stream: &'static str,
+        events: mpsc::Sender<logs::Event>,
+    ) {
         tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if logs::is_token_rejection(&l) {
-                    rejections.fetch_add(1, Ordering::Relaxed);
+            let mut r = BufReader::new(r);
+            let mut buf = Vec::new();
+            // Never stop reading (a full pipe would block cloudflared): invalid UTF-8 is
+            // replaced and an overlong line is cut at MAX_LOG_LINE.
+            while let Ok(true) = read_line_capped(&mut r, &mut buf).await {
+                if let Some(ev) = logs::emit(&String::from_utf8_lossy(&buf), stream) {
+                    let _ = events.try_send(ev);
                 }
-                logs::emit(&l, "stdout");
             }
         });
     }
+    if let Some(out) = child.stdout.take() {
+        pump(out, "stdout", events.clone());
+    }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if logs::is_token_rejection(&l) {
-                    rejections.fetch_add(1, Ordering::Relaxed);
-                }
-                logs::emit(&l, "stderr");
-            }
-        });
+        pump(err, "stderr", events);
+    }
+}
+
+/// Longest cloudflared log line kept; the rest of a longer line is dropped.
+const MAX_LOG_LINE: usize = 64 * 1024;
+
+/// Reads up to and including the next newline into `buf` (at most `MAX_LOG_LINE` bytes
+/// kept); `false` at end of stream.
+async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    buf.clear();
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(!buf.is_empty());
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let room = MAX_LOG_LINE.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..take.min(room)]);
+        r.consume(take);
+        if done {
+            return Ok(true);
+        }
     }
 }
 

@@ -43,6 +43,10 @@ pub struct CloudflaredConfig {
     /// This many restarts inside `crash_loop_window` is reported as a crash loop.
     pub crash_loop_restarts: u32,
     pub crash_loop_window: Duration,
+    /// The edge refusing the token for this long, with no registration accepted in between
+    /// and no connection up, is given up on (exit 78). cloudflared itself retries refusals
+    /// forever: a new token can take minutes to reach the edge.
+    pub token_refused_timeout: Duration,
     /// Extra environment for cloudflared (e.g. `HTTPS_PROXY`); everything else is cleared.
     pub env: BTreeMap<String, String>,
 }
@@ -75,6 +79,8 @@ pub(super) struct RawCloudflared {
     crash_loop_restarts: Option<u32>,
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     crash_loop_window: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    token_refused_timeout: Option<Duration>,
     #[serde(default)]
     env: BTreeMap<String, String>,
 }
@@ -147,6 +153,12 @@ pub(super) fn validate(raw: RawCloudflared, base: &Path, v: &mut Validator) -> C
         restart_reset_after: raw.restart_reset_after.unwrap_or(Duration::from_secs(120)),
         crash_loop_restarts: raw.crash_loop_restarts.unwrap_or(5),
         crash_loop_window: raw.crash_loop_window.unwrap_or(Duration::from_secs(300)),
+        token_refused_timeout: positive(
+            v,
+            "token_refused_timeout",
+            raw.token_refused_timeout,
+            Duration::from_secs(600),
+        ),
         env: raw.env,
     };
     if c.restart_backoff_min > c.restart_backoff_max {
