@@ -65,6 +65,9 @@ pub struct Status {
     pub crash_loop: AtomicBool,
     /// The last reason it was restarted or gave up, for `/readyz`.
     pub last_problem: Mutex<Option<String>>,
+    /// Set while the edge refuses the token (cleared by an accepted registration): why an
+    /// unconnected cloudflared is not coming up.
+    refused: Mutex<Option<String>>,
 }
 
 impl Status {
@@ -76,6 +79,7 @@ impl Status {
             beats: AtomicU64::new(0),
             crash_loop: AtomicBool::new(false),
             last_problem: Mutex::new(None),
+            refused: Mutex::new(None),
         })
     }
 
@@ -98,6 +102,18 @@ impl Status {
 
     fn problem(&self, p: impl Into<String>) {
         *self.last_problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.into());
+    }
+
+    fn set_refused(&self, why: Option<String>) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// The edge's current refusal of the token, if any.
+    pub fn refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn last_problem(&self) -> Option<String> {
@@ -258,6 +274,7 @@ impl Run {
                         self.status.set_health(now);
                         if now.is_ready() {
                             refusals.accepted();
+                            self.status.set_refused(None);
                         } else if let Some((n, since)) = refusals.persistent(Instant::now(), self.cfg.token_refused_timeout) {
                             self.terminate(&mut child, policy::NOT_CONNECTED_STOP_WAIT).await;
                             self.status.pid.store(0, Ordering::SeqCst);
@@ -280,14 +297,17 @@ impl Run {
                         }
                     }
                     Some(ev) = events.recv() => match ev {
-                        logs::Event::Registered => refusals.accepted(),
+                        logs::Event::Registered => {
+                            refusals.accepted();
+                            self.status.set_refused(None);
+                        }
                         logs::Event::RegistrationRefused(err) => {
                             refusals.refused(Instant::now());
                             let n = refusals.count();
                             if n == 1 || n.is_power_of_two() {
                                 warn!(pid, refusals = n, error = %err, give_up_after = %humantime::format_duration(self.cfg.token_refused_timeout), "the edge refused the tunnel token; cloudflared retries (a new or rotated token can take minutes to reach the edge)");
                             }
-                            self.status.problem(format!("the edge refused the tunnel token ({n} refused registrations): {err}"));
+                            self.status.set_refused(Some(format!("the edge refused the tunnel token ({n} refused registrations, none accepted; cloudflared retries, the supervisor gives up after token_refused_timeout): {err}")));
                         }
                     },
                     Some(()) = token_rx.recv() => {

@@ -99,8 +99,10 @@ pub fn readiness(s: &AppState, now: i64) -> Vec<Component> {
     });
     let h = s.cloudflared_health();
     let problem = s.cloudflared.get().and_then(|c| c.last_problem());
+    let refused = s.cloudflared.get().and_then(|c| c.refused());
     let reason = match h {
         _ if h.is_ready() => None,
+        Health::Starting | Health::Disconnected if refused.is_some() => refused,
         Health::Starting => Some("waiting for the first edge connection".to_string()),
         Health::Disconnected => Some("no edge connection; cloudflared is retrying".to_string()),
         Health::Hung => Some("cloudflared's metrics server does not answer".to_string()),
