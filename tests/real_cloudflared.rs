@@ -354,28 +354,57 @@ TUNNEL_CACERT = "{d}/pki/ca.crt"
         ws_path: &str,
         path: &str,
     ) -> http::Response<hyper::body::Incoming> {
-        let sock = TcpSocket::new_v4().unwrap();
-        sock.bind(SocketAddr::from((from, 0))).unwrap();
-        let tcp = sock.connect(self.edge.eyeball()).await.unwrap();
+        self.try_request(from, ws_path, "GET", path)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
+    }
+
+    /// As `request`, reporting any failure on the way instead of panicking.
+    async fn try_request(
+        &self,
+        from: [u8; 4],
+        ws_path: &str,
+        method: &str,
+        path: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let sock = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        sock.bind(SocketAddr::from((from, 0)))
+            .map_err(|e| e.to_string())?;
+        let tcp = sock
+            .connect(self.edge.eyeball())
+            .await
+            .map_err(|e| format!("connect to the edge: {e}"))?;
         let url = format!("ws://{}{ws_path}", self.edge.eyeball());
         let (ws, resp) = tokio_tungstenite::client_async(url, tcp)
             .await
-            .unwrap_or_else(|e| panic!("websocket through the edge: {e}\n{}", self.logs()));
-        assert_eq!(resp.status(), 101);
+            .map_err(|e| format!("websocket through the edge: {e}"))?;
+        if resp.status() != 101 {
+            return Err(format!("websocket upgrade answered {}", resp.status()));
+        }
         let name = ServerName::try_from(format!("up.{DOMAIN}")).unwrap();
         let tls = tokio_rustls::TlsConnector::from(self.tls())
             .connect(name, WsByteStream::new(ws))
             .await
-            .unwrap();
+            .map_err(|e| format!("inner TLS: {e}"))?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .unwrap();
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
         tokio::spawn(conn);
-        let req = http::Request::get(path)
+        let body = if method == "POST" {
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}}"#
+        } else {
+            ""
+        };
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
             .header("host", format!("up.{DOMAIN}"))
-            .body(Full::new(Bytes::new()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
             .unwrap();
-        send.send_request(req).await.unwrap()
+        send.send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))
     }
 
     /// The cloudflared process the supervisor runs (its only child).
@@ -906,4 +935,206 @@ async fn token_change_restarts_gracefully_and_cloudflared_dies_with_the_supervis
             || std::fs::read_to_string(format!("/proc/{cf}/stat")).is_ok_and(|s| s.contains(") Z "))
     })
     .await;
+}
+
+/// Continuous load: `sessions` clients each sending tools/call POSTs, one WebSocket (one
+/// tunnel session through the edge) per request, until `stop`. Returns (sent, failures).
+fn start_load(
+    env: Arc<Env>,
+    sessions: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..sessions {
+            let (env, stop) = (env.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut sent, mut failed) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    sent += 1;
+                    let r = tokio::time::timeout(Duration::from_secs(10), async {
+                        let resp = env.try_request([127, 0, 0, 1], "/", "POST", "/mcp").await?;
+                        let status = resp.status();
+                        let body = resp
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_err(|e| format!("body: {e}"))?
+                            .to_bytes();
+                        if status == 200 && body == "hello" {
+                            Ok(())
+                        } else {
+                            Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
+                        }
+                    })
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
+                    if let Err(e) = r {
+                        failed.push(e);
+                    }
+                }
+                (sent, failed)
+            }));
+        }
+        let (mut sent, mut failed) = (0, Vec::new());
+        for t in tasks {
+            let (s, f) = t.await.unwrap();
+            sent += s;
+            failed.extend(f);
+        }
+        (sent, failed)
+    })
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(-1.0)
+}
+
+const REPLACED: &str = "mcp_tunnel_cloudflared_replacements_total{result=\"ok\"}";
+
+/// Writes a new token by rename, as `setup` does.
+fn rotate_token(env: &Env, tunnel: &str) -> String {
+    let t = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!(
+            r#"{{"a":"0123456789abcdef0123456789abcdef","t":"{tunnel}","s":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI="}}"#
+        ),
+    );
+    write_secret(&env.path("tunnel-token.new"), &t);
+    std::fs::rename(env.path("tunnel-token.new"), env.path("tunnel-token")).unwrap();
+    t
+}
+
+/// Waits for `n` completed replacements and the old connector gone; meanwhile records
+/// whether /readyz and /metrics showed both connectors.
+async fn wait_replaced(env: &Env, n: f64, within: Duration) -> (bool, bool) {
+    let (mut seen_state, mut seen_two) = (false, false);
+    let end = Instant::now() + within;
+    loop {
+        let (_, m) = http(env.admin(), "GET", "/metrics", "").await;
+        seen_two |= metric(&m, "mcp_tunnel_cloudflared_connectors") == 2.0;
+        seen_state |= env
+            .cloudflared_state()
+            .await
+            .contains("replacing: new connector");
+        if metric(&m, REPLACED) >= n && count(&env.log(), "cloudflared stopped") >= n as usize {
+            return (seen_state, seen_two);
+        }
+        assert!(
+            Instant::now() < end,
+            "replacement {n} not done within {within:?}\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
+async fn planned_replacements_under_load_fail_nothing_and_restarts_did() {
+    let env = Arc::new(Env::new(4, &["-quiet"]).await);
+    let cfg = env.config("grace_period = \"3s\"");
+    let mut sup = env.start(&cfg);
+    env.wait_state("connected 4/4", Duration::from_secs(30))
+        .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_load(env.clone(), 16, stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // (1) Token rotation: the new connector starts beside the old one.
+    rotate_token(&env, "11111111-2222-4333-8444-555555555555");
+    let (state1, two1) = wait_replaced(&env, 1.0, Duration::from_secs(60)).await;
+    env.wait_state("connected 4/4", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // (2) A changed [cloudflared] section, applied by the file watch.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "grace_period = \"3s\"",
+        "grace_period = \"3s\"\nloglevel = \"warn\"",
+    );
+    std::fs::write(env.path("next.toml"), text).unwrap();
+    std::fs::rename(env.path("next.toml"), &cfg).unwrap();
+    let (state2, two2) = wait_replaced(&env, 2.0, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // (3) An operator's request.
+    let out = Command::new(BIN)
+        .args([
+            "restart-connector",
+            "--admin",
+            &env.admin().to_string(),
+            "--timeout",
+            "60s",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_replaced(&env, 3.0, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failed) = load.await.unwrap();
+    let pid_args = std::fs::read(format!(
+        "/proc/{}/cmdline",
+        env.cloudflared_pid(&sup).unwrap()
+    ))
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&pid_args).contains("warn"),
+        "the new section is running"
+    );
+    assert!(state1 && state2, "/readyz never showed the overlap");
+    assert!(two1 && two2, "/metrics never showed two connectors");
+    signal(sup.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(30), &env).await, 0);
+    env.wait_notify("EXTEND_TIMEOUT_USEC=", Duration::from_secs(1))
+        .await;
+
+    // The same token rotation with replacement = "restart" (stop, then start).
+    let env2 = Arc::new(Env::new(4, &["-quiet"]).await);
+    let cfg2 = env2.config("grace_period = \"3s\"\nreplacement = \"restart\"");
+    let mut sup2 = env2.start(&cfg2);
+    env2.wait_state("connected 4/4", Duration::from_secs(30))
+        .await;
+    let stop2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load2 = start_load(env2.clone(), 16, stop2.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = env2.cloudflared_pid(&sup2).unwrap();
+    rotate_token(&env2, "11111111-2222-4333-8444-555555555555");
+    wait_until("a new cloudflared", Duration::from_secs(20), || async {
+        env2.cloudflared_pid(&sup2).is_some_and(|p| p != first)
+    })
+    .await;
+    env2.wait_state("connected 4/4", Duration::from_secs(40))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop2.store(true, Ordering::Relaxed);
+    let (sent2, failed2) = load2.await.unwrap();
+    signal(sup2.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        exit_code(&mut sup2, Duration::from_secs(30), &env2).await,
+        0
+    );
+
+    let sample = |f: &[String]| f.iter().take(3).cloned().collect::<Vec<_>>();
+    println!(
+        "16 sessions under load, one tunnel session per request:\n  \
+         replacement = \"overlap\": token rotation + [cloudflared] change + restart-connector: {sent} requests, {} failed {:?}\n  \
+         replacement = \"restart\": token rotation: {sent2} requests, {} failed {:?}",
+        failed.len(),
+        sample(&failed),
+        failed2.len(),
+        sample(&failed2)
+    );
+    assert_eq!(failed, Vec::<String>::new(), "{sent} sent");
+    assert!(
+        !failed2.is_empty(),
+        "stop-then-start lost nothing ({sent2} sent): the comparison shows nothing"
+    );
 }

@@ -249,8 +249,9 @@ pub enum Ending {
     Signaled(i32),
     /// The supervisor replaced it (health); restart after the usual backoff.
     Replaced(RestartReason),
-    /// The token changed: restart at once, it is not a failure.
-    TokenChanged,
+    /// A planned restart (token or section changed, operator request) without overlap:
+    /// restart at once, it is not a failure.
+    Planned,
 }
 
 /// cloudflared's exit status for a usage error, including an invalid token.
@@ -317,7 +318,7 @@ impl RestartPolicy {
         }
         history.recent.push_back(now);
         let crash_loop = history.recent.len() as u32 >= self.crash_loop_restarts.max(1);
-        if ending == Ending::TokenChanged {
+        if ending == Ending::Planned {
             return Decision::Restart {
                 delay: Duration::ZERO,
                 cap: Duration::ZERO,
@@ -524,7 +525,7 @@ mod tests {
             Decision::Permanent(_)
         ));
         h.attempt = 5;
-        let d = p.decide(&mut h, Ending::TokenChanged, Duration::ZERO, t0, 0.9);
+        let d = p.decide(&mut h, Ending::Planned, Duration::ZERO, t0, 0.9);
         assert!(
             matches!(d, Decision::Restart { delay, .. } if delay.is_zero()),
             "{d:?}"

@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::config::{Config, admin::DEFAULT_ADMIN_ADDR};
 
-async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("cannot reach the admin endpoint at {addr}: {e} (is `mcp-tunnel run` running with [admin] enabled?)"))?;
