@@ -470,28 +470,60 @@ async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, S
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Upstream: `/sse` streams 6 events 250 ms apart; `/headers` answers the request headers;
-/// anything else `hello`.
+type EventStream = StreamBody<
+    futures_util::stream::PollFn<
+        Box<
+            dyn FnMut(
+                    &mut std::task::Context<'_>,
+                )
+                    -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>>
+                + Send,
+        >,
+    >,
+>;
+
+/// An SSE body: each event after its delay (ms).
+fn events(plan: &'static [(u64, &'static str)]) -> EventStream {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(8);
+    tokio::spawn(async move {
+        for (delay, ev) in plan {
+            tokio::time::sleep(Duration::from_millis(*delay)).await;
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(ev.as_bytes()))))
+                .await;
+        }
+    });
+    StreamBody::new(futures_util::stream::poll_fn(Box::new(move |cx| {
+        rx.poll_recv(cx)
+    })))
+}
+
+/// Upstream: `/sse` streams 6 events 250 ms apart, `/quiet` one event, 4 s of silence and
+/// one more; `/headers` answers the request headers; anything else `hello`.
 async fn serve_upstream(l: TcpListener) {
     loop {
         let (s, _) = l.accept().await.unwrap();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(
                 |req: http::Request<hyper::body::Incoming>| async move {
-                    let body = if req.uri().path() == "/sse" {
-                        let (tx, mut rx) =
-                            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(8);
-                        tokio::spawn(async move {
-                            for i in 0..6 {
-                                let ev = format!("data: event {i}\n\n");
-                                let _ = tx.send(Ok(Frame::data(Bytes::from(ev)))).await;
-                                tokio::time::sleep(Duration::from_millis(250)).await;
-                            }
-                        });
-                        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                    let plan: &[(u64, &str)] = match req.uri().path() {
+                        // 6 events 250 ms apart.
+                        "/sse" => &[
+                            (0, "data: event 0\n\n"),
+                            (250, "data: event 1\n\n"),
+                            (250, "data: event 2\n\n"),
+                            (250, "data: event 3\n\n"),
+                            (250, "data: event 4\n\n"),
+                            (250, "data: event 5\n\n"),
+                        ],
+                        // One event, 4 s of silence, one more.
+                        "/quiet" => &[(0, "data: first\n\n"), (4000, "data: last\n\n")],
+                        _ => &[],
+                    };
+                    let body = if !plan.is_empty() {
                         let resp = http::Response::builder()
-                            .header("content-type", "text/event-stream")
-                            .body(http_body_util::Either::Left(StreamBody::new(stream)))
+                            .header("content-type", "text/event-stream; charset=utf-8")
+                            .body(http_body_util::Either::Left(events(plan)))
                             .unwrap();
                         return Ok::<_, std::convert::Infallible>(resp);
                     } else if req.uri().path() == "/headers" {
@@ -1137,4 +1169,98 @@ async fn planned_replacements_under_load_fail_nothing_and_restarts_did() {
         !failed2.is_empty(),
         "stop-then-start lost nothing ({sent2} sent): the comparison shows nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
+async fn keepalives_cross_the_real_connector_and_a_silent_peer_is_closed() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let env = Env::new(4, &["-quiet"]).await;
+    let mut cfg = std::fs::read_to_string(env.config("grace_period = \"2s\"")).unwrap();
+    cfg = cfg.replace(
+        "[admin]",
+        "[limits]\nws_ping_interval = \"1s\"\nws_pong_timeout = \"1s\"\nsse_keepalive_interval = \"1s\"\n[admin]",
+    );
+    std::fs::write(env.path("mcp-tunnel.toml"), cfg).unwrap();
+    let mut sup = env.start(&env.path("mcp-tunnel.toml"));
+    env.wait_state("connected 4/4", Duration::from_secs(30))
+        .await;
+
+    // An idle SSE stream gets a comment each second of silence, between whole events.
+    let resp = env.request([127, 0, 0, 1], "/", "/quiet").await;
+    assert_eq!(resp.status(), 200);
+    let t0 = Instant::now();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            got.push((t0.elapsed(), String::from_utf8_lossy(&d).into_owned()));
+        }
+    }
+    let text: String = got.iter().map(|(_, s)| s.as_str()).collect();
+    assert!(
+        text.starts_with("data: first\n\n") && text.ends_with("data: last\n\n"),
+        "{got:?}"
+    );
+    let comments: Vec<Duration> = got
+        .iter()
+        .filter(|(_, s)| s.contains(": keepalive"))
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(
+        (3..=4).contains(&comments.len()),
+        "comments at {comments:?} in 4 s of silence at a 1 s interval: {got:?}"
+    );
+    for w in comments.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= Duration::from_millis(900) && gap <= Duration::from_millis(1600),
+            "comment spacing {gap:?}: {comments:?}"
+        );
+    }
+    assert_eq!(
+        text.replace(": keepalive\n\n", ""),
+        "data: first\n\ndata: last\n\n",
+        "nothing but whole comments was added"
+    );
+
+    // An idle tunnel session gets pings, relayed by cloudflared and the edge to the client.
+    let url = format!("ws://{}/", env.edge.eyeball());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.clone()).await.unwrap();
+    let mut pings = 0;
+    let read = tokio::time::timeout(Duration::from_millis(3500), async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Ping(_)) => pings += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_err(), "the session ended while the client answered");
+    assert!((2..=4).contains(&pings), "{pings} pings in 3.5 s at 1 s");
+
+    // A client that stops answering (never reads, so never sends a pong) is closed.
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Ping(_)) => {}
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the silent session was not closed");
+    let (_, m) = http(env.admin(), "GET", "/metrics", "").await;
+    assert!(metric(&m, "mcp_tunnel_ws_pings_total") >= 3.0, "{m}");
+    assert!(
+        metric(&m, "mcp_tunnel_ws_pong_timeouts_total") >= 1.0,
+        "{m}"
+    );
+    assert!(metric(&m, "mcp_tunnel_sse_keepalives_total") >= 3.0, "{m}");
+    signal(sup.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(20), &env).await, 0);
 }

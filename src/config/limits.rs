@@ -25,6 +25,12 @@ pub(super) struct RawLimits {
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     idle_session_timeout: Option<Duration>,
     max_request_body_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    ws_ping_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    ws_pong_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    sse_keepalive_interval: Option<Duration>,
 }
 
 /// Validated `[limits]`.
@@ -53,6 +59,13 @@ pub struct Limits {
     pub idle_session_timeout: Duration,
     /// Largest request body forwarded (413 beyond); `None`: no limit (MCP uploads can be large).
     pub max_request_body_bytes: Option<u64>,
+    /// A session that carried no bytes for this long gets a WebSocket ping, so that no
+    /// intermediary cuts it as idle (Cloudflare's after ~100 s, many load balancers after 60 s).
+    pub ws_ping_interval: Duration,
+    /// No frame back within this long after a ping: the peer is gone, the session closes.
+    pub ws_pong_timeout: Duration,
+    /// An SSE response idle for this long gets a `: keepalive` comment at an event boundary.
+    pub sse_keepalive_interval: Duration,
 }
 
 impl Default for Limits {
@@ -69,6 +82,9 @@ impl Default for Limits {
             request_header_timeout: Duration::from_secs(30),
             idle_session_timeout: Duration::from_secs(300),
             max_request_body_bytes: None,
+            ws_ping_interval: Duration::from_secs(30),
+            ws_pong_timeout: Duration::from_secs(20),
+            sse_keepalive_interval: Duration::from_secs(30),
         }
     }
 }
@@ -157,6 +173,13 @@ pub(super) fn validate(raw: RawLimits, v: &mut Validator) -> Limits {
             d.idle_session_timeout,
         ),
         max_request_body_bytes: raw.max_request_body_bytes,
+        ws_ping_interval: nonzero("ws_ping_interval", raw.ws_ping_interval, d.ws_ping_interval),
+        ws_pong_timeout: nonzero("ws_pong_timeout", raw.ws_pong_timeout, d.ws_pong_timeout),
+        sse_keepalive_interval: nonzero(
+            "sse_keepalive_interval",
+            raw.sse_keepalive_interval,
+            d.sse_keepalive_interval,
+        ),
     };
     if limits.max_request_body_bytes == Some(0) {
         v.push(

@@ -17,6 +17,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
 
+use super::keepalive::SseKeepalive;
 use super::metrics::{LimitHit, Refusal};
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
@@ -31,6 +32,8 @@ pub type ProxyBody = Either<LeasedBody, Full<Bytes>>;
 pub struct LeasedBody {
     inner: Incoming,
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// For `text/event-stream` responses: comments while the stream is idle.
+    keepalive: Option<SseKeepalive>,
     /// Keeps the session busy (never idle-closed) while the response streams.
     _active: ActiveGuard,
 }
@@ -119,7 +122,20 @@ impl Body for LeasedBody {
         if self.revoked.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(Err(Box::new(RouteRevoked))));
         }
-        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(k), Some(data)) = (this.keepalive.as_mut(), frame.data_ref()) {
+                    k.observe(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Pending => match this.keepalive.as_mut() {
+                Some(k) => k.poll_comment(cx).map(|c| Some(Ok(Frame::data(c)))),
+                None => Poll::Pending,
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -139,6 +155,14 @@ pub struct Session {
     /// The caller as cloudflared reports it (`Cf-Connecting-Ip`), else the TCP peer.
     pub client_ip: IpAddr,
     pub activity: Arc<Activity>,
+}
+
+/// Whether a response is an SSE stream (`text/event-stream`, parameters ignored).
+fn is_event_stream(h: &http::HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 section 7.6.1).
@@ -263,10 +287,17 @@ impl Session {
             ),
             Some(Ok(Ok(mut resp))) => {
                 strip_hop_by_hop(resp.headers_mut());
+                let keepalive = is_event_stream(resp.headers()).then(|| {
+                    SseKeepalive::new(
+                        self.proxy.limits.sse_keepalive_interval,
+                        metrics.keepalive.clone(),
+                    )
+                });
                 resp.map(|inner| {
                     Either::Left(LeasedBody {
                         inner,
                         revoked: Box::pin(lease.cancelled_owned()),
+                        keepalive,
                         _active: active,
                     })
                 })

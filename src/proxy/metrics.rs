@@ -94,6 +94,8 @@ pub struct ProxyMetrics {
     requests_in_flight: AtomicI64,
     /// Bumped by the accept loop on a timer: proof for the watchdog that it runs.
     pub accept_loop_beats: AtomicU64,
+    /// WebSocket pings, pong timeouts and SSE keepalive comments.
+    pub keepalive: std::sync::Arc<super::keepalive::KeepaliveCounters>,
 }
 
 /// Decrements a gauge when dropped.

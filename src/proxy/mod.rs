@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod edge;
 mod forward;
+pub mod keepalive;
 pub mod metrics;
 pub mod state;
 pub mod tls;
@@ -286,7 +287,12 @@ impl Proxy {
                         Some(ws_config),
                     )
                     .await;
-                    self.serve_session(ws::WsByteStream::new(ws), client_ip, sd)
+                    let ping = keepalive::PingState::new(
+                        self.limits.ws_ping_interval,
+                        self.limits.ws_pong_timeout,
+                        self.metrics.keepalive.clone(),
+                    );
+                    self.serve_session(ws::WsByteStream::with_pings(ws, ping), client_ip, sd)
                         .await;
                 }
                 Err(e) => debug!(%peer, error = %e, "websocket upgrade failed"),

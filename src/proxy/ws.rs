@@ -9,6 +9,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use super::keepalive::{PingAction, PingState};
 use bytes::{Buf, Bytes};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -38,6 +39,8 @@ pub struct WsByteStream<S> {
     /// Unread rest of the last received message.
     pending: Bytes,
     eof: bool,
+    /// Pings on an idle session (the listener's sessions; clients answer them).
+    ping: Option<PingState>,
 }
 
 impl<S> WsByteStream<S> {
@@ -46,9 +49,24 @@ impl<S> WsByteStream<S> {
             inner,
             pending: Bytes::new(),
             eof: false,
+            ping: None,
+        }
+    }
+
+    /// As `new`, pinging the peer when the session is idle and failing reads once it stops
+    /// answering (see `proxy::keepalive`).
+    pub fn with_pings(inner: WebSocketStream<S>, ping: PingState) -> Self {
+        WsByteStream {
+            ping: Some(ping),
+            ..WsByteStream::new(inner)
         }
     }
 }
+
+/// The peer did not answer a ping within `ws_pong_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("websocket peer did not answer a ping within ws_pong_timeout")]
+pub struct PongTimeout;
 
 fn to_io(e: WsError) -> io::Error {
     match e {
@@ -66,6 +84,31 @@ fn to_io(e: WsError) -> io::Error {
 pub struct TooBig(String);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsByteStream<S> {
+    /// Sends a ping if one is due; an error if the last one went unanswered.
+    fn keepalive(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(ping) = self.ping.as_mut() else {
+            return Ok(());
+        };
+        match ping.poll(cx) {
+            PingAction::Nothing => Ok(()),
+            PingAction::Dead => Err(io::Error::new(io::ErrorKind::TimedOut, PongTimeout)),
+            PingAction::SendPing => {
+                let mut sink = Pin::new(&mut self.inner);
+                // A full write buffer means bytes are moving: no ping needed now.
+                if let Poll::Ready(Ok(())) = sink.as_mut().poll_ready(cx)
+                    && sink
+                        .as_mut()
+                        .start_send(Message::Ping(Bytes::new()))
+                        .is_ok()
+                {
+                    let _ = sink.poll_flush(cx);
+                    ping.pinged();
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn close_too_big(&mut self, cx: &mut Context<'_>) {
         use tokio_tungstenite::tungstenite::protocol::CloseFrame;
         use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -103,7 +146,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsByteStream<S> {
             if self.eof {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+            if let Err(e) = self.keepalive(cx) {
+                self.eof = true;
+                return Poll::Ready(Err(e));
+            }
+            let next = ready!(Pin::new(&mut self.inner).poll_next(cx));
+            if let Some(p) = self.ping.as_mut() {
+                p.received();
+            }
+            match next {
                 Some(Ok(Message::Binary(b))) => self.pending = b,
                 Some(Ok(Message::Text(t))) => self.pending = Bytes::from(t),
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
@@ -133,6 +184,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsByteStream<S> {
         ready!(sink.as_mut().poll_ready(cx)).map_err(to_io)?;
         sink.start_send(Message::Binary(Bytes::copy_from_slice(buf)))
             .map_err(to_io)?;
+        if let Some(p) = self.ping.as_mut() {
+            p.sent();
+        }
         Poll::Ready(Ok(buf.len()))
     }
 

@@ -268,6 +268,26 @@ pub fn render(s: &AppState, now: i64) -> String {
         "Tunnel sessions accepted.",
     );
     let _ = writeln!(o, "mcp_tunnel_sessions_total {}", s.proxy.sessions_total());
+    let k = &s.proxy.keepalive;
+    for (name, help, v) in [
+        (
+            "mcp_tunnel_ws_pings_total",
+            "WebSocket pings sent on idle tunnel sessions (limits.ws_ping_interval).",
+            &k.ws_pings,
+        ),
+        (
+            "mcp_tunnel_ws_pong_timeouts_total",
+            "Tunnel sessions closed because the peer answered no ping (limits.ws_pong_timeout).",
+            &k.ws_pong_timeouts,
+        ),
+        (
+            "mcp_tunnel_sse_keepalives_total",
+            "Keepalive comments injected into idle SSE responses (limits.sse_keepalive_interval).",
+            &k.sse_comments,
+        ),
+    ] {
+        scalar(&mut o, name, "counter", help, &(v.load(Ordering::Relaxed)));
+    }
     scalar(
         &mut o,
         "mcp_tunnel_requests_in_flight",
