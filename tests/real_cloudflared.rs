@@ -155,7 +155,7 @@ struct Env {
     base: u16,
     notify: Arc<Mutex<Vec<String>>>,
     upstream: SocketAddr,
-    edge: Edge,
+    edge: Arc<Edge>,
 }
 
 impl Env {
@@ -164,15 +164,34 @@ impl Env {
         preflight();
         let dir = tempfile::tempdir().unwrap();
         let base = port_block();
-        mcp_tunnel::certs::issue::generate(
-            DOMAIN,
-            mcp_tunnel::certs::issue::CA_VALIDITY,
-            Duration::from_secs(90 * 86400),
-        )
-        .unwrap()
-        .write_to(dir.path())
-        .unwrap();
-        write_secret(&dir.path().join("tunnel-token"), TOKEN);
+        let edge = Arc::new(Edge::start(dir.path(), base, listeners, edge_args).await);
+        Env::with_edge(dir, base, edge).await
+    }
+
+    /// Another appliance host registered with `other`'s edge (a connector of the same
+    /// tunnel), with a copy of its CA, certificate and token.
+    async fn host_of(other: &Env) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.crt", "ca.key", "tls.crt", "tls.key", "tunnel-token"] {
+            std::fs::copy(other.path(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("pki")).unwrap();
+        std::fs::copy(other.path("pki/ca.crt"), dir.path().join("pki/ca.crt")).unwrap();
+        Env::with_edge(dir, port_block(), other.edge.clone()).await
+    }
+
+    async fn with_edge(dir: tempfile::TempDir, base: u16, edge: Arc<Edge>) -> Env {
+        if !dir.path().join("tls.crt").exists() {
+            mcp_tunnel::certs::issue::generate(
+                DOMAIN,
+                mcp_tunnel::certs::issue::CA_VALIDITY,
+                Duration::from_secs(90 * 86400),
+            )
+            .unwrap()
+            .write_to(dir.path())
+            .unwrap();
+            write_secret(&dir.path().join("tunnel-token"), TOKEN);
+        }
         let sock = UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
         let notify = Arc::new(Mutex::new(Vec::new()));
         let n = notify.clone();
@@ -187,7 +206,6 @@ impl Env {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = l.local_addr().unwrap();
         tokio::spawn(serve_upstream(l));
-        let edge = Edge::start(dir.path(), base, listeners, edge_args).await;
         Env {
             dir,
             base,
@@ -969,53 +987,80 @@ async fn token_change_restarts_gracefully_and_cloudflared_dies_with_the_supervis
     .await;
 }
 
-/// Continuous load: `sessions` clients each sending tools/call POSTs, one WebSocket (one
-/// tunnel session through the edge) per request, until `stop`. Returns (sent, failures).
+/// One request of a load run: when it started and ended, and why it failed.
+struct Sample {
+    start: Instant,
+    end: Instant,
+    error: Option<String>,
+}
+
+/// Continuous load until `stop`: `sessions` clients each sending tools/call POSTs, one
+/// WebSocket (one tunnel session through the edge) per request, and `sse` clients each
+/// reading SSE streams (`/quiet`: an event, 4 s of silence, an event) one after another.
 fn start_load(
     env: Arc<Env>,
     sessions: usize,
+    sse: usize,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+) -> tokio::task::JoinHandle<Vec<Sample>> {
+    async fn one(env: &Env, path: &str) -> Result<(), String> {
+        let method = if path == "/mcp" { "POST" } else { "GET" };
+        let resp = env.try_request([127, 0, 0, 1], "/", method, path).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        let ok = match path {
+            "/mcp" => body == "hello",
+            _ => body.ends_with(b"data: last\n\n"),
+        };
+        if status == 200 && ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "{path} {status}: {}",
+                String::from_utf8_lossy(&body)
+            ))
+        }
+    }
     tokio::spawn(async move {
         let mut tasks = Vec::new();
-        for _ in 0..sessions {
+        for i in 0..sessions + sse {
             let (env, stop) = (env.clone(), stop.clone());
+            let (path, limit) = if i < sessions {
+                ("/mcp", Duration::from_secs(10))
+            } else {
+                ("/quiet", Duration::from_secs(15))
+            };
             tasks.push(tokio::spawn(async move {
-                let (mut sent, mut failed) = (0u64, Vec::new());
+                let mut samples = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    sent += 1;
-                    let r = tokio::time::timeout(Duration::from_secs(10), async {
-                        let resp = env.try_request([127, 0, 0, 1], "/", "POST", "/mcp").await?;
-                        let status = resp.status();
-                        let body = resp
-                            .into_body()
-                            .collect()
-                            .await
-                            .map_err(|e| format!("body: {e}"))?
-                            .to_bytes();
-                        if status == 200 && body == "hello" {
-                            Ok(())
-                        } else {
-                            Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
-                        }
-                    })
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()));
-                    if let Err(e) = r {
-                        failed.push(e);
-                    }
+                    let start = Instant::now();
+                    let r = tokio::time::timeout(limit, one(&env, path))
+                        .await
+                        .unwrap_or_else(|_| Err(format!("{path}: timed out")));
+                    samples.push(Sample {
+                        start,
+                        end: Instant::now(),
+                        error: r.err(),
+                    });
                 }
-                (sent, failed)
+                samples
             }));
         }
-        let (mut sent, mut failed) = (0, Vec::new());
+        let mut all = Vec::new();
         for t in tasks {
-            let (s, f) = t.await.unwrap();
-            sent += s;
-            failed.extend(f);
+            all.extend(t.await.unwrap());
         }
-        (sent, failed)
+        all
     })
+}
+
+fn failures(samples: &[Sample]) -> Vec<String> {
+    samples.iter().filter_map(|s| s.error.clone()).collect()
 }
 
 fn metric(text: &str, series: &str) -> f64 {
@@ -1072,7 +1117,7 @@ async fn planned_replacements_under_load_fail_nothing_and_restarts_did() {
     env.wait_state("connected 4/4", Duration::from_secs(30))
         .await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = start_load(env.clone(), 16, stop.clone());
+    let load = start_load(env.clone(), 16, 0, stop.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // (1) Token rotation: the new connector starts beside the old one.
@@ -1111,7 +1156,8 @@ async fn planned_replacements_under_load_fail_nothing_and_restarts_did() {
     wait_replaced(&env, 3.0, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
-    let (sent, failed) = load.await.unwrap();
+    let samples = load.await.unwrap();
+    let (sent, failed) = (samples.len(), failures(&samples));
     let pid_args = std::fs::read(format!(
         "/proc/{}/cmdline",
         env.cloudflared_pid(&sup).unwrap()
@@ -1135,7 +1181,7 @@ async fn planned_replacements_under_load_fail_nothing_and_restarts_did() {
     env2.wait_state("connected 4/4", Duration::from_secs(30))
         .await;
     let stop2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load2 = start_load(env2.clone(), 16, stop2.clone());
+    let load2 = start_load(env2.clone(), 16, 0, stop2.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let first = env2.cloudflared_pid(&sup2).unwrap();
     rotate_token(&env2, "11111111-2222-4333-8444-555555555555");
@@ -1147,7 +1193,8 @@ async fn planned_replacements_under_load_fail_nothing_and_restarts_did() {
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop2.store(true, Ordering::Relaxed);
-    let (sent2, failed2) = load2.await.unwrap();
+    let samples2 = load2.await.unwrap();
+    let (sent2, failed2) = (samples2.len(), failures(&samples2));
     signal(sup2.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(
         exit_code(&mut sup2, Duration::from_secs(30), &env2).await,
@@ -1263,4 +1310,179 @@ async fn keepalives_cross_the_real_connector_and_a_silent_peer_is_closed() {
     assert!(metric(&m, "mcp_tunnel_sse_keepalives_total") >= 3.0, "{m}");
     signal(sup.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(exit_code(&mut sup, Duration::from_secs(20), &env).await, 0);
+}
+
+/// Milliseconds to hold steady between the steps of the three-host run (longer in bench).
+fn hold() -> Duration {
+    Duration::from_millis(
+        std::env::var("MCP_TUNNEL_MULTIHOST_HOLD_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(500),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
+async fn three_hosts_one_tunnel_roll_changes_and_survive_a_killed_host() {
+    let first = Arc::new(Env::new(4, &["-quiet"]).await);
+    let hosts = [
+        first.clone(),
+        Arc::new(Env::host_of(&first).await),
+        Arc::new(Env::host_of(&first).await),
+    ];
+    let mut sups = Vec::new();
+    for h in &hosts {
+        let cfg = h.config("grace_period = \"2s\"");
+        sups.push(h.start(&cfg));
+    }
+    for h in &hosts {
+        h.wait_state("connected 4/4", Duration::from_secs(40)).await;
+    }
+    wait_until(
+        "12 registered connections",
+        Duration::from_secs(10),
+        || async { first.edge.registered().await == 12 },
+    )
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_load(first.clone(), 16, 2, stop.clone());
+    let mut steps: Vec<(&str, Instant, Instant)> = Vec::new();
+    tokio::time::sleep(hold()).await;
+
+    // (a) The server certificate renewed on one host, then the next.
+    let t = Instant::now();
+    for h in &hosts {
+        let (_, m) = http(h.admin(), "GET", "/metrics", "").await;
+        let before = metric(&m, "mcp_tunnel_cert_not_after_seconds");
+        tokio::time::sleep(Duration::from_millis(1100)).await; // a later notAfter second
+        std::fs::write(h.path("tunnel-domain"), DOMAIN).unwrap();
+        let out = Command::new(BIN)
+            .args(["renew-cert", "--dir"])
+            .arg(h.dir.path())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_until(
+            "the renewed certificate in use",
+            Duration::from_secs(10),
+            || async {
+                let (_, m) = http(h.admin(), "GET", "/metrics", "").await;
+                metric(&m, "mcp_tunnel_cert_not_after_seconds") > before
+            },
+        )
+        .await;
+        tokio::time::sleep(hold()).await;
+    }
+    steps.push(("(a) certificate renewed host by host", t, Instant::now()));
+
+    // (b) A token rotation rolled host by host (overlapping connector replacement).
+    let t = Instant::now();
+    for h in &hosts {
+        rotate_token(h, "11111111-2222-4333-8444-555555555555");
+        wait_replaced(h, 1.0, Duration::from_secs(60)).await;
+        tokio::time::sleep(hold()).await;
+    }
+    steps.push(("(b) token rotation rolled host by host", t, Instant::now()));
+
+    // (c) One host killed outright (supervisor and cloudflared), then brought back.
+    let t = Instant::now();
+    tokio::time::sleep(hold()).await;
+    let victim = &hosts[1];
+    let cf = victim.cloudflared_pid(&sups[1]).unwrap();
+    let killed = Instant::now();
+    signal(cf, nix::sys::signal::Signal::SIGKILL);
+    sups[1].kill().await.unwrap();
+    // Requests the edge routed to the dead host before it saw the host's connections close
+    // were in flight there; afterwards the edge uses the other hosts' connections only.
+    wait_until(
+        "the edge to drop the host",
+        Duration::from_secs(10),
+        || async { first.edge.registered().await <= 8 },
+    )
+    .await;
+    let gone = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2).max(hold())).await;
+    let cfg = victim.path("mcp-tunnel.toml");
+    sups[1] = victim.start(&cfg);
+    victim
+        .wait_state("connected 4/4", Duration::from_secs(40))
+        .await;
+    tokio::time::sleep(hold()).await;
+    steps.push((
+        "(c) one host killed (SIGKILL) and brought back",
+        t,
+        Instant::now(),
+    ));
+
+    // (d) A config change (a new route) rolled out host by host.
+    let t = Instant::now();
+    for h in &hosts {
+        let cfg = h.path("mcp-tunnel.toml");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("[routes]\n", "[routes]\nextra = \"http://127.0.0.1:9\"\n");
+        std::fs::write(h.path("next.toml"), text).unwrap();
+        std::fs::rename(h.path("next.toml"), &cfg).unwrap();
+        wait_until("the new route live", Duration::from_secs(10), || async {
+            let (_, m) = http(h.admin(), "GET", "/metrics", "").await;
+            metric(&m, "mcp_tunnel_config_generation") >= 2.0
+        })
+        .await;
+        tokio::time::sleep(hold()).await;
+    }
+    steps.push(("(d) config change rolled host by host", t, Instant::now()));
+    stop.store(true, Ordering::Relaxed);
+    let samples = load.await.unwrap();
+
+    println!("three hosts, one tunnel, 16 tools/call sessions + 2 SSE readers:");
+    println!("| step | requests | failed | failed, in flight on the killed host |");
+    println!("|---|---|---|---|");
+    let mut unexplained = Vec::new();
+    for (name, from, to) in &steps {
+        let in_step: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.end >= *from && s.end <= *to)
+            .collect();
+        let failed: Vec<&&Sample> = in_step.iter().filter(|s| s.error.is_some()).collect();
+        let in_flight = failed
+            .iter()
+            .filter(|s| name.starts_with("(c)") && s.start <= gone)
+            .count();
+        println!(
+            "| {name} | {} | {} | {in_flight} |",
+            in_step.len(),
+            failed.len()
+        );
+        for f in &failed {
+            if !(name.starts_with("(c)") && f.start <= gone) {
+                unexplained.push(format!("{name}: {:?}", f.error));
+            }
+        }
+    }
+    let outside = samples
+        .iter()
+        .filter(|s| s.error.is_some())
+        .filter(|s| !steps.iter().any(|(_, a, b)| s.end >= *a && s.end <= *b))
+        .count();
+    println!(
+        "requests in all: {}, failed outside the steps: {outside}; the edge dropped the killed host's connections {:?} after the kill",
+        samples.len(),
+        gone - killed
+    );
+    assert_eq!(outside, 0);
+    assert_eq!(
+        unexplained,
+        Vec::<String>::new(),
+        "only requests in flight on the killed host may fail"
+    );
+    for (h, mut s) in hosts.iter().zip(sups) {
+        signal(s.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(exit_code(&mut s, Duration::from_secs(30), h).await, 0);
+    }
 }
