@@ -151,6 +151,11 @@ pub enum SetupCommand {
         /// Change-detection string: a new value rotates the tunnel token
         #[arg(long)]
         token_version: Option<String>,
+        /// Register a new CA although the tunnel already has an active one that the output
+        /// directory does not hold (its key was lost). Without it, that is refused: the CA
+        /// belongs to another host (see docs/PACKAGING.md, Scaling out)
+        #[arg(long)]
+        new_ca: bool,
         /// Config file whose [provision] section supplies defaults (read when it exists)
         #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
@@ -199,6 +204,7 @@ fn setup(command: SetupCommand) -> u8 {
             output,
             cert_duration,
             token_version,
+            new_ca,
             config,
         } => {
             let section = match provision_section(&config) {
@@ -211,6 +217,7 @@ fn setup(command: SetupCommand) -> u8 {
                 output,
                 cert_duration,
                 token_version,
+                new_ca,
             };
             let env = |k: &str| std::env::var(k).ok();
             let settings = match Settings::resolve(&flags, &env, section.as_ref()) {

@@ -205,6 +205,47 @@ fn roots(pems: &[String]) -> rustls::RootCertStore {
 }
 
 #[tokio::test]
+async fn a_second_host_never_registers_a_second_ca_by_accident() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fake, env) = setup(tmp.path()).await;
+    // Host A provisions the tunnel and its CA.
+    let a = provision::ensure(&env.settings(&tmp.path().join("a"), Some("1")))
+        .await
+        .unwrap();
+    assert!(a.new_ca && a.registered_ca.is_some());
+    // Host B, configured with the same tunnel but an empty state directory, is refused.
+    let env = env.set("TUNNEL_ID", &a.tunnel_id);
+    let b = tmp.path().join("b");
+    let err = provision::ensure(&env.settings(&b, Some("1")))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, ProvisionError::CaOwnedElsewhere { .. }) && msg.contains(&a.tunnel_id),
+        "{msg}"
+    );
+    assert_eq!(fake.with(|s| s.active_certs(&a.tunnel_id).len()), 1);
+    assert!(!b.join("ca.crt").exists() && !b.join("ca.key").exists());
+    // With host A's state files copied over (configuration management), B is provisioned.
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "tls.crt",
+        "tls.key",
+        "tunnel-token",
+        "tunnel-id",
+        "tunnel-domain",
+    ] {
+        std::fs::copy(tmp.path().join("a").join(f), b.join(f)).unwrap();
+    }
+    let again = provision::ensure(&env.settings(&b, Some("1")))
+        .await
+        .unwrap();
+    assert!(!again.new_ca && again.registered_ca.is_none());
+    assert_eq!(fake.with(|s| s.active_certs(&a.tunnel_id).len()), 1);
+}
+
+#[tokio::test]
 async fn changed_tunnel_id_registers_a_new_ca_on_that_tunnel() {
     let tmp = tempfile::tempdir().unwrap();
     let (fake, env) = setup(tmp.path()).await;
@@ -386,6 +427,21 @@ async fn two_active_certificates_cap_says_archive_one() {
         "{direct}"
     );
 
+    // A state directory without a CA, for a tunnel whose CAs it does not hold: another
+    // host owns them, and no CA is registered by accident.
+    let err = provision::ensure(&settings).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, ProvisionError::CaOwnedElsewhere { .. })
+            && msg.contains("--new-ca")
+            && msg.contains("Copy ca.crt"),
+        "{msg}"
+    );
+    assert_eq!(err.class(), provision::ErrorClass::Config);
+    assert_eq!(fake.with(|s| s.active_certs(&tunnel.id).len()), 2);
+    // Asked for on purpose (`setup init --new-ca`), the cap speaks.
+    let mut settings = settings;
+    settings.new_ca = true;
     let err = provision::ensure(&settings).await.unwrap_err();
     let msg = err.to_string();
     assert!(

@@ -101,6 +101,16 @@ pub enum ProvisionError {
     )]
     TunnelArchived(String),
     #[error(
+        "tunnel {tunnel_id} already has an active CA certificate ({}) but {} holds no CA: another host (or an earlier run) provisioned this tunnel. Copy ca.crt, tls.crt, tls.key, tunnel-token, tunnel-id and tunnel-domain from the host that owns provisioning (docs/PACKAGING.md, Scaling out); or, if that CA's key is lost, run `mcp-tunnel setup init --new-ca` to register a second CA on purpose",
+        active.join("; "),
+        output.display()
+    )]
+    CaOwnedElsewhere {
+        tunnel_id: String,
+        active: Vec<String>,
+        output: PathBuf,
+    },
+    #[error(
         "{what}: 404 not found ({message}): check the tunnel ID and that the credential's workspace is the tunnel's workspace"
     )]
     NotFound { what: String, message: String },
@@ -136,6 +146,7 @@ impl ProvisionError {
                 ErrorClass::Transient
             }
             ProvisionError::Config(_)
+            | ProvisionError::CaOwnedElsewhere { .. }
             | ProvisionError::InvalidGrant { .. }
             | ProvisionError::Unauthorized { .. }
             | ProvisionError::Forbidden { .. }
@@ -190,6 +201,10 @@ pub struct Settings {
     pub retry: RetryPolicy,
     /// Extra trust anchors for the API's TLS (tests, private gateways); PEM DER list.
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Register a new CA on a tunnel that already has an active one this state directory
+    /// does not hold. Off (and never set by `run`): with several hosts, that CA belongs to
+    /// the host that owns provisioning, and a second one must not appear by accident.
+    pub new_ca: bool,
 }
 
 /// Command-line values; `None` falls back to the environment, then to `[provision]`.
@@ -200,6 +215,8 @@ pub struct Overrides {
     pub output: Option<String>,
     pub cert_duration: Option<Duration>,
     pub token_version: Option<String>,
+    /// `setup init --new-ca`: see [`Settings::new_ca`].
+    pub new_ca: bool,
 }
 
 impl Settings {
@@ -267,6 +284,7 @@ impl Settings {
             rotate_token_every: config.and_then(|c| c.rotate_token_every),
             retry: RetryPolicy::default(),
             extra_roots: Vec::new(),
+            new_ca: flags.new_ca,
         })
     }
 
@@ -446,6 +464,16 @@ pub async fn ensure(settings: &Settings) -> Result<Outcome, ProvisionError> {
         read_pair(&dir, state::CA_CRT, state::CA_KEY)
     };
     let new_ca = stored_ca.is_none();
+    if new_ca && !created_tunnel && !settings.new_ca {
+        let active = client.active_certificates(&tunnel.id).await?;
+        if !active.is_empty() {
+            return Err(ProvisionError::CaOwnedElsewhere {
+                tunnel_id: tunnel.id.clone(),
+                active: active.iter().map(describe_cert).collect(),
+                output: settings.output.clone(),
+            });
+        }
+    }
     let ca = match stored_ca {
         Some(ca) => ca,
         None => {
