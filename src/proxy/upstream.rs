@@ -74,10 +74,32 @@ pub enum ConnectError {
     BadUri(String),
 }
 
-/// Resolves `host` (an IP literal is used as is) and checks the whole answer.
+/// Resolves `host` and checks the whole answer: what every new upstream connection does.
 pub async fn resolve_checked(
     resolver: &dyn Resolve,
     policy: &IpPolicy,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, ConnectError> {
+    let addrs = resolve(resolver, host, port).await?;
+    let ips: Vec<IpAddr> = addrs.iter().map(|a| a.ip()).collect();
+    policy
+        .check_all(&ips)
+        .map_err(|ip| ConnectError::NotAllowed {
+            host: host.to_string(),
+            ip,
+        })?;
+    // Dial the canonical form, so a mapped address goes out as the IPv4 it was judged as.
+    Ok(addrs
+        .into_iter()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+        .collect())
+}
+
+/// The lookup half of [`resolve_checked`]: an IP literal is used as is, a name is resolved;
+/// an empty answer is an error. Nothing is checked here.
+pub async fn resolve(
+    resolver: &dyn Resolve,
     host: &str,
     port: u16,
 ) -> Result<Vec<SocketAddr>, ConnectError> {
@@ -96,21 +118,11 @@ pub async fn resolve_checked(
             host: host.to_string(),
         });
     }
-    let ips: Vec<IpAddr> = addrs.iter().map(|a| a.ip()).collect();
-    policy
-        .check_all(&ips)
-        .map_err(|ip| ConnectError::NotAllowed {
-            host: host.to_string(),
-            ip,
-        })?;
-    // Dial the canonical form, so a mapped address goes out as the IPv4 it was judged as.
-    Ok(addrs
-        .into_iter()
-        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
-        .collect())
+    Ok(addrs)
 }
 
-async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
+/// Connects to the first of `addrs` that answers (the addresses `resolve_checked` returned).
+pub async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
     let mut last = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
@@ -126,7 +138,9 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
             }
         }
     }
-    Err(last.expect("resolve_checked never returns an empty list"))
+    Err(last.unwrap_or_else(|| ConnectError::NoAddress {
+        host: "(empty address list)".into(),
+    }))
 }
 
 /// hyper-util connector enforcing one upstream policy (a new policy gets a new connector
