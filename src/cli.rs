@@ -65,6 +65,37 @@ pub enum Command {
         #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Check the whole chain (config, certificate, each route through the real inner path,
+    /// cloudflared, the running service) and say for each problem what is wrong and the fix.
+    /// Exit 0 when nothing fails, 1 otherwise.
+    Doctor {
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Skip what leaves the machine: edge reachability (DNS SRV, TCP 7844), Tunnels API.
+        #[arg(long)]
+        offline: bool,
+        /// Path the MCP probe sends `initialize` to.
+        #[arg(long, default_value = "/mcp")]
+        path: String,
+        /// Bound on each network step.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Show what the proxy would do with a request for URL: the route and why, the upstream
+    /// request and Host, each resolved address and its allowlist verdict, the certificate.
+    /// Exit 0 when it would be forwarded, 1 when refused.
+    Explain {
+        /// e.g. https://echo.<tunnel_domain>/mcp, or a bare hostname.
+        url: String,
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the explanation as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: the cloudflared launch trampoline (sets the parent-death signal, then execs).
     #[command(name = "__exec-child", hide = true)]
     ExecChild {
@@ -300,6 +331,22 @@ pub fn dispatch(cli: Cli) -> u8 {
             }
         }
         Command::Status { admin, config } => crate::telemetry::status::print(admin, &config),
+        Command::Doctor {
+            config,
+            json,
+            offline,
+            path,
+            timeout,
+        } => {
+            let opts = crate::doctor::Options {
+                config,
+                offline,
+                mcp_path: path,
+                timeout,
+            };
+            crate::doctor::main(&opts, json)
+        }
+        Command::Explain { url, config, json } => crate::doctor::explain::main(&config, &url, json),
         Command::ExecChild { parent, argv } => crate::cloudflared::spawn::exec_child(parent, &argv),
         Command::Bridge { listen, to } => {
             crate::telemetry::init("info");
