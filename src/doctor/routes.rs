@@ -188,9 +188,9 @@ async fn upstream_checks(
             out.push(
                 Check::ok(
                     format!("{prefix}.connect"),
-                    format!("TCP connect to {peer} in {ms:.1} ms"),
+                    format!("TCP connect to {peer} in {ms:.2} ms"),
                 )
-                .fact("connect_ms", (ms * 10.0).round() / 10.0),
+                .fact("connect_ms", (ms * 1000.0).round() / 1000.0),
             );
             true
         }
@@ -593,14 +593,18 @@ async fn oauth(
 /// No HTTP answer: the session or the inner TLS failed (what the edge would see).
 fn failed_probe(config: &Config, route: &Route, url: &str, f: Failure, t: &ProbeTarget) -> Check {
     let name = format!("route.{}.mcp", route.name);
+    let tls = match &f {
+        Failure::Tls(e) => e.to_ascii_lowercase().replace(' ', ""),
+        _ => String::new(),
+    };
     let fix = match &f {
-        Failure::Tls(e) if e.contains("UnknownIssuer") || e.contains("BadSignature") => {
+        Failure::Tls(_) if tls.contains("unknownissuer") || tls.contains("badsignature") => {
             "the server certificate is not signed by the tunnel CA: the edge logs `tls handshake failed ... unknown certificate authority`; see certificate.chain".to_string()
         }
-        Failure::Tls(e) if e.contains("Expired") || e.contains("NotValidYet") => {
+        Failure::Tls(_) if tls.contains("expired") || tls.contains("notvalidyet") => {
             "the server certificate is outside its validity (`bad certificate` at the edge); see certificate.validity".into()
         }
-        Failure::Tls(e) if e.contains("NotValidForName") => {
+        Failure::Tls(_) if tls.contains("notvalidforname") => {
             "the server certificate does not cover this name (`bad certificate` at the edge); see certificate.names".into()
         }
         Failure::Tls(_) => "see the certificate checks above".into(),
