@@ -19,6 +19,8 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --locked
+step "doctor and status against run + the real cloudflared + fake-edge (unshare -n)"
+tests/doctor-cloudflared.sh
 step "end-to-end: real MCP peers through bridge -> WebSocket -> inner TLS -> proxy"
 MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/e2e/run.sh
 step "packages: build .deb/.rpm (plain and bundled), lintian, rpmlint, file lists, unit checks, rpm --root"
