@@ -4,6 +4,7 @@
 //! that would leave the machine are skipped (`--offline`).
 
 mod common;
+mod fake_tunnels_api;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -1031,4 +1032,76 @@ async fn binary_exit_status_and_json() {
         json["outcome"],
         "502 No route configured for host (log: no route for host)"
     );
+}
+
+/// With `[provision]`: the state directory's CA is looked up among the tunnel's active
+/// certificates (the local Tunnels API), and `--offline` skips the call.
+#[tokio::test]
+async fn provisioned_ca_must_be_registered_on_the_tunnel() {
+    let fake = fake_tunnels_api::Fake::start().await;
+    let tunnel = fake.with(|s| {
+        s.api_keys.insert("sk-ant-doctor-test".into());
+        s.create_tunnel()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let pki = issue::generate(&tunnel.domain, issue::CA_VALIDITY, issue::SERVER_VALIDITY).unwrap();
+    pki.write_to_with_domain(&state, &tunnel.domain).unwrap();
+    std::fs::write(state.join("tunnel-id"), &tunnel.id).unwrap();
+    write_token(&state.join("tunnel-token"), 0o600);
+    std::fs::write(dir.path().join("api-key"), "sk-ant-doctor-test").unwrap();
+    let (up, _sd) = mcp_server().await;
+    let config = dir.path().join("mcp-tunnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen_addr = \"127.0.0.1:0\"\n[routes]\necho = \"http://{up}\"\n[upstream]\n{LOOPBACK}\n[admin]\nenabled = false\n[cloudflared]\nenabled = false\n[provision]\napi_url = \"{}\"\nstate_dir = \"state\"\napi_token_file = \"api-key\"\n",
+            fake.url
+        ),
+    )
+    .unwrap();
+    let opts = Options {
+        offline: false,
+        timeout: Duration::from_secs(10),
+        ..Options::new(&config)
+    };
+    let r = doctor::run(&opts, &Env::system()).await;
+    eprintln!("{}", r.text());
+    expect(
+        &r,
+        "ca.registered",
+        Verdict::Fail,
+        &[
+            &format!(
+                "is not among the 0 active certificates of tunnel {}",
+                tunnel.id
+            ),
+            "unknown certificate authority",
+        ],
+        &["restart the service", "setup init", "Add certificate"],
+    );
+    assert_eq!(check(&r, "route.echo.mcp").verdict, Verdict::Ok);
+    fake.with(|s| s.register(&tunnel.id, &pki.ca.cert_pem))
+        .unwrap();
+    let r = doctor::run(&opts, &Env::system()).await;
+    expect(
+        &r,
+        "ca.registered",
+        Verdict::Ok,
+        &[&format!(
+            "is registered and active on tunnel {} (1 active certificate)",
+            tunnel.id
+        )],
+        &[],
+    );
+    assert_healthy(&r);
+    let r = doctor::run(
+        &Options {
+            offline: true,
+            ..opts
+        },
+        &Env::system(),
+    )
+    .await;
+    expect(&r, "ca.registered", Verdict::Skip, &["--offline"], &[]);
 }
