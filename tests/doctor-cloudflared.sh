@@ -142,6 +142,14 @@ rc=0; "$MCP_TUNNEL" doctor --config "$WORK/mcp-tunnel.toml" --offline --json >"$
 [[ $rc == 0 ]] || fail "doctor --offline exited $rc"
 expect "$WORK/offline.json" cloudflared.edge skip "--offline"
 
+# Without a static edge, the check does what cloudflared does first: the SRV lookup. In this
+# namespace DNS cannot work, so it is reported (warn), never required (exit 0).
+mkdir -p "$WORK/srv"
+grep -v '^TUNNEL_EDGE' "$WORK/mcp-tunnel.toml" >"$WORK/srv/mcp-tunnel.toml"
+rc=0; "$MCP_TUNNEL" doctor --config "$WORK/srv/mcp-tunnel.toml" --json >"$WORK/srv.json" || rc=$?
+[[ $rc == 0 ]] || fail "doctor exited $rc when only the edge is unreachable"
+expect "$WORK/srv.json" cloudflared.edge warn "DNS SRV _v2-origintunneld._tcp.argotunnel.com failed"
+
 echo "== status"
 "$MCP_TUNNEL" status --admin 127.0.0.1:$A | tee "$WORK/status.txt"
 grep -q "cloudflared 2026.8.2, connector $connector, 4/4 connections" "$WORK/status.txt" || fail "status lacks cloudflared facts"

@@ -1065,7 +1065,12 @@ async fn provisioned_ca_must_be_registered_on_the_tunnel() {
         timeout: Duration::from_secs(10),
         ..Options::new(&config)
     };
-    let r = doctor::run(&opts, &Env::system()).await;
+    // Credentials from the config only, whatever this process's environment holds.
+    let env = Env {
+        var: Arc::new(|_| None),
+        ..Env::system()
+    };
+    let r = doctor::run(&opts, &env).await;
     eprintln!("{}", r.text());
     expect(
         &r,
@@ -1104,4 +1109,54 @@ async fn provisioned_ca_must_be_registered_on_the_tunnel() {
     )
     .await;
     expect(&r, "ca.registered", Verdict::Skip, &["--offline"], &[]);
+}
+
+/// `mcp-tunnel demo` as it runs, then `mcp-tunnel doctor` on the config it wrote: all ok.
+#[tokio::test]
+async fn the_demo_is_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("demo");
+    let out = dir.path().join("demo.out");
+    let mut demo = tokio::process::Command::new(BIN)
+        .args(["demo", "--port", "0", "--dir"])
+        .arg(&demo_dir)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("Press Ctrl-C")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let config = demo_dir.join("mcp-tunnel.toml");
+    let output = tokio::process::Command::new(BIN)
+        .arg("doctor")
+        .arg("--config")
+        .arg(&config)
+        .args(["--offline", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert_eq!(output.status.code(), Some(0), "{json:#}");
+    for c in json["checks"].as_array().unwrap() {
+        assert!(c["verdict"] == "ok" || c["verdict"] == "skip", "demo: {c}");
+    }
+    let mcp = json["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "route.hello.mcp")
+        .unwrap();
+    assert_eq!(mcp["verdict"], "ok");
+    assert_eq!(mcp["facts"]["server_name"], "rmcp");
+    demo.start_kill().unwrap();
+    let _ = demo.wait().await;
 }
