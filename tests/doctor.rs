@@ -1160,3 +1160,92 @@ async fn the_demo_is_healthy() {
     demo.start_kill().unwrap();
     let _ = demo.wait().await;
 }
+
+/// An https upstream: the connect check runs the pool's connector (TCP + TLS against
+/// upstream.tls); a certificate from another CA fails there with the fix. Its answer to
+/// `initialize` is not MCP, which the probe says.
+#[tokio::test]
+async fn https_upstream_tls_is_checked_by_the_pools_connector() {
+    let pki = TestPki::new();
+    let up_dir = tempfile::tempdir().unwrap();
+    issue::generate(
+        "localhost",
+        Duration::from_secs(86400),
+        Duration::from_secs(86400),
+    )
+    .unwrap()
+    .write_to(up_dir.path())
+    .unwrap();
+    let pair = mcp_tunnel::certs::load_server_pair(&mcp_tunnel::config::TlsFiles {
+        cert_file: up_dir.path().join("tls.crt"),
+        key_file: up_dir.path().join("tls.key"),
+    })
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(mcp_tunnel::proxy::tls::server_config(
+        Arc::new(mcp_tunnel::proxy::tls::CertStore::new(pair)),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(full("secure hello")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let routes = format!("sec = \"https://localhost:{port}\"");
+    let trust = |ca: &Path| {
+        format!(
+            "allowed_ips = [\"127.0.0.0/8\", \"::1\"]\n[upstream.tls]\nca_file = \"{}\"",
+            ca.display()
+        )
+    };
+    let r = doctor(
+        &pki,
+        &config_text(&pki, "", &routes, &trust(&up_dir.path().join("ca.crt"))),
+    )
+    .await;
+    expect(
+        &r,
+        "route.sec.connect",
+        Verdict::Ok,
+        &["TCP + TLS to "],
+        &[],
+    );
+    expect(
+        &r,
+        "route.sec.mcp",
+        Verdict::Fail,
+        &[
+            "200",
+            "no JSON-RPC answer to `initialize`: not an MCP endpoint",
+        ],
+        &["MCP endpoint"],
+    );
+    let r = doctor(
+        &pki,
+        &config_text(&pki, "", &routes, &trust(&pki.path("ca.crt"))),
+    )
+    .await;
+    expect(
+        &r,
+        "route.sec.connect",
+        Verdict::Fail,
+        &[
+            "TLS with upstream localhost failed",
+            "502 Upstream connection failed",
+        ],
+        &["valid for localhost and signed by a CA in upstream.tls.ca_file"],
+    );
+    expect(&r, "route.sec.mcp", Verdict::Skip, &["not probed"], &[]);
+}

@@ -1,7 +1,6 @@
 //! Each route: the upstream's DNS answer, the allowlist verdict for every address (with the
 //! rule that decided), the TCP connect time, and the MCP probe through the real inner path.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rustls::RootCertStore;
@@ -166,29 +165,37 @@ async fn upstream_checks(
             );
         }
     }
-    let checked: Vec<SocketAddr> = addrs
-        .iter()
-        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
-        .collect();
+    // The pool's own connector: resolve, check, dial a checked address, TLS for https.
+    let plane = match crate::proxy::state::UpstreamPlane::new(&config.upstream, &env.resolver) {
+        Ok(p) => p,
+        Err(e) => {
+            out.push(Check::fail(
+                format!("{prefix}.connect"),
+                e.to_string(),
+                "fix upstream.tls (see config.upstream_tls)",
+            ));
+            return false;
+        }
+    };
     let start = Instant::now();
-    let dialled = tokio::time::timeout(config.upstream.connect_timeout, upstream::dial(&checked))
-        .await
-        .unwrap_or_else(|_| {
-            Err(ConnectError::Timeout {
-                host: u.host.clone(),
-                after: config.upstream.connect_timeout,
-            })
-        });
-    match dialled {
-        Ok(tcp) => {
+    let uri = crate::proxy::upstream_uri(route, "/");
+    match upstream::Connector::connect(plane.settings.clone(), uri).await {
+        Ok(io) => {
             let ms = start.elapsed().as_secs_f64() * 1000.0;
-            let peer = tcp
+            let peer = io
                 .peer_addr()
                 .map_or_else(|_| u.authority(), |p| p.to_string());
             out.push(
                 Check::ok(
                     format!("{prefix}.connect"),
-                    format!("TCP connect to {peer} in {ms:.2} ms"),
+                    format!(
+                        "{} to {peer} in {ms:.2} ms",
+                        if io.is_tls() {
+                            "TCP + TLS"
+                        } else {
+                            "TCP connect"
+                        }
+                    ),
                 )
                 .fact("connect_ms", (ms * 1000.0).round() / 1000.0),
             );
@@ -200,6 +207,10 @@ async fn upstream_checks(
                     "nothing answers at {}: a firewall drops the connection, or the host is down (upstream.connect_timeout is {:?})",
                     u.authority(),
                     config.upstream.connect_timeout
+                ),
+                ConnectError::Tls { .. } => format!(
+                    "the upstream's certificate must be valid for {} and signed by a CA in upstream.tls.ca_file (or the system store with include_system_cas = true)",
+                    u.host
                 ),
                 _ => format!(
                     "start the MCP server on {}, or point routes.{} at the address and port it listens on",
@@ -411,7 +422,7 @@ async fn mcp(
             Check::fail(
                 name,
                 format!("POST {url}: 502 from the proxy: {}", body.trim()),
-                "the service resolved or dialled the upstream differently from here: `journalctl -u mcp-tunnel` shows the dial error",
+                "the running service's log (`journalctl -u mcp-tunnel`) has the dial error; its DNS answer or allowlist may differ from this file's",
             )
         }
         s @ (301..=308) => Check::warn(

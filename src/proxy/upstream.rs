@@ -122,7 +122,7 @@ pub async fn resolve(
 }
 
 /// Connects to the first of `addrs` that answers (the addresses `resolve_checked` returned).
-pub async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
+async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
     let mut last = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
@@ -155,7 +155,10 @@ impl Connector {
         Connector { settings }
     }
 
-    async fn connect(
+    /// One upstream connection for `uri` under `settings`: resolve, check every address,
+    /// dial a checked one, TLS for `https://`, all within `connect_timeout`. What the pool
+    /// calls for each new connection, and what `doctor` times.
+    pub async fn connect(
         settings: Arc<UpstreamSettings>,
         uri: Uri,
     ) -> Result<UpstreamIo, ConnectError> {
@@ -224,6 +227,21 @@ enum Stream {
 
 /// An upstream connection, plain or TLS.
 pub struct UpstreamIo(TokioIo<Stream>);
+
+impl UpstreamIo {
+    /// The address dialled.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        match self.0.inner() {
+            Stream::Plain(s) => s.peer_addr(),
+            Stream::Tls(s) => s.get_ref().0.peer_addr(),
+        }
+    }
+
+    /// Whether TLS runs on it (an `https://` upstream).
+    pub fn is_tls(&self) -> bool {
+        matches!(self.0.inner(), Stream::Tls(_))
+    }
+}
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
