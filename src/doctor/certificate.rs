@@ -92,6 +92,7 @@ pub(super) async fn checks(
                     config.tls.cert_file.display(),
                     renew_hint(config)
                 ),
+                CertError::Read { .. } if config.provision.is_some() => "the state directory is not provisioned yet: start the service (it provisions an empty state directory) or run `mcp-tunnel setup init`".to_string(),
                 CertError::Read { path, .. } => format!(
                     "check that {} exists and that the service user can read it",
                     path.display()

@@ -3,12 +3,12 @@
 
 use std::path::Path;
 
-use super::{Check, Env, mode};
+use super::{Check, mode};
 use crate::certs::perms;
 use crate::config::Config;
 
 /// Runs the config checks; `None` when the file is unusable (nothing else can be checked).
-pub(super) fn checks(path: &Path, _env: &Env, out: &mut Vec<Check>) -> Option<Config> {
+pub(super) fn checks(path: &Path, out: &mut Vec<Check>) -> Option<Config> {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {

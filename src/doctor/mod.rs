@@ -227,7 +227,7 @@ impl Env {
 /// Runs every check. Order: config, certificate, routes, cloudflared, service.
 pub async fn run(opts: &Options, env: &Env) -> Report {
     let mut checks = Vec::new();
-    let Some(config) = config::checks(&opts.config, env, &mut checks) else {
+    let Some(config) = config::checks(&opts.config, &mut checks) else {
         return Report {
             config: opts.config.clone(),
             checks,
