@@ -190,6 +190,26 @@ async fn wrong_san_names_the_uncovered_routes() {
     );
     assert_eq!(check(&r, "certificate.chain").verdict, Verdict::Ok);
     assert!(r.failed());
+    // The fix is a command: run it, and the names (and the handshakes) pass.
+    run_fix(check(&r, "certificate.names")).await;
+    let r = doctor(&pki, &config_text(&pki, "", &routes, LOOPBACK)).await;
+    assert_healthy(&r);
+}
+
+/// Runs the command quoted in a check's fix (between backticks), with this build's binary.
+async fn run_fix(c: &Check) {
+    let fix = c.fix.as_deref().unwrap();
+    let cmd = fix
+        .split('`')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no command in {fix}"))
+        .replace("mcp-tunnel ", &format!("{BIN} "));
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &cmd])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{cmd}: {out:?}");
 }
 
 #[tokio::test]
@@ -228,6 +248,13 @@ async fn expired_certificate_is_refused_with_the_renewal_command() {
         &["inner TLS handshake failed"],
         &["certificate.validity"],
     );
+    run_fix(check(&r, "certificate.validity")).await;
+    let r = doctor(
+        &pki,
+        &config_text(&pki, "", &format!("echo = \"http://{up}\""), LOOPBACK),
+    )
+    .await;
+    assert_healthy(&r);
 }
 
 #[tokio::test]

@@ -45,25 +45,34 @@ pub(super) fn ca_path(config: &Config) -> Option<(PathBuf, &'static str)> {
         .then_some((beside, "ca.crt beside tls.cert_file"))
 }
 
-/// How to get a new server certificate in this setup.
+/// How to get a new server certificate in this setup: with the CA's pair beside the server
+/// certificate (the `certs init` / `setup` layout), the exact `renew-cert` command, which
+/// issues for the domain in that directory's `tunnel-domain`.
 fn renew_hint(config: &Config) -> String {
     if config.provision.is_some() {
         return "the service renews it itself from the provisioned CA; by hand: `mcp-tunnel setup renew-cert`".into();
     }
-    let dir = config
-        .tls
-        .cert_file
-        .parent()
-        .unwrap_or(Path::new("."))
-        .display()
-        .to_string();
-    if config.certs.ca_key_file.is_some() || Path::new(&dir).join("ca.key").exists() {
-        format!("`mcp-tunnel renew-cert --dir {dir}` issues a new one from the tunnel CA")
-    } else {
-        format!(
-            "issue a new server certificate from the tunnel CA's key (`mcp-tunnel renew-cert --dir DIR`, DIR holding ca.crt and ca.key) and write it to {}",
+    let dir = config.tls.cert_file.parent().unwrap_or(Path::new("."));
+    let shown = dir.display();
+    if !(dir.join("ca.key").exists() && dir.join("ca.crt").exists()) {
+        return format!(
+            "issue a new server certificate from the tunnel CA's key (`mcp-tunnel renew-cert --dir DIR`, DIR holding ca.crt, ca.key and tunnel-domain) and write it to {}",
             config.tls.cert_file.display()
-        )
+        );
+    }
+    let stored = std::fs::read_to_string(dir.join("tunnel-domain"))
+        .ok()
+        .map(|d| crate::config::routes::normalize_name(d.trim()));
+    match (&config.tunnel_domain, stored) {
+        (Some(d), Some(s)) if *d == s => {
+            format!("`mcp-tunnel renew-cert --dir {shown}` issues a new one from the tunnel CA")
+        }
+        (Some(d), _) => format!(
+            "`echo {d} > {shown}/tunnel-domain && mcp-tunnel renew-cert --dir {shown}` issues one for {d} and *.{d} from the tunnel CA"
+        ),
+        (None, _) => format!(
+            "set tunnel_domain, write it to {shown}/tunnel-domain, then `mcp-tunnel renew-cert --dir {shown}`"
+        ),
     }
 }
 
