@@ -96,6 +96,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replace the running cloudflared without a gap in service: the new connector starts
+    /// beside the old one, which stops once the new one has registered (SIGUSR2 to the
+    /// service; root or the service's user).
+    RestartConnector {
+        /// Admin endpoint address; default: `[admin] listen_addr` from the config file.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Internal: the cloudflared launch trampoline (sets the parent-death signal, then execs).
     #[command(name = "__exec-child", hide = true)]
     ExecChild {
@@ -347,6 +360,11 @@ pub fn dispatch(cli: Cli) -> u8 {
             crate::doctor::main(&opts, json)
         }
         Command::Explain { url, config, json } => crate::doctor::explain::main(&config, &url, json),
+        Command::RestartConnector {
+            admin,
+            config,
+            timeout,
+        } => crate::telemetry::restart_connector::run(admin, &config, timeout),
         Command::ExecChild { parent, argv } => crate::cloudflared::spawn::exec_child(parent, &argv),
         Command::Bridge { listen, to } => {
             crate::telemetry::init("info");

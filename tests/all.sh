@@ -21,6 +21,8 @@ step "cargo test"
 cargo test --locked
 step "doctor and status against run + the real cloudflared + fake-edge (unshare -n)"
 tests/doctor-cloudflared.sh
+step "real cloudflared 2026.8.2 + fake-edge: supervision tests in a loopback-only netns"
+tests/real-cloudflared.sh
 step "end-to-end: real MCP peers through bridge -> WebSocket -> inner TLS -> proxy"
 MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/e2e/run.sh
 step "packages: build .deb/.rpm (plain and bundled), lintian, rpmlint, file lists, unit checks, rpm --root"

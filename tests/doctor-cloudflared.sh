@@ -10,21 +10,23 @@
 #
 #   tests/doctor-cloudflared.sh          after `cargo build` (tests/all.sh builds it)
 #
-# Environment: MCP_TUNNEL (default target/debug/mcp-tunnel), CLOUDFLARED (default
-# /work/shared/cloudflared/cloudflared, the guarded test copy), FAKE_EDGE (default
-# /work/shared/fake-edge/fake-edge), WORK (default: a new temporary directory, removed on
-# success).
+# Environment: MCP_TUNNEL (default target/debug/mcp-tunnel); MCP_TUNNEL_SHARED, where
+# cloudflared/ and fake-edge/ are (default ../shared, as tests/real-cloudflared.sh), or
+# CLOUDFLARED (default $MCP_TUNNEL_SHARED/cloudflared/cloudflared, the guarded test copy) and
+# FAKE_EDGE (default $MCP_TUNNEL_SHARED/fake-edge/fake-edge); WORK (default: a new temporary
+# directory, removed on success).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$here/.."
 abs() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+shared="${MCP_TUNNEL_SHARED:-$(cd .. && pwd)/shared}"
 MCP_TUNNEL=$(abs "${MCP_TUNNEL:-target/debug/mcp-tunnel}")
-CLOUDFLARED=$(abs "${CLOUDFLARED:-/work/shared/cloudflared/cloudflared}")
-FAKE_EDGE=$(abs "${FAKE_EDGE:-/work/shared/fake-edge/fake-edge}")
+CLOUDFLARED=$(abs "${CLOUDFLARED:-$shared/cloudflared/cloudflared}")
+FAKE_EDGE=$(abs "${FAKE_EDGE:-$shared/fake-edge/fake-edge}")
 fail() { echo "FAIL: $*" >&2; exit 1; }
 for v in MCP_TUNNEL CLOUDFLARED FAKE_EDGE; do
-  [[ -x "${!v}" ]] || fail "$v=${!v} is not executable (build mcp-tunnel with cargo build; see /work/shared/*/README.md for the other two)"
+  [[ -x "${!v}" ]] || fail "$v=${!v} is not executable (build mcp-tunnel with cargo build; the other two: README, \"The real cloudflared in tests\")"
 done
 for tool in unshare ip python3 curl; do
   command -v "$tool" >/dev/null || fail "$tool is missing"

@@ -466,6 +466,7 @@ async fn tunnel_path_notify_argv_env_admin_and_stop_order() {
     for m in env.notify.lock().unwrap().iter() {
         assert!(
             m == "WATCHDOG=1\n"
+                || m.starts_with("EXTEND_TIMEOUT_USEC=")
                 || m.starts_with("READY=1\nSTATUS=")
                 || m.starts_with("STATUS=")
                 || m.starts_with("STOPPING=1\nSTATUS="),
@@ -598,7 +599,11 @@ async fn persistent_token_rejection_is_permanent_and_the_supervisor_exits_78() {
     // cloudflared never exits when the edge refuses its token: it logs and retries. The
     // supervisor notices the refusals and stops instead of waiting forever.
     let env = Env::new().await;
-    let cfg = env.config(None, "", &[("STANDIN_REJECTED", "1")]);
+    let cfg = env.config(
+        None,
+        "token_refused_timeout = \"2s\"",
+        &[("STANDIN_REJECTED", "1")],
+    );
     let mut sup = env.start(&cfg, false);
     assert_eq!(exit_code(&mut sup, Duration::from_secs(15)).await, 78);
     assert_eq!(
@@ -680,11 +685,19 @@ async fn token_change_restarts_cloudflared_gracefully() {
     write_secret(&tmp, &token(other));
     std::fs::rename(&tmp, env.path("tunnel-token")).unwrap();
     let started = env.wait_events("started", 2, Duration::from_secs(10)).await;
-    assert!(
-        env.events_named("sigterm")
-            .iter()
-            .any(|e| e["pid"].as_u64() == Some(first)),
+    // The new child starts beside the old one, which is stopped (SIGTERM) once the new one
+    // is ready: an overlap, not a gap.
+    let sigterms = env.wait_events("sigterm", 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        sigterms[0]["pid"].as_u64(),
+        Some(first),
         "old child stopped gracefully"
+    );
+    assert!(
+        env.events_named("ready")
+            .iter()
+            .any(|e| e["pid"] == started[1]["pid"]),
+        "the old child was stopped before the new one was ready"
     );
     let pid = started[1]["pid"].as_u64().unwrap();
     let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())

@@ -1,8 +1,12 @@
-//! A stand-in for `cloudflared`, for tests: no trustworthy cloudflared binary can be had on
-//! the build machines and none could reach the Cloudflare edge anyway (TESTING.md). It
-//! reproduces the CLI surface and the observed behaviour the supervisor depends on (issue 3,
-//! spec section 14) and does cloudflared's real job locally: TLS clients connect to a local
-//! port and each connection is carried over a WebSocket to `--url`, like the edge does.
+//! A stand-in for `cloudflared`, for tests. The real cloudflared 2026.8.2 with fake-edge
+//! (`tests/real_cloudflared.rs`, in a loopback-only netns) tests every connector behaviour it
+//! can show; this stand-in stays only for what the real binary cannot show on demand, and
+//! for running the supervisor's tests without root or a network namespace (plain `cargo
+//! test`): an exit with a chosen code at a chosen time (the backoff sequence of a crash loop,
+//! exit 255 after start), a process that ignores SIGTERM while its metrics server is wedged,
+//! and the provisioning tests (`tests/provision_run.rs`). docs/CLOUDFLARED.md has the list.
+//! It mimics the CLI surface, `/ready`, the JSON log events and signals, and carries TLS
+//! clients from a local port over a WebSocket to `--url`, as the edge does.
 //!
 //! Not for packaging: only tests and system tests use it (`cargo build --bin
 //! cloudflared-standin`).

@@ -20,15 +20,16 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::CloudflaredConfig;
+use crate::config::{CloudflaredConfig, Replacement};
 use policy::{
-    Decision, Ending, Health, HealthLimits, HealthTracker, Probe, RestartPolicy, RestartReason,
+    Decision, Ending, Health, HealthLimits, HealthTracker, Probe, Refusals, RestartPolicy,
+    RestartReason,
 };
 use spawn::{Launcher, SpawnError, Spawner};
 use token::{Token, TokenError};
@@ -69,6 +70,15 @@ pub struct Status {
     pub version: Mutex<Option<String>>,
     /// The running connector's ID, from its `/ready` answer.
     pub connector_id: Mutex<Option<String>>,
+    /// Set while the edge refuses the token (cleared by an accepted registration): why an
+    /// unconnected cloudflared is not coming up.
+    refused: Mutex<Option<String>>,
+    /// The connector starting beside the running one during a replacement: PID and health.
+    incoming: Mutex<Option<(u32, Health)>>,
+    /// Planned replacements completed (the new connector registered, the old one retired).
+    pub replacements: AtomicU64,
+    /// Planned replacements given up (the running connector stayed).
+    pub replacements_failed: AtomicU64,
 }
 
 impl Status {
@@ -82,6 +92,10 @@ impl Status {
             last_problem: Mutex::new(None),
             version: Mutex::new(None),
             connector_id: Mutex::new(None),
+            refused: Mutex::new(None),
+            incoming: Mutex::new(None),
+            replacements: AtomicU64::new(0),
+            replacements_failed: AtomicU64::new(0),
         })
     }
 
@@ -104,6 +118,27 @@ impl Status {
 
     fn problem(&self, p: impl Into<String>) {
         *self.last_problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.into());
+    }
+
+    fn set_incoming(&self, c: Option<(u32, Health)>) {
+        *self.incoming.lock().unwrap_or_else(|e| e.into_inner()) = c;
+    }
+
+    /// During a replacement: the new connector's PID and health.
+    pub fn incoming(&self) -> Option<(u32, Health)> {
+        *self.incoming.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_refused(&self, why: Option<String>) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// The edge's current refusal of the token, if any.
+    pub fn refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn last_problem(&self) -> Option<String> {
@@ -137,7 +172,17 @@ pub struct Supervision {
     pub status: Arc<Status>,
     stop: CancellationToken,
     force: CancellationToken,
+    replace: mpsc::UnboundedSender<Replace>,
     task: tokio::task::JoinHandle<Outcome>,
+}
+
+/// A planned replacement of the running connector.
+#[derive(Debug)]
+pub struct Replace {
+    /// The `[cloudflared]` section to run from now on; `None` keeps the running one.
+    pub cfg: Option<CloudflaredConfig>,
+    /// Why, for the log.
+    pub why: &'static str,
 }
 
 impl Supervision {
@@ -158,6 +203,11 @@ impl Supervision {
         self.force.clone()
     }
 
+    /// A handle that asks for planned replacements (operator request, changed section).
+    pub fn replacer(&self) -> mpsc::UnboundedSender<Replace> {
+        self.replace.clone()
+    }
+
     pub async fn stopped(self) -> Outcome {
         self.task.await.unwrap_or(Outcome::Stopped)
     }
@@ -172,174 +222,268 @@ pub fn start(
     launcher: Launcher,
 ) -> Result<Supervision, StartError> {
     let binary = spawn::resolve_binary(cfg.binary.as_deref(), std::env::var_os("PATH").as_ref())?;
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    let token_path = token::token_path(cfg.token_file.as_deref(), credentials.as_deref());
+    let token_path = token_path_of(&cfg);
     let token = token::read(&token_path)?;
     info!(binary = %binary.display(), token_file = %token_path.display(), tunnel_id = token.tunnel_id(), "cloudflared supervision starting");
     let spawner = Spawner::new(launcher).map_err(StartError::Thread)?;
     let status = Status::new(Health::Starting);
     let stop = CancellationToken::new();
     let force = CancellationToken::new();
+    let (replace, replace_rx) = mpsc::unbounded_channel();
     let run = Run {
-        cfg,
         log_level: log_level.to_string(),
         origin,
-        binary,
-        token_path,
         spawner,
         status: status.clone(),
         stop: stop.clone(),
         force: force.clone(),
     };
-    let task = tokio::spawn(run.supervise(token));
+    let task = tokio::spawn(run.supervise(cfg, binary, token, replace_rx));
     Ok(Supervision {
         status,
         stop,
         force,
+        replace,
         task,
     })
 }
 
+fn token_path_of(cfg: &CloudflaredConfig) -> PathBuf {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    token::token_path(cfg.token_file.as_deref(), credentials.as_deref())
+}
+
 struct Run {
-    cfg: CloudflaredConfig,
     log_level: String,
     origin: SocketAddr,
-    binary: PathBuf,
-    token_path: PathBuf,
     spawner: Spawner,
     status: Arc<Status>,
     stop: CancellationToken,
     force: CancellationToken,
 }
 
-impl Run {
-    async fn supervise(self, mut token: Token) -> Outcome {
-        let policy = RestartPolicy {
-            backoff_min: self.cfg.restart_backoff_min,
-            backoff_max: self.cfg.restart_backoff_max,
-            reset_after: self.cfg.restart_reset_after,
-            crash_loop_restarts: self.cfg.crash_loop_restarts,
-            crash_loop_window: self.cfg.crash_loop_window,
-        };
-        let limits = HealthLimits {
-            startup_timeout: self.cfg.startup_timeout,
-            hung_timeout: self.cfg.hung_timeout,
-            disconnected_restart_after: self.cfg.disconnected_restart_after,
-        };
-        let (token_tx, mut token_rx) = mpsc::unbounded_channel();
-        let _watcher = watch_token_file(&self.token_path, token_tx);
-        let mut history = policy::RestartHistory::default();
-        match inspect::version(&self.binary, Duration::from_secs(10)).await {
-            Ok(v) => {
-                info!(version = %v, "cloudflared binary");
-                Status::set(&self.status.version, Some(v));
-            }
-            Err(e) => warn!(error = %e, "cannot read cloudflared's version"),
-        }
-        loop {
-            let metrics = match self.metrics_addr().await {
-                Ok(a) => a,
-                Err(e) => {
-                    return self.give_up(format!(
-                        "cannot choose a loopback port for cloudflared's metrics: {e}"
-                    ));
-                }
-            };
-            let args = spawn::args(&self.cfg, &self.log_level, metrics, self.origin);
-            let env = spawn::env(&self.cfg, &token);
-            let mut child = match self.spawner.spawn(&self.binary, &args, &env).await {
-                Ok(c) => c,
-                Err(e) => return self.give_up(e.to_string()),
-            };
-            let pid = child.id().unwrap_or(0);
-            self.status.pid.store(pid, Ordering::SeqCst);
-            self.status.set_health(Health::Starting);
-            info!(pid, metrics = %metrics, url = %args.last().map(String::as_str).unwrap_or(""), "cloudflared started");
-            let rejections = Arc::new(AtomicU32::new(0));
-            forward_logs(&mut child, rejections.clone());
+/// One running cloudflared process and what the supervisor knows about it.
+struct Connector {
+    child: Child,
+    pid: u32,
+    metrics: SocketAddr,
+    events: mpsc::Receiver<logs::Event>,
+    tracker: HealthTracker,
+    refusals: Refusals,
+}
 
-            let mut tracker = HealthTracker::new(Instant::now());
-            let mut tick = tokio::time::interval(self.cfg.health_interval);
+impl Connector {
+    /// Grace period wait for stopping it now, from a fresh `/ready` probe.
+    async fn stop_wait(&self, grace: Duration) -> Duration {
+        policy::stop_wait(probe_ready(self.metrics, STOP_PROBE_TIMEOUT).await, grace)
+    }
+}
+
+fn ending_of(st: std::io::Result<std::process::ExitStatus>) -> Ending {
+    match st {
+        Ok(st) => match (
+            st.code(),
+            std::os::unix::process::ExitStatusExt::signal(&st),
+        ) {
+            (Some(c), _) => Ending::Exited(c),
+            (None, Some(s)) => Ending::Signaled(s),
+            _ => Ending::Exited(-1),
+        },
+        Err(e) => {
+            error!(error = %e, "cannot wait for cloudflared");
+            Ending::Exited(-1)
+        }
+    }
+}
+
+impl Run {
+    async fn supervise(
+        self,
+        mut cfg: CloudflaredConfig,
+        mut binary: PathBuf,
+        mut token: Token,
+        mut replace_rx: mpsc::UnboundedReceiver<Replace>,
+    ) -> Outcome {
+        let mut token_path = token_path_of(&cfg);
+        let (token_tx, mut token_rx) = mpsc::unbounded_channel();
+        let mut _watcher = watch_token_file(&token_path, token_tx.clone());
+        let mut history = policy::RestartHistory::default();
+        // Connectors replaced by a newer one, still unregistering and draining.
+        let mut retiring: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        loop {
+            let mut cur = match self.launch(&cfg, &binary, &token).await {
+                Ok(c) => c,
+                Err(why) => return self.give_up(why),
+            };
+            self.status.set_health(Health::Starting);
+            let mut tick = tokio::time::interval(cfg.health_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let ending = loop {
-                tokio::select! {
-                    st = child.wait() => {
-                        break match st {
-                            Ok(st) => match (st.code(), std::os::unix::process::ExitStatusExt::signal(&st)) {
-                                (Some(c), _) => Ending::Exited(c),
-                                (None, Some(s)) => Ending::Signaled(s),
-                                _ => Ending::Exited(-1),
-                            },
-                            Err(e) => {
-                                error!(error = %e, "cannot wait for cloudflared");
-                                Ending::Exited(-1)
-                            }
-                        };
-                    }
+                retiring.retain(|t| !t.is_finished());
+                // A planned replacement: a new token, a new section, or a request.
+                let planned: Option<(CloudflaredConfig, Token, &'static str)> = tokio::select! {
+                    st = cur.child.wait() => break ending_of(st),
                     _ = tick.tick() => {
                         self.status.beats.fetch_add(1, Ordering::Relaxed);
-                        let (probe, connector) = probe_ready_detail(metrics, self.cfg.health_interval.min(Duration::from_secs(5))).await;
+                        let (probe, connector) = probe_ready_detail(cur.metrics, cfg.health_interval.min(Duration::from_secs(5))).await;
                         if connector.is_some() {
                             Status::set(&self.status.connector_id, connector);
                         }
-                        let restart = tracker.observe(probe, Instant::now(), &limits);
-                        let before = self.status.health();
-                        let now = tracker.health();
-                        if before != now {
+                        let restart = cur.tracker.observe(probe, Instant::now(), &limits_of(&cfg));
+                        let now = cur.tracker.health();
+                        if self.status.health() != now {
                             log_health(now);
                         }
                         self.status.set_health(now);
-                        let refused = rejections.load(Ordering::Relaxed);
-                        if refused >= PERSISTENT_REJECTIONS && !now.is_ready() {
-                            self.terminate(&mut child, Duration::ZERO).await;
+                        if now.is_ready() {
+                            cur.refusals.accepted();
+                            self.status.set_refused(None);
+                        } else if let Some((n, since)) = cur.refusals.persistent(Instant::now(), cfg.token_refused_timeout) {
+                            self.terminate(&mut cur.child, policy::NOT_CONNECTED_STOP_WAIT).await;
                             self.status.pid.store(0, Ordering::SeqCst);
                             return self.give_up(format!(
-                                "the edge refused the tunnel token ({refused} Unauthorized registration errors, no connection): check [cloudflared] token_file holds this tunnel's current token (rotated?)"
+                                "the edge refused the tunnel token for {} ({n} refused registrations, none accepted, no connection; token_refused_timeout = {}): check [cloudflared] token_file holds this tunnel's current token (rotated or revoked?)",
+                                humantime::format_duration(Duration::from_secs(since.as_secs())),
+                                humantime::format_duration(cfg.token_refused_timeout),
                             ));
                         }
                         if let Some(reason) = restart {
-                            warn!(pid, reason = reason.as_str(), "restarting cloudflared");
+                            warn!(pid = cur.pid, reason = reason.as_str(), "restarting cloudflared");
                             self.status.problem(reason.as_str());
-                            let grace = if reason == RestartReason::Hung { Duration::ZERO } else { self.cfg.grace_period };
-                            self.terminate(&mut child, grace).await;
+                            let wait = if reason == RestartReason::Hung {
+                                Duration::ZERO
+                            } else {
+                                policy::stop_wait(probe, cfg.grace_period)
+                            };
+                            self.terminate(&mut cur.child, wait).await;
                             break Ending::Replaced(reason);
                         }
+                        None
+                    }
+                    Some(ev) = cur.events.recv() => {
+                        self.on_event(&mut cur, ev, &cfg);
+                        None
                     }
                     Some(()) = token_rx.recv() => {
                         // Editors and `setup` write by rename: let the burst settle.
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         while token_rx.try_recv().is_ok() {}
-                        match token::read(&self.token_path) {
+                        match token::read(&token_path) {
                             Ok(new) if new != token => {
-                                info!(pid, tunnel_id = new.tunnel_id(), "tunnel token changed: restarting cloudflared gracefully");
-                                self.terminate(&mut child, self.cfg.grace_period).await;
-                                break Ending::TokenChanged;
+                                info!(pid = cur.pid, tunnel_id = new.tunnel_id(), "tunnel token changed: replacing cloudflared");
+                                Some((cfg.clone(), new, "tunnel token changed"))
                             }
-                            Ok(_) => {}
-                            Err(e) => warn!(error = %e, "token file changed but cannot be used; cloudflared keeps running with the previous token"),
+                            Ok(_) => None,
+                            Err(e) => {
+                                warn!(error = %e, "token file changed but cannot be used; cloudflared keeps running with the previous token");
+                                None
+                            }
+                        }
+                    }
+                    Some(req) = replace_rx.recv() => {
+                        let next = req.cfg.unwrap_or_else(|| cfg.clone());
+                        let path = token_path_of(&next);
+                        match token::read(&path) {
+                            Ok(t) => Some((next, t, req.why)),
+                            Err(e) => {
+                                warn!(error = %e, why = req.why, "cannot replace cloudflared: the token cannot be read; the running connector stays");
+                                self.status.replacements_failed.fetch_add(1, Ordering::Relaxed);
+                                None
+                            }
                         }
                     }
                     _ = self.stop.cancelled() => {
-                        info!(pid, grace = ?self.cfg.grace_period, "stopping cloudflared (it unregisters from the edge)");
-                        self.terminate(&mut child, self.cfg.grace_period).await;
+                        let wait = cur.stop_wait(cfg.grace_period).await;
+                        if wait > policy::NOT_CONNECTED_STOP_WAIT {
+                            info!(pid = cur.pid, grace = ?cfg.grace_period, "stopping cloudflared (it unregisters from the edge)");
+                        } else {
+                            info!(pid = cur.pid, wait = ?wait, "stopping cloudflared; it has no edge connection, so there is nothing to drain and its grace period is not waited for");
+                        }
+                        self.terminate(&mut cur.child, wait).await;
                         self.status.pid.store(0, Ordering::SeqCst);
                         self.status.set_health(Health::Stopped);
+                        for t in retiring {
+                            let _ = t.await;
+                        }
                         return Outcome::Stopped;
+                    }
+                };
+                let Some((next_cfg, next_token, why)) = planned else {
+                    continue;
+                };
+                let next_binary = match spawn::resolve_binary(
+                    next_cfg.binary.as_deref(),
+                    std::env::var_os("PATH").as_ref(),
+                ) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        error!(error = %e, why, "cannot replace cloudflared; the running connector stays");
+                        self.status
+                            .replacements_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                };
+                if next_cfg.replacement == Replacement::Restart {
+                    // Stop, then start: the tunnel is down in between (no overlap).
+                    info!(
+                        pid = cur.pid,
+                        why, "restarting cloudflared (replacement = \"restart\")"
+                    );
+                    let wait = cur.stop_wait(cfg.grace_period).await;
+                    self.terminate(&mut cur.child, wait).await;
+                    // The token is read again before the restart.
+                    drop(next_token);
+                    (cfg, binary) = (next_cfg, next_binary);
+                    follow_token_file(&cfg, &mut token_path, &mut _watcher, &token_tx);
+                    break Ending::Planned;
+                }
+                match self
+                    .overlap(&mut cur, &next_cfg, &next_binary, &next_token, why)
+                    .await
+                {
+                    Ok(next) => {
+                        let old = std::mem::replace(&mut cur, next);
+                        let wait = old.stop_wait(cfg.grace_period).await;
+                        info!(
+                            old = old.pid,
+                            new = cur.pid,
+                            ?wait,
+                            why,
+                            "new cloudflared registered; stopping the old one (it unregisters and drains)"
+                        );
+                        retiring.push(tokio::spawn(retire(old, wait, self.force.clone())));
+                        self.status.pid.store(cur.pid, Ordering::SeqCst);
+                        self.status.replacements.fetch_add(1, Ordering::Relaxed);
+                        if next_cfg.health_interval != cfg.health_interval {
+                            tick = tokio::time::interval(next_cfg.health_interval);
+                        }
+                        (cfg, binary, token) = (next_cfg, next_binary, next_token);
+                        follow_token_file(&cfg, &mut token_path, &mut _watcher, &token_tx);
+                    }
+                    Err(e) => {
+                        error!(pid = cur.pid, why, error = %e, "cloudflared replacement failed; the running connector stays");
+                        self.status
+                            .problem(format!("replacement failed ({why}): {e}"));
+                        self.status
+                            .replacements_failed
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                 }
             };
             self.status.pid.store(0, Ordering::SeqCst);
             self.status.set_health(Health::Stopped);
-            let ready_for = tracker.ready_for(Instant::now());
+            let ready_for = cur.tracker.ready_for(Instant::now());
             if let Ending::Exited(c) | Ending::Signaled(c) = ending {
                 let how = if matches!(ending, Ending::Exited(_)) {
                     "exited"
                 } else {
                     "killed by signal"
                 };
-                warn!(pid, code = c, "cloudflared {how}");
+                warn!(pid = cur.pid, code = c, "cloudflared {how}");
                 self.status.problem(format!("cloudflared {how} {c}"));
             }
+            let policy = policy_of(&cfg);
             match policy.decide(
                 &mut history,
                 ending,
@@ -357,7 +501,7 @@ impl Run {
                     self.status.restarts.fetch_add(1, Ordering::Relaxed);
                     self.status.crash_loop.store(crash_loop, Ordering::Relaxed);
                     if crash_loop {
-                        error!(restarts_in_window = self.cfg.crash_loop_restarts, window = ?self.cfg.crash_loop_window, "cloudflared is crash-looping: check its log lines above (target cloudflared)");
+                        error!(restarts_in_window = cfg.crash_loop_restarts, window = ?cfg.crash_loop_window, "cloudflared is crash-looping: check its log lines above (target cloudflared)");
                     }
                     info!(
                         attempt,
@@ -372,9 +516,145 @@ impl Run {
                 }
             }
             // The file may have changed while nothing watched it (or without an event).
-            match token::read(&self.token_path) {
+            match token::read(&token_path) {
                 Ok(t) => token = t,
                 Err(e) => return self.give_up(e.to_string()),
+            }
+        }
+    }
+
+    /// Spawns one cloudflared with `cfg` and `token`, its logs forwarded.
+    async fn launch(
+        &self,
+        cfg: &CloudflaredConfig,
+        binary: &Path,
+        token: &Token,
+    ) -> Result<Connector, String> {
+        let metrics = metrics_addr(cfg)
+            .await
+            .map_err(|e| format!("cannot choose a loopback port for cloudflared's metrics: {e}"))?;
+        // Read at every start: a package upgrade may have replaced the binary.
+        match inspect::version(binary, Duration::from_secs(10)).await {
+            Ok(v) => {
+                info!(version = %v, "cloudflared binary");
+                Status::set(&self.status.version, Some(v));
+            }
+            Err(e) => warn!(error = %e, "cannot read cloudflared's version"),
+        }
+        let args = spawn::args(cfg, &self.log_level, metrics, self.origin);
+        let env = spawn::env(cfg, token);
+        let mut child = self
+            .spawner
+            .spawn(binary, &args, &env)
+            .await
+            .map_err(|e| e.to_string())?;
+        let pid = child.id().unwrap_or(0);
+        self.status.pid.store(pid, Ordering::SeqCst);
+        info!(pid, metrics = %metrics, url = %args.last().map(String::as_str).unwrap_or(""), "cloudflared started");
+        let (events_tx, events) = mpsc::channel(64);
+        forward_logs(&mut child, events_tx);
+        Ok(Connector {
+            child,
+            pid,
+            metrics,
+            events,
+            tracker: HealthTracker::new(Instant::now()),
+            refusals: Refusals::default(),
+        })
+    }
+
+    fn on_event(&self, c: &mut Connector, ev: logs::Event, cfg: &CloudflaredConfig) {
+        match ev {
+            logs::Event::Registered => {
+                c.refusals.accepted();
+                self.status.set_refused(None);
+            }
+            logs::Event::RegistrationRefused(err) => {
+                c.refusals.refused(Instant::now());
+                let n = c.refusals.count();
+                if n == 1 || n.is_power_of_two() {
+                    warn!(pid = c.pid, refusals = n, error = %err, give_up_after = %humantime::format_duration(cfg.token_refused_timeout), "the edge refused the tunnel token; cloudflared retries (a new or rotated token can take minutes to reach the edge)");
+                }
+                self.status.set_refused(Some(format!("the edge refused the tunnel token ({n} refused registrations, none accepted; cloudflared retries, the supervisor gives up after token_refused_timeout): {err}")));
+            }
+        }
+    }
+
+    /// Starts the next connector beside `cur` and waits until it has registered
+    /// `replace_connections` edge connections (no more than `cur` has, at least one), within
+    /// `replace_timeout`. `cur` keeps serving meanwhile; if it ends, the wait goes on and
+    /// the new connector takes over when ready. On failure the new one is stopped.
+    async fn overlap(
+        &self,
+        cur: &mut Connector,
+        cfg: &CloudflaredConfig,
+        binary: &Path,
+        token: &Token,
+        why: &'static str,
+    ) -> Result<Connector, String> {
+        let before = self.status.pid.load(Ordering::SeqCst);
+        let mut next = self.launch(cfg, binary, token).await?;
+        // `launch` records the newest PID; the running one stays current until the swap.
+        self.status.pid.store(before, Ordering::SeqCst);
+        let want = cfg
+            .replace_connections
+            .min(self.status.health().connections())
+            .max(1);
+        info!(old = cur.pid, new = next.pid, want, timeout = ?cfg.replace_timeout, why, "starting a new cloudflared beside the running one");
+        self.status.set_incoming(Some((next.pid, Health::Starting)));
+        let deadline = tokio::time::sleep(cfg.replace_timeout);
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(cfg.health_interval);
+        let mut cur_alive = true;
+        let result = loop {
+            tokio::select! {
+                st = cur.child.wait(), if cur_alive => {
+                    warn!(pid = cur.pid, ending = ?ending_of(st), "the running cloudflared ended during its replacement");
+                    cur_alive = false;
+                    self.status.set_health(Health::Stopped);
+                }
+                st = next.child.wait() => {
+                    break Err(format!("the new cloudflared ended before it registered ({:?})", ending_of(st)));
+                }
+                Some(ev) = next.events.recv() => self.on_event(&mut next, ev, cfg),
+                Some(ev) = cur.events.recv(), if cur_alive => self.on_event(cur, ev, cfg),
+                _ = tick.tick() => {
+                    self.status.beats.fetch_add(1, Ordering::Relaxed);
+                    if cur_alive {
+                        let p = probe_ready(cur.metrics, STOP_PROBE_TIMEOUT).await;
+                        cur.tracker.observe(p, Instant::now(), &limits_of(cfg));
+                        self.status.set_health(cur.tracker.health());
+                    }
+                    let p = probe_ready(next.metrics, STOP_PROBE_TIMEOUT).await;
+                    next.tracker.observe(p, Instant::now(), &limits_of(cfg));
+                    self.status.set_incoming(Some((next.pid, next.tracker.health())));
+                    if let Probe::Ready(n) = p && n >= want {
+                        break Ok(());
+                    }
+                }
+                _ = &mut deadline => {
+                    break Err(format!(
+                        "the new cloudflared did not register {want} edge connection(s) within replace_timeout ({})",
+                        humantime::format_duration(cfg.replace_timeout)
+                    ));
+                }
+                _ = self.stop.cancelled() => break Err("stopping".into()),
+            }
+        };
+        self.status.set_incoming(None);
+        match result {
+            Ok(()) => {
+                self.status.set_health(next.tracker.health());
+                Ok(next)
+            }
+            Err(e) => {
+                let wait = next.stop_wait(cfg.grace_period).await;
+                self.terminate(&mut next.child, wait).await;
+                if !cur_alive {
+                    // Nothing runs now: the next loop turn restarts as after a crash.
+                    return Err(format!("{e}; the running one had ended too"));
+                }
+                Err(e)
             }
         }
     }
@@ -386,41 +666,92 @@ impl Run {
         Outcome::Permanent(why)
     }
 
-    async fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
-        if let Some(port) = self.cfg.metrics_port {
-            return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-        }
-        // Bind and release: cloudflared binds it a moment later. The kernel hands out
-        // ephemeral ports round-robin, so a collision in between is unlikely.
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        l.local_addr()
+    /// SIGTERM to the process group, up to `wait` (cut short by `force`), then SIGKILL;
+    /// a zero `wait` kills at once (a hung child ignores SIGTERM).
+    async fn terminate(&self, child: &mut Child, wait: Duration) {
+        terminate(child, wait, &self.force).await
     }
+}
 
-    /// SIGTERM to the process group, up to `grace` (cut short by `force`), then SIGKILL.
-    async fn terminate(&self, child: &mut Child, grace: Duration) {
-        let Some(pid) = child.id() else {
-            return;
-        };
-        let group = Pid::from_raw(pid as i32);
-        if !grace.is_zero() {
-            let _ = killpg(group, Signal::SIGTERM);
-            let margin = Duration::from_secs(5);
-            tokio::select! {
-                r = child.wait() => {
-                    if let Ok(st) = r {
-                        info!(pid, status = %st, "cloudflared stopped");
-                    }
-                    // Anything it left in its group goes too.
-                    let _ = killpg(group, Signal::SIGKILL);
-                    return;
+/// Stops a replaced connector in the background: it unregisters and drains.
+async fn retire(mut old: Connector, wait: Duration, force: CancellationToken) {
+    terminate(&mut old.child, wait, &force).await;
+}
+
+/// SIGTERM to the process group, up to `wait` (cut short by `force`), then SIGKILL; a zero
+/// `wait` kills at once.
+async fn terminate(child: &mut Child, wait: Duration, force: &CancellationToken) {
+    let Some(pid) = child.id() else {
+        return;
+    };
+    let group = Pid::from_raw(pid as i32);
+    if !wait.is_zero() {
+        let _ = killpg(group, Signal::SIGTERM);
+        tokio::select! {
+            r = child.wait() => {
+                if let Ok(st) = r {
+                    info!(pid, status = %st, "cloudflared stopped");
                 }
-                _ = tokio::time::sleep(grace + margin) => warn!(pid, "cloudflared did not stop within its grace period: killing it"),
-                _ = self.force.cancelled() => warn!(pid, "second signal: killing cloudflared now"),
+                // Anything it left in its group goes too.
+                let _ = killpg(group, Signal::SIGKILL);
+                return;
             }
+            _ = tokio::time::sleep(wait) => warn!(pid, ?wait, "cloudflared did not stop in time: killing it"),
+            _ = force.cancelled() => warn!(pid, "second signal: killing cloudflared now"),
         }
-        let _ = killpg(group, Signal::SIGKILL);
-        let _ = child.wait().await;
     }
+    let _ = killpg(group, Signal::SIGKILL);
+    let _ = child.wait().await;
+}
+
+/// Watches the token file `cfg` names, if it is not the one watched already.
+fn follow_token_file(
+    cfg: &CloudflaredConfig,
+    watched: &mut PathBuf,
+    watcher: &mut Option<notify::RecommendedWatcher>,
+    tx: &mpsc::UnboundedSender<()>,
+) {
+    let path = token_path_of(cfg);
+    if path != *watched {
+        *watcher = watch_token_file(&path, tx.clone());
+        *watched = path;
+    }
+}
+
+fn policy_of(cfg: &CloudflaredConfig) -> RestartPolicy {
+    RestartPolicy {
+        backoff_min: cfg.restart_backoff_min,
+        backoff_max: cfg.restart_backoff_max,
+        reset_after: cfg.restart_reset_after,
+        crash_loop_restarts: cfg.crash_loop_restarts,
+        crash_loop_window: cfg.crash_loop_window,
+    }
+}
+
+fn limits_of(cfg: &CloudflaredConfig) -> HealthLimits {
+    HealthLimits {
+        startup_timeout: cfg.startup_timeout,
+        hung_timeout: cfg.hung_timeout,
+        disconnected_restart_after: cfg.disconnected_restart_after,
+    }
+}
+
+async fn metrics_addr(cfg: &CloudflaredConfig) -> std::io::Result<SocketAddr> {
+    if let Some(port) = cfg.metrics_port {
+        let fixed = SocketAddr::from(([127, 0, 0, 1], port));
+        // Busy while the connector being replaced still holds it: a free port meanwhile.
+        if tokio::net::TcpListener::bind(fixed).await.is_ok() {
+            return Ok(fixed);
+        }
+        warn!(
+            port,
+            "cloudflared.metrics_port is in use (by the connector being replaced?): this connector gets a free port"
+        );
+    }
+    // Bind and release: cloudflared binds it a moment later. The kernel hands out
+    // ephemeral ports round-robin, so a collision in between is unlikely.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    l.local_addr()
 }
 
 fn log_health(h: Health) {
@@ -439,33 +770,62 @@ fn log_health(h: Health) {
     }
 }
 
-/// Edge refusals of the token, seen without any connection becoming ready, after which the
-/// refusal counts as persistent (one per HA connection attempt, twice over).
-const PERSISTENT_REJECTIONS: u32 = 8;
+/// How long the stop path waits for `/ready` before treating cloudflared as unconnected.
+const STOP_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
-fn forward_logs(child: &mut Child, rejections: Arc<AtomicU32>) {
-    if let Some(out) = child.stdout.take() {
-        let rejections = rejections.clone();
+/// Re-emits both output streams; classified events go to the supervision loop. A full
+/// channel drops events (they are rare: one per registration attempt).
+fn forward_logs(child: &mut Child, events: mpsc::Sender<logs::Event>) {
+    fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+        r: R,
+        stream: &'static str,
+        events: mpsc::Sender<logs::Event>,
+    ) {
         tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if logs::is_token_rejection(&l) {
-                    rejections.fetch_add(1, Ordering::Relaxed);
+            let mut r = BufReader::new(r);
+            let mut buf = Vec::new();
+            // Never stop reading (a full pipe would block cloudflared): invalid UTF-8 is
+            // replaced and an overlong line is cut at MAX_LOG_LINE.
+            while let Ok(true) = read_line_capped(&mut r, &mut buf).await {
+                if let Some(ev) = logs::emit(&String::from_utf8_lossy(&buf), stream) {
+                    let _ = events.try_send(ev);
                 }
-                logs::emit(&l, "stdout");
             }
         });
     }
+    if let Some(out) = child.stdout.take() {
+        pump(out, "stdout", events.clone());
+    }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if logs::is_token_rejection(&l) {
-                    rejections.fetch_add(1, Ordering::Relaxed);
-                }
-                logs::emit(&l, "stderr");
-            }
-        });
+        pump(err, "stderr", events);
+    }
+}
+
+/// Longest cloudflared log line kept; the rest of a longer line is dropped.
+const MAX_LOG_LINE: usize = 64 * 1024;
+
+/// Reads up to and including the next newline into `buf` (at most `MAX_LOG_LINE` bytes
+/// kept); `false` at end of stream.
+async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    buf.clear();
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(!buf.is_empty());
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let room = MAX_LOG_LINE.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..take.min(room)]);
+        r.consume(take);
+        if done {
+            return Ok(true);
+        }
     }
 }
 

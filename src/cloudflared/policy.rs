@@ -184,6 +184,62 @@ impl HealthTracker {
     }
 }
 
+/// Token refusals by the edge since the last accepted registration.
+///
+/// The real cloudflared retries a refused registration forever, with a growing backoff
+/// (0.3 s, 1 s, 3 s, ... up to about a minute), because a new tunnel's token can take time to
+/// reach the edge and a rotation is briefly in flux. So a refusal is only given up on when it
+/// has lasted `token_refused_timeout` (minutes) with at least [`MIN_REFUSALS`] refused
+/// registrations and no accepted one in between. Each refused registration counts once,
+/// whatever number of log lines cloudflared writes about it.
+#[derive(Debug, Clone, Default)]
+pub struct Refusals {
+    first: Option<Instant>,
+    count: u32,
+}
+
+/// Refused registrations needed, besides the time window, before a refusal is persistent.
+pub const MIN_REFUSALS: u32 = 3;
+
+impl Refusals {
+    pub fn refused(&mut self, now: Instant) {
+        self.first.get_or_insert(now);
+        self.count = self.count.saturating_add(1);
+    }
+
+    /// A registration was accepted (or a connection is up): the token works.
+    pub fn accepted(&mut self) {
+        *self = Refusals::default();
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// `Some((refusals, for how long))` once the refusal counts as persistent.
+    pub fn persistent(&self, now: Instant, timeout: Duration) -> Option<(u32, Duration)> {
+        let since = now.saturating_duration_since(self.first?);
+        (self.count >= MIN_REFUSALS && since >= timeout).then_some((self.count, since))
+    }
+}
+
+/// How long to wait for cloudflared after SIGTERM before SIGKILL. With a registered
+/// connection it unregisters and drains its requests within `grace` (plus a margin for the
+/// process to exit). Without one there is nothing to drain, but cloudflared still sits out
+/// its whole grace period while it is reconnecting: a short wait, then it is killed.
+pub fn stop_wait(probe: Probe, grace: Duration) -> Duration {
+    match probe {
+        Probe::Ready(_) if !grace.is_zero() => grace + STOP_MARGIN,
+        _ => NOT_CONNECTED_STOP_WAIT,
+    }
+}
+
+/// Time for cloudflared to exit after its grace period ends.
+pub const STOP_MARGIN: Duration = Duration::from_secs(5);
+
+/// Time for an unconnected cloudflared to log its shutdown and exit (it takes ~10 ms).
+pub const NOT_CONNECTED_STOP_WAIT: Duration = Duration::from_secs(1);
+
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
@@ -193,8 +249,9 @@ pub enum Ending {
     Signaled(i32),
     /// The supervisor replaced it (health); restart after the usual backoff.
     Replaced(RestartReason),
-    /// The token changed: restart at once, it is not a failure.
-    TokenChanged,
+    /// A planned restart (token or section changed, operator request) without overlap:
+    /// restart at once, it is not a failure.
+    Planned,
 }
 
 /// cloudflared's exit status for a usage error, including an invalid token.
@@ -261,7 +318,7 @@ impl RestartPolicy {
         }
         history.recent.push_back(now);
         let crash_loop = history.recent.len() as u32 >= self.crash_loop_restarts.max(1);
-        if ending == Ending::TokenChanged {
+        if ending == Ending::Planned {
             return Decision::Restart {
                 delay: Duration::ZERO,
                 cap: Duration::ZERO,
@@ -361,6 +418,47 @@ mod tests {
         );
     }
 
+    #[test]
+    fn refusals_are_persistent_only_after_the_window_and_reset_on_acceptance() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let window = Duration::from_secs(600);
+        let mut r = Refusals::default();
+        // cloudflared's backoff: many refusals in the first seconds are not persistent.
+        for s in [0, 1, 2, 5, 9, 20, 40] {
+            r.refused(at(s));
+        }
+        assert_eq!(r.persistent(at(60), window), None);
+        assert_eq!(r.persistent(at(599), window), None);
+        assert_eq!(
+            r.persistent(at(600), window),
+            Some((7, Duration::from_secs(600)))
+        );
+        // An accepted registration starts over.
+        r.accepted();
+        assert_eq!(r.persistent(at(2000), window), None);
+        // Fewer than MIN_REFUSALS, however long ago, is not persistent either.
+        r.refused(at(2000));
+        r.refused(at(2100));
+        assert_eq!(r.persistent(at(9000), window), None);
+        r.refused(at(2200));
+        assert_eq!(r.persistent(at(2599), window), None);
+        assert_eq!(r.persistent(at(2600), window).map(|p| p.0), Some(3));
+    }
+
+    #[test]
+    fn stop_waits_for_the_grace_period_only_when_connected() {
+        let g = Duration::from_secs(30);
+        assert_eq!(stop_wait(Probe::Ready(4), g), g + STOP_MARGIN);
+        assert_eq!(stop_wait(Probe::Ready(1), g), g + STOP_MARGIN);
+        assert_eq!(stop_wait(Probe::NotReady, g), NOT_CONNECTED_STOP_WAIT);
+        assert_eq!(stop_wait(Probe::NoAnswer, g), NOT_CONNECTED_STOP_WAIT);
+        assert_eq!(
+            stop_wait(Probe::Ready(4), Duration::ZERO),
+            NOT_CONNECTED_STOP_WAIT
+        );
+    }
+
     fn policy() -> RestartPolicy {
         RestartPolicy {
             backoff_min: Duration::from_secs(1),
@@ -427,7 +525,7 @@ mod tests {
             Decision::Permanent(_)
         ));
         h.attempt = 5;
-        let d = p.decide(&mut h, Ending::TokenChanged, Duration::ZERO, t0, 0.9);
+        let d = p.decide(&mut h, Ending::Planned, Duration::ZERO, t0, 0.9);
         assert!(
             matches!(d, Decision::Restart { delay, .. } if delay.is_zero()),
             "{d:?}"

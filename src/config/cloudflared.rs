@@ -8,6 +8,17 @@ use serde::Deserialize;
 
 use super::{Validator, duration};
 
+/// How a planned replacement of cloudflared runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Replacement {
+    /// Start the new connector beside the old one, stop the old one once the new one has
+    /// registered: no gap in service (the edge allows several connectors per tunnel).
+    Overlap,
+    /// Stop the old connector, then start the new one (the tunnel is down in between).
+    Restart,
+}
+
 /// cloudflared supervision settings. Durations are validated (non-zero where zero would
 /// make no sense, min <= max for the backoff).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +54,17 @@ pub struct CloudflaredConfig {
     /// This many restarts inside `crash_loop_window` is reported as a crash loop.
     pub crash_loop_restarts: u32,
     pub crash_loop_window: Duration,
+    /// The edge refusing the token for this long, with no registration accepted in between
+    /// and no connection up, is given up on (exit 78). cloudflared itself retries refusals
+    /// forever: a new token can take minutes to reach the edge.
+    pub token_refused_timeout: Duration,
+    /// How a planned replacement (token or section changed, operator request) runs.
+    pub replacement: Replacement,
+    /// Edge connections the new connector must register before the old one is stopped
+    /// (at most as many as the old one has).
+    pub replace_connections: u32,
+    /// The new connector not registered within this long: it is stopped, the old one stays.
+    pub replace_timeout: Duration,
     /// Extra environment for cloudflared (e.g. `HTTPS_PROXY`); everything else is cleared.
     pub env: BTreeMap<String, String>,
 }
@@ -75,6 +97,12 @@ pub(super) struct RawCloudflared {
     crash_loop_restarts: Option<u32>,
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     crash_loop_window: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    token_refused_timeout: Option<Duration>,
+    replacement: Option<Replacement>,
+    replace_connections: Option<u32>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    replace_timeout: Option<Duration>,
     #[serde(default)]
     env: BTreeMap<String, String>,
 }
@@ -147,12 +175,37 @@ pub(super) fn validate(raw: RawCloudflared, base: &Path, v: &mut Validator) -> C
         restart_reset_after: raw.restart_reset_after.unwrap_or(Duration::from_secs(120)),
         crash_loop_restarts: raw.crash_loop_restarts.unwrap_or(5),
         crash_loop_window: raw.crash_loop_window.unwrap_or(Duration::from_secs(300)),
+        token_refused_timeout: positive(
+            v,
+            "token_refused_timeout",
+            raw.token_refused_timeout,
+            Duration::from_secs(600),
+        ),
+        replacement: raw.replacement.unwrap_or(Replacement::Overlap),
+        replace_connections: raw
+            .replace_connections
+            .unwrap_or(crate::cloudflared::policy::EXPECTED_CONNECTIONS),
+        replace_timeout: positive(
+            v,
+            "replace_timeout",
+            raw.replace_timeout,
+            Duration::from_secs(60),
+        ),
         env: raw.env,
     };
     if c.restart_backoff_min > c.restart_backoff_max {
         v.push(
             "cloudflared.restart_backoff_min",
             "expected restart_backoff_min <= restart_backoff_max",
+        );
+    }
+    if !(1..=crate::cloudflared::policy::EXPECTED_CONNECTIONS).contains(&c.replace_connections) {
+        v.push(
+            "cloudflared.replace_connections",
+            format!(
+                "expected 1 to {} (edge connections the new connector must register)",
+                crate::cloudflared::policy::EXPECTED_CONNECTIONS
+            ),
         );
     }
     if c.metrics_port == Some(0) {

@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 pub use admin::AdminConfig;
 pub use certs::CertsConfig;
-pub use cloudflared::CloudflaredConfig;
+pub use cloudflared::{CloudflaredConfig, Replacement};
 pub use ipset::IpPolicy;
 pub use limits::Limits;
 pub use provision::ProvisionConfig;

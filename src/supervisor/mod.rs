@@ -82,11 +82,14 @@ struct Signals {
     term: Signal,
     int: Signal,
     hup: Signal,
+    usr2: Signal,
 }
 
 enum Sig {
     Stop(&'static str),
     Reload,
+    /// SIGUSR2 (`mcp-tunnel restart-connector`): replace cloudflared without a gap.
+    RestartConnector,
 }
 
 impl Signals {
@@ -95,6 +98,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -103,6 +107,7 @@ impl Signals {
             _ = self.term.recv() => Sig::Stop("SIGTERM"),
             _ = self.int.recv() => Sig::Stop("SIGINT"),
             _ = self.hup.recv() => Sig::Reload,
+            _ = self.usr2.recv() => Sig::RestartConnector,
         }
     }
 }
@@ -131,7 +136,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                         info!(signal = name, "stopping before provisioning completed");
                         return Ok(());
                     }
-                    Sig::Reload => info!("SIGHUP while provisioning at start: nothing to reload yet"),
+                    Sig::Reload | Sig::RestartConnector => info!("signal while provisioning at start: nothing to reload or replace yet"),
                 },
             }
         }
@@ -176,6 +181,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let shutdown = Shutdown::new();
     tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
     let reloader = Arc::new(reload::Reloader::new(config.clone(), proxy.clone(), facts));
+    let reload_loop_reloader = reloader.clone();
     if let Some(settings) = provisioning::settings(&config)?
         && let Some(task) =
             provisioning::Task::new(&config, settings, reloader.clone(), state.clone())
@@ -189,7 +195,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     });
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(reload::run_loop(
-        reloader,
+        reload_loop_reloader,
         hooks,
         reload_rx,
         shutdown.clone(),
@@ -214,6 +220,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             Launcher::current(),
         )?;
         let _ = state.cloudflared.set(sup.status.clone());
+        reloader.supervise_cloudflared(sup.replacer());
         Some(sup)
     } else {
         info!("cloudflared supervision disabled ([cloudflared] enabled = false)");
@@ -239,6 +246,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     info!("SIGHUP: reloading configuration and certificates");
                     let _ = reload_tx.send(());
                 }
+                Sig::RestartConnector => match &cf {
+                    Some(sup) => {
+                        info!("SIGUSR2: replacing cloudflared (the new one starts beside the running one)");
+                        let _ = sup.replacer().send(cloudflared::Replace { cfg: None, why: "operator request (SIGUSR2)" });
+                    }
+                    None => warn!("SIGUSR2: cloudflared is not supervised here ([cloudflared] enabled = false); nothing to replace"),
+                },
             },
             outcome = async { cf.as_mut().expect("guarded").finished().await }, if cf.is_some() => {
                 // Only a permanent failure ends supervision by itself.
@@ -287,12 +301,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     {
         let forced = forced.clone();
         tokio::spawn(async move {
-            if let Sig::Stop(name) = signals.next().await {
-                warn!(signal = name, "second signal: stopping now");
-                forced.cancel();
+            loop {
+                if let Sig::Stop(name) = signals.next().await {
+                    warn!(signal = name, "second signal: stopping now");
+                    forced.cancel();
+                    return;
+                }
             }
         });
     }
+    // Tell systemd how long the stop may still take (cloudflared's grace period, then the
+    // drain), in case that is longer than the unit's TimeoutStopSec allows.
+    let budget = config.shutdown_timeout
+        + if cf.is_some() {
+            config.cloudflared.grace_period + cloudflared::policy::STOP_MARGIN
+        } else {
+            Duration::ZERO
+        };
+    let extender = tokio::spawn(extend_stop_timeout(notifier, budget));
     if let Some(sup) = cf {
         sup.begin_stop();
         let force = sup.force_token();
@@ -316,6 +342,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     } else {
         info!("drained cleanly");
     }
+    extender.abort();
     admin_stop.cancel();
     match stop_reason {
         Ok(_) => Ok(()),
@@ -323,6 +350,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             error!(reason = %why, "exiting with status 78: fix the cause, then restart the service");
             Err(RunError::CloudflaredPermanent(why))
         }
+    }
+}
+
+/// Sends `EXTEND_TIMEOUT_USEC` every few seconds while stopping: the time left of `budget`
+/// plus a margin, so systemd never kills a drain that is still within its configured limits.
+async fn extend_stop_timeout(notifier: Notifier, budget: Duration) {
+    const EVERY: Duration = Duration::from_secs(5);
+    const MARGIN: Duration = Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + budget;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        notifier.extend_timeout(left + MARGIN);
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(EVERY)).await;
     }
 }
 

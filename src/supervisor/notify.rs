@@ -36,6 +36,13 @@ impl Notifier {
         self.send(&[NotifyState::Stopping, NotifyState::Status(status)]);
     }
 
+    /// `EXTEND_TIMEOUT_USEC=`: the stop (or start) takes up to `d` more. systemd only uses
+    /// it when the unit's own timeout would end sooner, so it is safe to send always.
+    pub fn extend_timeout(&self, d: Duration) {
+        let usec = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        self.send(&[NotifyState::ExtendTimeoutUsec(usec)]);
+    }
+
     /// `WATCHDOG=1`: the keep-alive; send only when the main loops show progress.
     pub fn watchdog(&self) {
         self.send(&[NotifyState::Watchdog]);

@@ -130,6 +130,9 @@ pub struct Reloader {
     generation: AtomicU64,
     failures: AtomicU64,
     attempts: AtomicU64,
+    /// The running cloudflared supervision, which applies a changed `[cloudflared]` by
+    /// replacing the connector (unset: cloudflared is not supervised).
+    cloudflared: std::sync::OnceLock<mpsc::UnboundedSender<crate::cloudflared::Replace>>,
 }
 
 fn read_pair(config: &Config) -> (Vec<u8>, Vec<u8>) {
@@ -155,7 +158,13 @@ impl Reloader {
             generation: AtomicU64::new(1),
             failures: AtomicU64::new(0),
             attempts: AtomicU64::new(0),
+            cloudflared: std::sync::OnceLock::new(),
         }
+    }
+
+    /// From now on a changed `[cloudflared]` section goes to this supervision.
+    pub fn supervise_cloudflared(&self, tx: mpsc::UnboundedSender<crate::cloudflared::Replace>) {
+        let _ = self.cloudflared.set(tx);
     }
 
     /// Config generation: 1 at start, +1 per applied change.
@@ -247,8 +256,22 @@ impl Reloader {
             next.admin = cur.config.admin.clone();
         }
         if next.cloudflared != cur.config.cloudflared {
-            warn!("[cloudflared] changes need a restart to apply; keeping the running values");
-            next.cloudflared = cur.config.cloudflared.clone();
+            match self.cloudflared.get() {
+                _ if next.cloudflared.enabled != cur.config.cloudflared.enabled => {
+                    warn!(
+                        "cloudflared.enabled cannot change while running: restart the service to apply it; keeping the running [cloudflared] values"
+                    );
+                    next.cloudflared = cur.config.cloudflared.clone();
+                }
+                Some(tx) => {
+                    info!("[cloudflared] changed: replacing the connector");
+                    let _ = tx.send(crate::cloudflared::Replace {
+                        cfg: Some(next.cloudflared.clone()),
+                        why: "[cloudflared] changed",
+                    });
+                }
+                None => {}
+            }
         }
         let routes = match self.proxy.apply(&next).await {
             Ok(r) => r,

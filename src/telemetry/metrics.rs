@@ -108,8 +108,10 @@ pub fn readiness(s: &AppState, now: i64) -> Vec<Component> {
     });
     let h = s.cloudflared_health();
     let problem = s.cloudflared.get().and_then(|c| c.last_problem());
+    let refused = s.cloudflared.get().and_then(|c| c.refused());
     let reason = match h {
         _ if h.is_ready() => None,
+        Health::Starting | Health::Disconnected if refused.is_some() => refused,
         Health::Starting => Some("waiting for the first edge connection".to_string()),
         Health::Disconnected => Some("no edge connection; cloudflared is retrying".to_string()),
         Health::Hung => Some("cloudflared's metrics server does not answer".to_string()),
@@ -119,12 +121,15 @@ pub fn readiness(s: &AppState, now: i64) -> Vec<Component> {
                 .unwrap_or_else(|| "cloudflared is not running".into()),
         ),
     };
-    let state = match h {
+    let mut state = match h {
         Health::Connected(n) | Health::Degraded(n) => {
             format!("{} {n}/{EXPECTED_CONNECTIONS}", h.name())
         }
         _ => h.name().to_string(),
     };
+    if let Some(incoming) = incoming_text(s) {
+        state.push_str(&format!(" ({incoming})"));
+    }
     out.push(Component {
         name: "cloudflared",
         ready: h.is_ready(),
@@ -145,8 +150,20 @@ pub fn readiness(s: &AppState, now: i64) -> Vec<Component> {
 pub fn readyz(s: &AppState, now: i64) -> (bool, String) {
     let comps = readiness(s, now);
     let ready = comps.iter().all(|c| c.ready);
-    let body = serde_json::json!({ "ready": ready, "components": comps });
+    // The PID lets `mcp-tunnel restart-connector` signal the service (the kernel checks it
+    // may: only root or the service's user can).
+    let body =
+        serde_json::json!({ "ready": ready, "pid": std::process::id(), "components": comps });
     (ready, format!("{body}\n"))
+}
+
+/// During a connector replacement: `replacing: new connector 2/4`.
+fn incoming_text(s: &AppState) -> Option<String> {
+    let (_, h) = s.cloudflared.get()?.incoming()?;
+    Some(format!(
+        "replacing: new connector {}/{EXPECTED_CONNECTIONS}",
+        h.connections()
+    ))
 }
 
 /// `STATUS=` for systemd, e.g. `tunnel 4/4 connections; 3 routes; cert expires in 61d`.
@@ -157,6 +174,10 @@ pub fn status_line(s: &AppState, now: i64) -> String {
             format!("tunnel {n}/{EXPECTED_CONNECTIONS} connections")
         }
         h => format!("tunnel {}", h.name()),
+    };
+    let tunnel = match incoming_text(s) {
+        Some(i) => format!("{tunnel} ({i})"),
+        None => tunnel,
     };
     let routes = s.routes.load(Ordering::Relaxed);
     let na = s.cert_not_after.load(Ordering::Relaxed);
@@ -286,6 +307,31 @@ pub fn render(s: &AppState, now: i64) -> String {
         "cloudflared restarts by the supervisor.",
         &(cf.map_or(0, |c| c.restarts.load(Ordering::Relaxed))),
     );
+    let incoming = cf.and_then(|c| c.incoming());
+    scalar(
+        &mut o,
+        "mcp_tunnel_cloudflared_connectors",
+        "gauge",
+        "cloudflared processes serving the tunnel: 2 while a replacement overlaps the old one.",
+        &(match (cf.map(|c| c.pid.load(Ordering::Relaxed)), incoming) {
+            (Some(0) | None, None) => 0,
+            (Some(0) | None, Some(_)) | (Some(_), None) => 1,
+            (Some(_), Some(_)) => 2,
+        }),
+    );
+    scalar(
+        &mut o,
+        "mcp_tunnel_cloudflared_incoming_ready_connections",
+        "gauge",
+        "Edge connections of the connector starting beside the running one (0 when none).",
+        &(incoming.map_or(0, |(_, h)| h.connections())),
+    );
+    o.push_str("# HELP mcp_tunnel_cloudflared_replacements_total Planned connector replacements (new connector started beside the old one), by result.\n# TYPE mcp_tunnel_cloudflared_replacements_total counter\n");
+    o.push_str(&format!(
+        "mcp_tunnel_cloudflared_replacements_total{{result=\"ok\"}} {}\nmcp_tunnel_cloudflared_replacements_total{{result=\"failed\"}} {}\n",
+        cf.map_or(0, |c| c.replacements.load(Ordering::Relaxed)),
+        cf.map_or(0, |c| c.replacements_failed.load(Ordering::Relaxed)),
+    ));
     scalar(
         &mut o,
         "mcp_tunnel_cloudflared_crash_loop",

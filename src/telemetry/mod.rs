@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod metrics;
+pub mod restart_connector;
 pub mod status;
 
 use std::io::IsTerminal;
