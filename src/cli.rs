@@ -78,7 +78,7 @@ pub enum Command {
         #[arg(long)]
         offline: bool,
         /// Path the MCP probe sends `initialize` to.
-        #[arg(long, default_value = "/mcp")]
+        #[arg(long, default_value = "/mcp", value_parser = parse_mcp_path)]
         path: String,
         /// Bound on each network step.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -140,6 +140,14 @@ pub enum Command {
         #[arg(long, default_value = "2160h", value_parser = parse_duration)]
         cert_duration: std::time::Duration,
     },
+}
+
+/// `--path`: an absolute request path (query allowed), as a connector URL's path.
+fn parse_mcp_path(s: &str) -> Result<String, String> {
+    match s.parse::<http::uri::PathAndQuery>() {
+        Ok(p) if s.starts_with('/') => Ok(p.to_string()),
+        _ => Err(format!("expected a path such as /mcp, found {s:?}")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -189,7 +189,7 @@ pub async fn check(cfg: &CloudflaredConfig, offline: bool, timeout: Duration) ->
     if let Some(list) = cfg.env.get("TUNNEL_EDGE") {
         let mut addrs = Vec::new();
         for a in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-            if let Ok(found) = tokio::net::lookup_host(a).await {
+            if let Ok(Ok(found)) = tokio::time::timeout(step, tokio::net::lookup_host(a)).await {
                 addrs.extend(found);
             }
         }

@@ -159,8 +159,8 @@ pub(super) fn jsonrpc(answer: &Answer) -> Option<serde_json::Value> {
     }
 }
 
-/// The `initialize` request.
-pub(super) fn initialize(path: &str) -> Request<Full<Bytes>> {
+/// The `initialize` request; `Err` for a path that is no request target.
+pub(super) fn initialize(path: &str) -> Result<Request<Full<Bytes>>, String> {
     let body = serde_json::json!({
         "jsonrpc": "2.0",
         "id": 1,
@@ -175,23 +175,26 @@ pub(super) fn initialize(path: &str) -> Request<Full<Bytes>> {
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "application/json, text/event-stream")
         .body(Full::new(Bytes::from(body.to_string())))
-        .expect("static request")
+        .map_err(|e| format!("{path:?} is not a request path: {e}"))
 }
 
 /// Ends the session `initialize` opened (MCP servers keep state per `Mcp-Session-Id`).
-pub(super) fn delete_session(path: &str, id: &http::HeaderValue) -> Request<Full<Bytes>> {
+pub(super) fn delete_session(
+    path: &str,
+    id: &http::HeaderValue,
+) -> Result<Request<Full<Bytes>>, String> {
     Request::delete(path)
         .header("mcp-session-id", id.clone())
         .body(Full::new(Bytes::new()))
-        .expect("static request")
+        .map_err(|e| e.to_string())
 }
 
 /// A plain GET (resource metadata).
-pub(super) fn get(path: &str) -> Request<Full<Bytes>> {
+pub(super) fn get(path: &str) -> Result<Request<Full<Bytes>>, String> {
     Request::get(path)
         .header(http::header::ACCEPT, "application/json")
         .body(Full::new(Bytes::new()))
-        .expect("static request")
+        .map_err(|e| format!("{path:?} is not a request path: {e}"))
 }
 
 /// The `resource_metadata` parameter of a `WWW-Authenticate` challenge (RFC 9728).

@@ -345,14 +345,11 @@ async fn mcp(
 ) -> Check {
     let name = format!("route.{}.mcp", route.name);
     let url = format!("https://{host}{}", opts.mcp_path);
-    let answer = match probe::send(
-        &t.target,
-        host,
-        probe::initialize(&opts.mcp_path),
-        opts.timeout,
-    )
-    .await
-    {
+    let req = match probe::initialize(&opts.mcp_path) {
+        Ok(r) => r,
+        Err(e) => return Check::fail(name, e, "pass --path /<the server's MCP path>"),
+    };
+    let answer = match probe::send(&t.target, host, req, opts.timeout).await {
         Ok(a) => a,
         Err(f) => return failed_probe(config, route, &url, f, t).fact("via", t.via.as_str()),
     };
@@ -363,14 +360,10 @@ async fn mcp(
             .fact("latency_ms", ms(a.latency))
     };
     if (200..300).contains(&answer.status) {
-        if let Some(id) = answer.headers.get("mcp-session-id") {
-            let _ = probe::send(
-                &t.target,
-                host,
-                probe::delete_session(&opts.mcp_path, id),
-                opts.timeout,
-            )
-            .await;
+        if let Some(id) = answer.headers.get("mcp-session-id")
+            && let Ok(req) = probe::delete_session(&opts.mcp_path, id)
+        {
+            let _ = probe::send(&t.target, host, req, opts.timeout).await;
         }
         return facts(initialized(&name, &url, &answer), &answer);
     }
@@ -563,7 +556,11 @@ async fn oauth(
             ..base
         };
     }
-    match probe::send(&t.target, &meta_host, probe::get(&meta_path), opts.timeout).await {
+    let fetched = match probe::get(&meta_path) {
+        Ok(req) => probe::send(&t.target, &meta_host, req, opts.timeout).await,
+        Err(e) => Err(Failure::Http(e)),
+    };
+    match fetched {
         Ok(m) if (200..300).contains(&m.status) => {
             let json: Option<serde_json::Value> = serde_json::from_slice(&m.body).ok();
             let servers = json
