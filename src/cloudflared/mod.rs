@@ -148,6 +148,7 @@ impl Status {
             .clone()
     }
 
+    /// For `/status`: which cloudflared runs (a package may bundle another than PATH's).
     pub fn version(&self) -> Option<String> {
         self.version
             .lock()
@@ -155,6 +156,7 @@ impl Status {
             .clone()
     }
 
+    /// For `/status`: the ID the edge and the Console know this connector by.
     pub fn connector_id(&self) -> Option<String> {
         self.connector_id
             .lock()

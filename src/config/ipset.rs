@@ -66,6 +66,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// What `IpPolicy::allows` answers.
     pub fn is_allowed(self) -> bool {
         matches!(self, Verdict::Allowed(_) | Verdict::Unchecked)
     }

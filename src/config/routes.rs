@@ -206,6 +206,7 @@ pub struct Lookup<'a> {
 }
 
 impl<'a> Lookup<'a> {
+    /// The route the request goes to, as `RouteTable::lookup` returns it.
     pub fn route(&self) -> Option<&'a Arc<Route>> {
         match self.outcome {
             Outcome::Exact(r) | Outcome::Subdomain(r) => Some(r),

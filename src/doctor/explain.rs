@@ -98,6 +98,8 @@ pub struct Explanation {
 }
 
 impl Explainer {
+    /// From the parts the data path decides with (no certificate): what the property tests
+    /// drive with generated tables, allowlists and DNS answers.
     pub fn new(routes: RouteTable, policy: IpPolicy, resolver: Arc<dyn Resolve>) -> Explainer {
         Explainer {
             routes,

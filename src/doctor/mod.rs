@@ -76,14 +76,17 @@ impl Check {
         }
     }
 
+    /// Passed; the reason says what was seen.
     pub fn ok(name: impl Into<String>, reason: impl Into<String>) -> Check {
         Check::new(name, Verdict::Ok, reason)
     }
 
+    /// Not run here; the reason says why.
     pub fn skip(name: impl Into<String>, reason: impl Into<String>) -> Check {
         Check::new(name, Verdict::Skip, reason)
     }
 
+    /// Works, but something will bite later or is weaker than it should be.
     pub fn warn(
         name: impl Into<String>,
         reason: impl Into<String>,
@@ -92,6 +95,7 @@ impl Check {
         Check::new(name, Verdict::Warn, reason).with_fix(fix)
     }
 
+    /// Broken: requests fail, or the service refuses to start, until the fix is applied.
     pub fn fail(
         name: impl Into<String>,
         reason: impl Into<String>,
@@ -184,6 +188,7 @@ pub struct Options {
 }
 
 impl Options {
+    /// The CLI's defaults: online, `/mcp`, 10 s per step.
     pub fn new(config: impl Into<PathBuf>) -> Options {
         Options {
             config: config.into(),

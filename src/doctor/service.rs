@@ -19,6 +19,7 @@ pub(super) enum Service {
 }
 
 impl Service {
+    /// The `/status` document, when the service answered.
     pub fn status(&self) -> Option<&serde_json::Value> {
         match self {
             Service::Running { status, .. } => Some(status),
