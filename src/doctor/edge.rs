@@ -340,6 +340,24 @@ mod tests {
         assert_eq!(nameserver("search a\n"), None);
     }
 
+    proptest::proptest! {
+        /// Whatever a resolver sends back, parsing ends with records or an error, never a
+        /// panic or a hang: random bytes, and a valid answer with bytes flipped.
+        #[test]
+        fn parser_survives_any_answer(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            flips in proptest::collection::vec((0usize..200, proptest::prelude::any::<u8>()), 0..6),
+        ) {
+            let _ = parse_srv(&noise, u16::from_be_bytes([noise.first().copied().unwrap_or(0), noise.get(1).copied().unwrap_or(0)]));
+            let mut m = response(9);
+            for (at, byte) in flips {
+                let at = at % m.len();
+                m[at] = byte;
+            }
+            let _ = parse_srv(&m, 9);
+        }
+    }
+
     /// The query goes out and the answer comes back over real UDP (a responder on loopback).
     #[tokio::test]
     async fn lookup_against_a_local_resolver() {
