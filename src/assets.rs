@@ -55,9 +55,14 @@ mod tests {
         let page = std::fs::read_to_string(dir.path().join("man/mcp-tunnel.1")).unwrap();
         assert!(page.contains("mcp\\-tunnel\\-run(1)"), "{page}");
         assert!(dir.path().join("man/mcp-tunnel-check.1").exists());
+        let doctor = std::fs::read_to_string(dir.path().join("man/mcp-tunnel-doctor.1")).unwrap();
+        assert!(doctor.contains("\\-\\-offline"), "{doctor}");
+        assert!(dir.path().join("man/mcp-tunnel-explain.1").exists());
         for file in ["mcp-tunnel.bash", "_mcp-tunnel", "mcp-tunnel.fish"] {
             let text = std::fs::read_to_string(dir.path().join("completions").join(file)).unwrap();
-            assert!(text.contains("check"), "{file}");
+            for command in ["check", "doctor", "explain", "offline"] {
+                assert!(text.contains(command), "{file} lacks {command}");
+            }
             for hidden in ["generate-assets", "__exec-child"] {
                 assert!(!text.contains(hidden), "{file} offers {hidden}");
             }

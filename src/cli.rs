@@ -65,6 +65,37 @@ pub enum Command {
         #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Check the whole chain (config, certificate, each route through the real inner path,
+    /// cloudflared, the running service) and say for each problem what is wrong and the fix.
+    /// Exit 0 when nothing fails, 1 otherwise.
+    Doctor {
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Skip what leaves the machine: edge reachability (DNS SRV, TCP 7844), Tunnels API.
+        #[arg(long)]
+        offline: bool,
+        /// Path the MCP probe sends `initialize` to.
+        #[arg(long, default_value = "/mcp", value_parser = parse_mcp_path)]
+        path: String,
+        /// Bound on each network step.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Show what the proxy would do with a request for URL: the route and why, the upstream
+    /// request and Host, each resolved address and its allowlist verdict, the certificate.
+    /// Exit 0 when it would be forwarded, 1 when refused.
+    Explain {
+        /// e.g. https://echo.<tunnel_domain>/mcp, or a bare hostname.
+        url: String,
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the explanation as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace the running cloudflared without a gap in service: the new connector starts
     /// beside the old one, which stops once the new one has registered (SIGUSR2 to the
     /// service; root or the service's user).
@@ -109,6 +140,14 @@ pub enum Command {
         #[arg(long, default_value = "2160h", value_parser = parse_duration)]
         cert_duration: std::time::Duration,
     },
+}
+
+/// `--path`: an absolute request path (query allowed), as a connector URL's path.
+fn parse_mcp_path(s: &str) -> Result<String, String> {
+    match s.parse::<http::uri::PathAndQuery>() {
+        Ok(p) if s.starts_with('/') => Ok(p.to_string()),
+        _ => Err(format!("expected a path such as /mcp, found {s:?}")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -320,6 +359,22 @@ pub fn dispatch(cli: Cli) -> u8 {
             }
         }
         Command::Status { admin, config } => crate::telemetry::status::print(admin, &config),
+        Command::Doctor {
+            config,
+            json,
+            offline,
+            path,
+            timeout,
+        } => {
+            let opts = crate::doctor::Options {
+                config,
+                offline,
+                mcp_path: path,
+                timeout,
+            };
+            crate::doctor::main(&opts, json)
+        }
+        Command::Explain { url, config, json } => crate::doctor::explain::main(&config, &url, json),
         Command::RestartConnector {
             admin,
             config,

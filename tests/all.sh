@@ -19,6 +19,8 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --locked
+step "doctor and status against run + the real cloudflared + fake-edge (unshare -n)"
+tests/doctor-cloudflared.sh
 step "real cloudflared 2026.8.2 + fake-edge: supervision tests in a loopback-only netns"
 tests/real-cloudflared.sh
 step "end-to-end: real MCP peers through bridge -> WebSocket -> inner TLS -> proxy"

@@ -1,12 +1,109 @@
 //! Property tests: route matching and the upstream address policy agree with reference
 //! models written here from the documented rules, for generated hostnames, route tables,
-//! addresses and allowlists.
+//! addresses and allowlists. `mcp-tunnel explain` is driven with the same inputs and must
+//! agree with the data path (`RouteTable::lookup`, `IpPolicy::allows` / `check_all` and
+//! `upstream::resolve_checked`) on every case.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use mcp_tunnel::config::ipset::{IpPolicy, parse_entry};
 use mcp_tunnel::config::routes::{Route, RouteTable, Upstream};
+use mcp_tunnel::doctor::explain::{Explainer, Explanation};
+use mcp_tunnel::proxy::upstream::{self, BoxFuture, ConnectError, Resolve};
 use proptest::prelude::*;
+
+// ---------------------------------------------------------------------------------------
+// `explain`, driven like the data path
+// ---------------------------------------------------------------------------------------
+
+/// DNS that answers every name with the same addresses.
+struct Fixed(Vec<IpAddr>);
+
+impl Resolve for Fixed {
+    fn resolve(&self, _host: &str, port: u16) -> BoxFuture<std::io::Result<Vec<SocketAddr>>> {
+        let addrs = self.0.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+        Box::pin(async move { Ok(addrs) })
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn explain(table: &RouteTable, policy: &IpPolicy, dns: &[IpAddr], input: &str) -> Explanation {
+    let e = Explainer::new(table.clone(), policy.clone(), Arc::new(Fixed(dns.to_vec())));
+    block_on(e.explain(input))
+}
+
+/// `explain` for `host` (as a bare Host value, and inside a URL when it forms one) names the
+/// route the data path's lookup finds, and would forward exactly when a route matched (the
+/// table's upstream is an allowed literal address).
+fn explain_agrees_on_route(t: &RouteTable, host: &str) -> Result<(), TestCaseError> {
+    let want = t.lookup(host).map(|r| r.name.clone());
+    let mut inputs = vec![host.to_string()];
+    let url = format!("https://{host}/mcp?x=1");
+    if url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.as_str() == host))
+        == Some(true)
+    {
+        inputs.push(url);
+    }
+    for input in inputs {
+        let e = explain(t, &IpPolicy::default(), &[], &input);
+        prop_assert_eq!(&e.route.matched, &want, "explain {:?}", input);
+        prop_assert_eq!(e.forwarded, want.is_some(), "explain {:?}", input);
+        prop_assert_eq!(e.route.rule == "none", want.is_none());
+    }
+    Ok(())
+}
+
+/// `explain` for a route whose upstream resolves to `ips`: a verdict per address that is
+/// `allows`, the refused address `check_all` names, and forwarding exactly when the data
+/// path's `resolve_checked` lets the connection through.
+fn explain_agrees_on_addresses(policy: &IpPolicy, ips: &[IpAddr]) -> Result<(), TestCaseError> {
+    let table = RouteTable::new(
+        vec![Route {
+            name: "echo".into(),
+            upstream: Upstream::parse("http://up.internal:9000").unwrap(),
+            preserve_host: false,
+        }],
+        Some("t.example"),
+    );
+    let e = explain(&table, policy, ips, "https://echo.t.example/mcp");
+    let a = e.addresses.as_ref().expect("a route matched");
+    prop_assert_eq!(a.verdicts.len(), ips.len());
+    for (v, ip) in a.verdicts.iter().zip(ips) {
+        prop_assert_eq!(v.ip, ip.to_canonical());
+        prop_assert_eq!(v.allowed, policy.allows(*ip), "{}", ip);
+    }
+    let data_path = block_on(upstream::resolve_checked(
+        &Fixed(ips.to_vec()),
+        policy,
+        "up.internal",
+        9000,
+    ));
+    match data_path {
+        Ok(_) => {
+            prop_assert!(e.forwarded);
+            prop_assert_eq!(a.refused, None);
+        }
+        Err(ConnectError::NotAllowed { ip, .. }) => {
+            prop_assert!(!e.forwarded);
+            prop_assert_eq!(a.refused, Some(ip));
+            let log = format!("IP validation failed: {ip} is not a private address");
+            prop_assert!(e.outcome.contains(&log), "{}", e.outcome);
+        }
+        Err(other) => prop_assert!(false, "unexpected {other:?}"),
+    }
+    prop_assert_eq!(a.refused, policy.check_all(ips).err());
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------------------
 // Route matching
@@ -135,6 +232,7 @@ proptest! {
         let host = decorate(&name, &dec);
         let got = t.lookup(&host).map(|r| r.name.clone());
         prop_assert_eq!(got, reference_route(&keys, domain.as_deref(), &name), "host {:?}", host);
+        explain_agrees_on_route(&t, &host)?;
     }
 
     /// Hostnames made of a route key joined to the domain (the names the edge sends) are
@@ -150,9 +248,11 @@ proptest! {
         let key = &keys[pick.index(keys.len())];
         let t = table(&keys, Some(&domain));
         let name = format!("{key}.{domain}");
-        let got = t.lookup(&decorate(&name, &dec)).map(|r| r.name.clone());
+        let host = decorate(&name, &dec);
+        let got = t.lookup(&host).map(|r| r.name.clone());
         prop_assert_eq!(&got, &reference_route(&keys, Some(&domain), &name));
         prop_assert!(got.is_some());
+        explain_agrees_on_route(&t, &host)?;
     }
 
     /// IP literals (v4 with a port, bracketed v6 with or without one) never select a route
@@ -172,6 +272,7 @@ proptest! {
         };
         let t = table(&keys, domain.as_deref());
         prop_assert!(t.lookup(&host).is_none(), "{:?} matched", host);
+        explain_agrees_on_route(&t, &host)?;
     }
 }
 
@@ -363,6 +464,7 @@ proptest! {
             prop_assert_eq!(policy.allows(*ip), reference_allows(Some(&list), *ip), "{}", ip);
         }
         prop_assert_eq!(policy.check_all(&ips), reference_check_all(Some(&list), &ips));
+        explain_agrees_on_addresses(&policy, &ips)?;
     }
 
     /// A v4 address and its v4-mapped v6 form always get the same decision.
@@ -376,6 +478,7 @@ proptest! {
         let policy = IpPolicy::Allow(nets);
         prop_assert_eq!(policy.allows(IpAddr::V4(v4)), policy.allows(mapped(v4)));
         prop_assert_eq!(policy.allows(mapped(v4)), reference_allows(Some(&list), mapped(v4)));
+        explain_agrees_on_addresses(&policy, &[IpAddr::V4(v4), mapped(v4)])?;
     }
 
     /// The default (RFC 1918) and the disabled policy agree with the reference too.
@@ -389,6 +492,8 @@ proptest! {
         for ip in [ip, if form { mapped(v4) } else { IpAddr::V4(v4) }] {
             prop_assert_eq!(IpPolicy::default().allows(ip), reference_allows(Some(&rfc1918), ip), "{}", ip);
             prop_assert_eq!(IpPolicy::Disabled.allows(ip), reference_allows(None, ip));
+            explain_agrees_on_addresses(&IpPolicy::default(), &[ip])?;
+            explain_agrees_on_addresses(&IpPolicy::Disabled, &[ip])?;
         }
     }
 }
@@ -457,4 +562,73 @@ fn reference_models_on_known_cases() {
         Some(&[(ip("0.0.0.0"), 0)]),
         ip("::ffff:1.2.3.4")
     ));
+}
+
+/// `explain` on hand-picked inputs, so that the URL form and the rule names cannot pass the
+/// properties vacuously.
+#[test]
+fn explain_on_known_cases() {
+    let keys = vec!["echo".to_owned(), "wiki.internal.example.org".to_owned()];
+    let t = table(&keys, Some("Tunnel.Example.COM."));
+    let e = explain(
+        &t,
+        &IpPolicy::default(),
+        &[],
+        "https://ECHO.Tunnel.Example.COM.:8443/mcp?x=1",
+    );
+    assert_eq!(e.host, "ECHO.Tunnel.Example.COM.:8443");
+    assert_eq!(e.path, "/mcp?x=1");
+    assert_eq!(e.route.matched.as_deref(), Some("echo"));
+    assert_eq!(e.route.rule, "subdomain");
+    let up = e.upstream.as_ref().unwrap();
+    assert_eq!(up.url, "http://10.0.0.1:9000/mcp?x=1");
+    assert_eq!(up.host_header, "10.0.0.1:9000");
+    assert!(e.forwarded);
+    let e = explain(
+        &t,
+        &IpPolicy::default(),
+        &[],
+        "https://wiki.internal.example.org/",
+    );
+    assert_eq!(e.route.rule, "exact");
+    let e = explain(
+        &t,
+        &IpPolicy::default(),
+        &[],
+        "https://ecoh.tunnel.example.com/mcp",
+    );
+    assert_eq!(e.route.rule, "none");
+    assert_eq!(e.route.near_misses, ["echo (echo.tunnel.example.com)"]);
+    assert!(!e.forwarded);
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let e = explain(
+        &t,
+        &IpPolicy::default(),
+        &[ip("10.0.0.1")],
+        "https://echo.tunnel.example.com/mcp",
+    );
+    assert!(e.forwarded, "a literal upstream address needs no lookup");
+    let policy = IpPolicy::Allow(vec![parse_entry("0.0.0.0/0").unwrap()]);
+    let named = RouteTable::new(
+        vec![Route {
+            name: "m".into(),
+            upstream: Upstream::parse("http://meta.internal:80").unwrap(),
+            preserve_host: false,
+        }],
+        None,
+    );
+    let e = explain(
+        &named,
+        &policy,
+        &[ip("10.1.1.1"), ip("169.254.169.254")],
+        "m",
+    );
+    let a = e.addresses.unwrap();
+    assert_eq!(a.refused, Some(ip("169.254.169.254")));
+    assert!(a.verdicts[0].allowed && a.verdicts[0].rule == "inside 0.0.0.0/0");
+    assert!(
+        a.verdicts[1]
+            .rule
+            .starts_with("in 169.254.0.0/16, never a legitimate upstream")
+    );
 }

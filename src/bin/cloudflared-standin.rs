@@ -13,7 +13,8 @@
 //!
 //! Command line (as cloudflared): `tunnel [--no-autoupdate] [--metrics ADDR] [--output
 //! json|default] [--loglevel L] [--grace-period D] run [--url URL] [--token T]
-//! [--token-file F]`; token also from `TUNNEL_TOKEN` / `TUNNEL_TOKEN_FILE`.
+//! [--token-file F]`; token also from `TUNNEL_TOKEN` / `TUNNEL_TOKEN_FILE`. `--help` anywhere
+//! after `tunnel` prints a help text and exits 0 once the flags before it parsed.
 //!
 //! Knobs (environment), all optional:
 //! - `STANDIN_EVENTS=FILE`: append one JSON line per event (`started` with pid and argv,
@@ -73,6 +74,7 @@ fn parse_args(argv: &[String]) -> Args {
         usage("expected the `tunnel` command");
     }
     let mut saw_run = false;
+    let mut help = false;
     let mut token_file = None;
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -107,8 +109,17 @@ fn parse_args(argv: &[String]) -> Args {
             "--url" if saw_run => args.url = Some(value("--url")),
             "--token" if saw_run => args.token = Some(value("--token")),
             "--token-file" if saw_run => token_file = Some(value("--token-file")),
+            "--help" | "-h" => help = true,
             other => usage(&format!("flag provided but not defined: {other}")),
         }
+    }
+    if help {
+        // As cloudflared: every flag before it parsed, so print the help and do nothing.
+        println!(
+            "NAME:\n  cloudflared tunnel{} - mcp-tunnel test stand-in",
+            if saw_run { " run" } else { "" }
+        );
+        std::process::exit(0);
     }
     if !saw_run {
         usage("expected `tunnel run`");

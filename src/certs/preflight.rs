@@ -120,62 +120,177 @@ pub struct Expectations<'a> {
     pub ca: Option<&'a CertificateDer<'a>>,
 }
 
-/// Checks a leaf certificate; returns its facts when it may be presented.
+/// Checks a leaf certificate; returns its facts when it may be presented. The steps are the
+/// `check_*` functions below, in this order; `doctor` runs each on its own to report every
+/// problem at once.
 pub fn check(
     leaf: &CertificateDer<'_>,
     want: &Expectations<'_>,
 ) -> Result<CertFacts, PreflightError> {
     let f = facts(leaf)?;
-    if want.now < f.not_before {
+    check_validity(&f, want.now)?;
+    check_eku(&f)?;
+    check_names(&f, want.tunnel_domain, want.route_hosts)?;
+    if let Some(ca_der) = want.ca {
+        check_chain(leaf, ca_der)?;
+    }
+    Ok(f)
+}
+
+/// Valid at `now`.
+pub fn check_validity(f: &CertFacts, now: i64) -> Result<(), PreflightError> {
+    if now < f.not_before {
         return Err(PreflightError::NotYetValid(when(f.not_before)));
     }
-    if want.now > f.not_after {
+    if now > f.not_after {
         return Err(PreflightError::Expired(when(f.not_after)));
     }
+    Ok(())
+}
+
+/// An EKU extension, when present, includes serverAuth.
+pub fn check_eku(f: &CertFacts) -> Result<(), PreflightError> {
     if f.eku_server_auth == Some(false) {
         return Err(PreflightError::NoServerAuth);
     }
-    if let Some(domain) = want.tunnel_domain {
-        let wildcard = format!("*.{domain}");
-        let covers_all = want
-            .route_hosts
-            .iter()
-            .all(|h| f.dns_names.iter().any(|s| san_covers(s, h)));
-        if !f.dns_names.contains(&wildcard) && !covers_all {
-            let missing = want
-                .route_hosts
-                .iter()
-                .find(|h| !f.dns_names.iter().any(|s| san_covers(s, h)))
-                .cloned()
-                .unwrap_or(wildcard);
-            return Err(PreflightError::NameNotCovered {
-                sans: f.dns_names.clone(),
-                missing,
-                domain: domain.to_string(),
-            });
+    Ok(())
+}
+
+/// The hosts of `hosts` that no SAN entry covers.
+pub fn uncovered(f: &CertFacts, hosts: &[String]) -> Vec<String> {
+    hosts
+        .iter()
+        .filter(|h| !f.dns_names.iter().any(|s| san_covers(s, h)))
+        .cloned()
+        .collect()
+}
+
+/// With a tunnel domain: the SAN holds `*.<domain>`, or covers every routed host.
+pub fn check_names(
+    f: &CertFacts,
+    tunnel_domain: Option<&str>,
+    route_hosts: &[String],
+) -> Result<(), PreflightError> {
+    let Some(domain) = tunnel_domain else {
+        return Ok(());
+    };
+    let wildcard = format!("*.{domain}");
+    let missing = uncovered(f, route_hosts);
+    if !f.dns_names.contains(&wildcard) && !missing.is_empty() {
+        return Err(PreflightError::NameNotCovered {
+            sans: f.dns_names.clone(),
+            missing: missing[0].clone(),
+            domain: domain.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Signed directly by `ca`: issuer name, AKI = the CA's SKI, and the signature.
+pub fn check_chain(
+    leaf: &CertificateDer<'_>,
+    ca_der: &CertificateDer<'_>,
+) -> Result<(), PreflightError> {
+    let f = facts(leaf)?;
+    let ca = parse(ca_der)?;
+    let ca_facts = facts(ca_der)?;
+    let leaf = parse(leaf)?;
+    if leaf.issuer() != ca.subject() {
+        return Err(PreflightError::WrongIssuer(format!(
+            "issuer is {}, the CA is {}",
+            leaf.issuer(),
+            ca.subject()
+        )));
+    }
+    if f.authority_key_id.is_none() || f.authority_key_id != ca_facts.subject_key_id {
+        return Err(PreflightError::WrongIssuer(
+            "authorityKeyIdentifier missing or not equal to the CA's subjectKeyIdentifier".into(),
+        ));
+    }
+    leaf.verify_signature(Some(ca.public_key()))
+        .map_err(|e| PreflightError::WrongIssuer(format!("signature does not verify: {e}")))?;
+    Ok(())
+}
+
+/// The tunnel's rules for an uploaded CA certificate (spec 9.4), as problems found in a PEM
+/// file's bytes; empty when the file may be uploaded. A CA that breaks them is refused by the
+/// Tunnels API, so no certificate it signs is ever trusted by the edge.
+pub fn ca_upload_problems(pem: &[u8], now: i64) -> Vec<String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut out = Vec::new();
+    if pem.len() > 8 * 1024 {
+        out.push(format!(
+            "the file is {} bytes: expected at most 8 kB",
+            pem.len()
+        ));
+    }
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .collect();
+    match certs.len() {
+        0 => {
+            out.push("no PEM certificate found".into());
+            return out;
+        }
+        1 => {}
+        n => out.push(format!(
+            "{n} certificates in the file: expected exactly one"
+        )),
+    }
+    let cert = match parse(&certs[0]) {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(e.to_string());
+            return out;
+        }
+    };
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca && bc.critical => {}
+        Ok(Some(bc)) if bc.value.ca => {
+            out.push("basicConstraints CA:TRUE is not marked critical".into())
+        }
+        Ok(Some(_)) => out.push("basicConstraints says CA:FALSE: not a CA certificate".into()),
+        Ok(None) => out.push("no basicConstraints extension: not a CA certificate".into()),
+        Err(e) => out.push(format!("unreadable basicConstraints: {e}")),
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) if ku.value.key_cert_sign() => {}
+        Ok(Some(_)) => out.push("keyUsage lacks keyCertSign".into()),
+        Ok(None) => out.push("no keyUsage extension (expected keyCertSign)".into()),
+        Err(e) => out.push(format!("unreadable keyUsage: {e}")),
+    }
+    if let Ok(f) = facts(&certs[0]) {
+        if f.subject_key_id.is_none() {
+            out.push("no subjectKeyIdentifier extension".into());
+        }
+        if now < f.not_before {
+            out.push(format!("not valid before {}", when(f.not_before)));
+        }
+        if now > f.not_after {
+            out.push(format!("expired at {}", when(f.not_after)));
         }
     }
-    if let Some(ca_der) = want.ca {
-        let ca = parse(ca_der)?;
-        let ca_facts = facts(ca_der)?;
-        let leaf = parse(leaf)?;
-        if leaf.issuer() != ca.subject() {
-            return Err(PreflightError::WrongIssuer(format!(
-                "issuer is {}, the CA is {}",
-                leaf.issuer(),
-                ca.subject()
-            )));
-        }
-        if f.authority_key_id.is_none() || f.authority_key_id != ca_facts.subject_key_id {
-            return Err(PreflightError::WrongIssuer(
-                "authorityKeyIdentifier missing or not equal to the CA's subjectKeyIdentifier"
-                    .into(),
-            ));
-        }
-        leaf.verify_signature(Some(ca.public_key()))
-            .map_err(|e| PreflightError::WrongIssuer(format!("signature does not verify: {e}")))?;
+    match cert.public_key().parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(rsa)) if rsa.key_size() < 2048 => out.push(
+            format!("RSA key of {} bits: expected at least 2048", rsa.key_size()),
+        ),
+        Ok(x509_parser::public_key::PublicKey::EC(ec)) if ec.key_size() < 256 => out.push(format!(
+            "EC key of {} bits: expected P-256 or larger",
+            ec.key_size()
+        )),
+        _ => {}
     }
-    Ok(f)
+    const WEAK: [(&str, &str); 4] = [
+        ("1.2.840.113549.1.1.4", "md5WithRSAEncryption"),
+        ("1.2.840.113549.1.1.5", "sha1WithRSAEncryption"),
+        ("1.2.840.10045.4.1", "ecdsa-with-SHA1"),
+        ("1.2.840.10040.4.3", "dsa-with-sha1"),
+    ];
+    let alg = cert.signature_algorithm.algorithm.to_id_string();
+    if let Some((_, name)) = WEAK.iter().find(|(oid, _)| *oid == alg) {
+        out.push(format!("signed with {name}: expected SHA-256 or stronger"));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! it gracefully when the token file changes, and stop it first at shutdown so that it
 //! unregisters from the edge while the proxy still serves in-flight requests.
 
+pub mod inspect;
 pub mod logs;
 pub mod policy;
 pub mod spawn;
@@ -65,6 +66,10 @@ pub struct Status {
     pub crash_loop: AtomicBool,
     /// The last reason it was restarted or gave up, for `/readyz`.
     pub last_problem: Mutex<Option<String>>,
+    /// `cloudflared --version`, read once before the first start.
+    pub version: Mutex<Option<String>>,
+    /// The running connector's ID, from its `/ready` answer.
+    pub connector_id: Mutex<Option<String>>,
     /// Set while the edge refuses the token (cleared by an accepted registration): why an
     /// unconnected cloudflared is not coming up.
     refused: Mutex<Option<String>>,
@@ -85,6 +90,8 @@ impl Status {
             beats: AtomicU64::new(0),
             crash_loop: AtomicBool::new(false),
             last_problem: Mutex::new(None),
+            version: Mutex::new(None),
+            connector_id: Mutex::new(None),
             refused: Mutex::new(None),
             incoming: Mutex::new(None),
             replacements: AtomicU64::new(0),
@@ -139,6 +146,26 @@ impl Status {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// For `/status`: which cloudflared runs (a package may bundle another than PATH's).
+    pub fn version(&self) -> Option<String> {
+        self.version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// For `/status`: the ID the edge and the Console know this connector by.
+    pub fn connector_id(&self) -> Option<String> {
+        self.connector_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(slot: &Mutex<Option<String>>, value: Option<String>) {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = value;
     }
 }
 
@@ -300,7 +327,10 @@ impl Run {
                     st = cur.child.wait() => break ending_of(st),
                     _ = tick.tick() => {
                         self.status.beats.fetch_add(1, Ordering::Relaxed);
-                        let probe = probe_ready(cur.metrics, cfg.health_interval.min(Duration::from_secs(5))).await;
+                        let (probe, connector) = probe_ready_detail(cur.metrics, cfg.health_interval.min(Duration::from_secs(5))).await;
+                        if connector.is_some() {
+                            Status::set(&self.status.connector_id, connector);
+                        }
                         let restart = cur.tracker.observe(probe, Instant::now(), &limits_of(&cfg));
                         let now = cur.tracker.health();
                         if self.status.health() != now {
@@ -505,6 +535,14 @@ impl Run {
         let metrics = metrics_addr(cfg)
             .await
             .map_err(|e| format!("cannot choose a loopback port for cloudflared's metrics: {e}"))?;
+        // Read at every start: a package upgrade may have replaced the binary.
+        match inspect::version(binary, Duration::from_secs(10)).await {
+            Ok(v) => {
+                info!(version = %v, "cloudflared binary");
+                Status::set(&self.status.version, Some(v));
+            }
+            Err(e) => warn!(error = %e, "cannot read cloudflared's version"),
+        }
         let args = spawn::args(cfg, &self.log_level, metrics, self.origin);
         let env = spawn::env(cfg, token);
         let mut child = self
@@ -796,6 +834,11 @@ async fn read_line_capped<R: AsyncBufRead + Unpin>(
 /// One GET `/ready`. 200 and 503 carry `readyConnections`; anything else, or no answer in
 /// `timeout`, is `NoAnswer`.
 pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Probe {
+    probe_ready_detail(addr, timeout).await.0
+}
+
+/// As `probe_ready`, with the `connectorId` the answer names (`status` and `doctor` show it).
+pub async fn probe_ready_detail(addr: SocketAddr, timeout: Duration) -> (Probe, Option<String>) {
     let get = async {
         let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -811,16 +854,23 @@ pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Probe {
         let body = resp.into_body().collect().await.ok()?.to_bytes();
         Some((status, body))
     };
-    match tokio::time::timeout(timeout, get).await {
-        Ok(Some((200, body))) => {
-            let n = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
+    let answer = tokio::time::timeout(timeout, get).await.ok().flatten();
+    let json = |body: &[u8]| serde_json::from_slice::<serde_json::Value>(body).ok();
+    let connector = |v: Option<&serde_json::Value>| {
+        v.and_then(|v| v.get("connectorId")?.as_str().map(str::to_owned))
+            .filter(|id| !id.is_empty())
+    };
+    match answer {
+        Some((200, body)) => {
+            let v = json(&body);
+            let n = v
+                .as_ref()
                 .and_then(|v| v.get("readyConnections").and_then(|n| n.as_u64()))
                 .unwrap_or(1);
-            Probe::Ready(n as u32)
+            (Probe::Ready(n as u32), connector(v.as_ref()))
         }
-        Ok(Some((503, _))) => Probe::NotReady,
-        _ => Probe::NoAnswer,
+        Some((503, body)) => (Probe::NotReady, connector(json(&body).as_ref())),
+        _ => (Probe::NoAnswer, None),
     }
 }
 

@@ -82,16 +82,7 @@ pub fn args(
     metrics: SocketAddr,
     origin: SocketAddr,
 ) -> Vec<String> {
-    let origin = match origin {
-        // The proxy listens on every interface; cloudflared reaches it on loopback.
-        SocketAddr::V4(a) if a.ip().is_unspecified() => {
-            SocketAddr::from(([127, 0, 0, 1], a.port()))
-        }
-        SocketAddr::V6(a) if a.ip().is_unspecified() => {
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
-        }
-        a => a,
-    };
+    let origin = origin_addr(origin);
     vec![
         "tunnel".into(),
         "--no-autoupdate".into(),
@@ -109,6 +100,29 @@ pub fn args(
         "--url".into(),
         format!("http://{origin}"),
     ]
+}
+
+/// Where a local client reaches a listener bound to `listen`: an unspecified address (every
+/// interface) is reached on loopback. cloudflared's `--url` and `doctor`'s probe use it.
+pub fn origin_addr(listen: SocketAddr) -> SocketAddr {
+    match listen {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        a => a,
+    }
+}
+
+/// The environment of a cloudflared that is only asked about itself (`--version`, `--help`):
+/// nothing but `PATH`, so no token and no `TUNNEL_*` setting can change what it does.
+pub fn inspect_env() -> Vec<(String, String)> {
+    vec![(
+        "PATH".to_string(),
+        "/usr/local/bin:/usr/bin:/bin".to_string(),
+    )]
 }
 
 /// cloudflared's whole environment: nothing inherited except `PATH` (sanitised to system

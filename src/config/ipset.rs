@@ -51,18 +51,50 @@ fn never_legitimate() -> &'static [IpNet] {
     })
 }
 
+/// The rule that decided about one address: the gate's own reasoning, which `allows` reduces
+/// to a yes or no and `explain` / `doctor` print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Inside this allowlist entry.
+    Allowed(IpNet),
+    /// `disable_ip_validation = true`: not checked.
+    Unchecked,
+    /// Inside no allowlist entry.
+    Outside,
+    /// Inside this never-legitimate range, and no allowlist entry within the range names it.
+    NeverLegitimate(IpNet),
+}
+
+impl Verdict {
+    /// What `IpPolicy::allows` answers.
+    pub fn is_allowed(self) -> bool {
+        matches!(self, Verdict::Allowed(_) | Verdict::Unchecked)
+    }
+}
+
 impl IpPolicy {
     /// Whether `ip` may be dialled; an IPv4-mapped IPv6 address is judged as the IPv4 it maps.
     pub fn allows(&self, ip: IpAddr) -> bool {
+        self.verdict(ip).is_allowed()
+    }
+
+    /// Which rule decides about `ip` (see [`Verdict`]).
+    pub fn verdict(&self, ip: IpAddr) -> Verdict {
         match self {
-            IpPolicy::Disabled => true,
+            IpPolicy::Disabled => Verdict::Unchecked,
             IpPolicy::Allow(nets) => {
                 let ip = ip.to_canonical();
                 match never_legitimate().iter().find(|s| s.contains(&ip)) {
                     // Only an entry inside the special range itself allows such an address:
                     // "0.0.0.0/0" or "169.0.0.0/8" do not reach the metadata service.
-                    Some(special) => nets.iter().any(|n| n.contains(&ip) && special.contains(n)),
-                    None => nets.iter().any(|n| n.contains(&ip)),
+                    Some(special) => nets
+                        .iter()
+                        .find(|n| n.contains(&ip) && special.contains(*n))
+                        .map_or(Verdict::NeverLegitimate(*special), |n| Verdict::Allowed(*n)),
+                    None => nets
+                        .iter()
+                        .find(|n| n.contains(&ip))
+                        .map_or(Verdict::Outside, |n| Verdict::Allowed(*n)),
                 }
             }
         }

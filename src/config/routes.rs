@@ -145,19 +145,43 @@ impl RouteTable {
 
     /// Finds the route for an incoming `Host` / `:authority` / SNI value.
     pub fn lookup(&self, host: &str) -> Option<&Arc<Route>> {
+        self.find(host).route()
+    }
+
+    /// The lookup with its steps: which rule matched, or where matching stopped. `lookup` is
+    /// this function, so `explain` reports what the data path does, not a model of it.
+    pub fn find(&self, host: &str) -> Lookup<'_> {
         let name = normalize_host(host);
+        let outcome = self.outcome(&name);
+        Lookup { name, outcome }
+    }
+
+    fn outcome(&self, name: &str) -> Outcome<'_> {
         if name.is_empty() {
-            return None;
+            return Outcome::Miss(Miss::EmptyName);
         }
-        if let Some(route) = self.routes.get(&name) {
-            return Some(route);
+        if let Some(route) = self.routes.get(name) {
+            return Outcome::Exact(route);
         }
-        let domain = self.tunnel_domain.as_deref()?;
-        let sub = name.strip_suffix(domain)?.strip_suffix('.')?;
-        if sub.is_empty() {
-            return None;
+        let Some(domain) = self.tunnel_domain.as_deref() else {
+            return Outcome::Miss(Miss::NoTunnelDomain);
+        };
+        let Some(sub) = name.strip_suffix(domain).and_then(|s| s.strip_suffix('.')) else {
+            return Outcome::Miss(if name == domain {
+                Miss::DomainItself
+            } else {
+                Miss::NotUnderDomain
+            });
+        };
+        match self.routes.get(sub) {
+            Some(route) if !sub.is_empty() => Outcome::Subdomain(route),
+            _ => Outcome::Miss(Miss::NoSuchKey(sub.to_string())),
         }
-        self.routes.get(sub)
+    }
+
+    /// The tunnel domain as matched (lowercase, no trailing dot).
+    pub fn tunnel_domain(&self) -> Option<&str> {
+        self.tunnel_domain.as_deref()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
@@ -171,6 +195,49 @@ impl RouteTable {
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
+}
+
+/// One lookup, step by step (see [`RouteTable::find`]).
+#[derive(Debug, Clone)]
+pub struct Lookup<'a> {
+    /// The name as compared: port, IPv6 brackets and one trailing dot removed, lowercased.
+    pub name: String,
+    pub outcome: Outcome<'a>,
+}
+
+impl<'a> Lookup<'a> {
+    /// The route the request goes to, as `RouteTable::lookup` returns it.
+    pub fn route(&self) -> Option<&'a Arc<Route>> {
+        match self.outcome {
+            Outcome::Exact(r) | Outcome::Subdomain(r) => Some(r),
+            Outcome::Miss(_) => None,
+        }
+    }
+}
+
+/// Which rule selected the route, or why none did.
+#[derive(Debug, Clone)]
+pub enum Outcome<'a> {
+    /// The whole name is a route key.
+    Exact(&'a Arc<Route>),
+    /// The label(s) left after stripping `.<tunnel_domain>` are a route key (the route's name).
+    Subdomain(&'a Arc<Route>),
+    Miss(Miss),
+}
+
+/// Why no route matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Miss {
+    /// Nothing left after removing the port and trailing dot.
+    EmptyName,
+    /// Not a key, and without `tunnel_domain` only exact keys match.
+    NoTunnelDomain,
+    /// Not a key and not a name under `tunnel_domain`.
+    NotUnderDomain,
+    /// The bare tunnel domain names no route.
+    DomainItself,
+    /// Under `tunnel_domain`, but the subdomain (here) is no key.
+    NoSuchKey(String),
 }
 
 /// Lowercases and drops one trailing dot: `Echo.Example.COM.` -> `echo.example.com`.

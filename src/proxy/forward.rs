@@ -23,6 +23,36 @@ use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
 
+/// The proxy's own answers that `doctor` tells apart from an upstream's.
+pub const NO_ROUTE: &str = "No route configured for host\n";
+pub const MISDIRECTED: &str =
+    "Misdirected request: the TLS server name and the Host header name different routes\n";
+pub const NOT_ALLOWED: &str =
+    "Upstream address not allowed: the upstream resolved outside upstream.allowed_ips\n";
+pub const CONNECT_FAILED: &str = "Upstream connection failed\n";
+
+/// Where a request on `route` goes: the upstream's scheme and authority with the caller's
+/// path and query untouched. The data path and `explain` both build it here.
+pub fn upstream_uri(route: &Route, path_and_query: &str) -> Uri {
+    Uri::builder()
+        .scheme(route.upstream.scheme.as_str())
+        .authority(route.upstream.authority().as_str())
+        .path_and_query(path_and_query)
+        .build()
+        .expect("validated upstream and an existing path form a URI")
+}
+
+/// The `Host` sent upstream for a request that arrived for `host`: the caller's with
+/// `preserve_host`, else the upstream's own `host:port` (DNS-rebinding protection in MCP
+/// servers answers 421 to a foreign Host).
+pub fn upstream_host(route: &Route, host: &str) -> String {
+    if route.preserve_host {
+        host.to_string()
+    } else {
+        route.upstream.authority()
+    }
+}
+
 /// Response body: the upstream's, streamed under its route's lease, or a short one of the
 /// proxy's own.
 pub type ProxyBody = Either<LeasedBody, Full<Bytes>>;
@@ -222,12 +252,7 @@ impl Session {
             info!(%host, method = %req.method(), path = req.uri().path(), "no route for host");
             metrics.refusal(Refusal::NoRoute);
             metrics.request("", 502);
-            return Ok(refuse(
-                req,
-                StatusCode::BAD_GATEWAY,
-                "No route configured for host\n",
-            )
-            .await);
+            return Ok(refuse(req, StatusCode::BAD_GATEWAY, NO_ROUTE).await);
         };
         // SNI that names another route is a misdirected request (the session was set up
         // for a different upstream); SNI naming no route (the bare domain) does not pin one.
@@ -238,11 +263,7 @@ impl Session {
             info!(%host, %sni, "misdirected request: TLS server name and Host select different routes");
             metrics.refusal(Refusal::Misdirected);
             metrics.request(&route.name, 421);
-            return Ok(refuse(
-                req,
-                StatusCode::MISDIRECTED_REQUEST,
-                "Misdirected request: the TLS server name and the Host header name different routes\n",
-            ).await);
+            return Ok(refuse(req, StatusCode::MISDIRECTED_REQUEST, MISDIRECTED).await);
         }
         if req.method() == Method::CONNECT {
             metrics.refusal(Refusal::BadRequest);
@@ -353,22 +374,11 @@ impl Session {
             .path_and_query()
             .map_or("/", |pq| pq.as_str())
             .to_owned();
-        let authority = route.upstream.authority();
-        parts.uri = Uri::builder()
-            .scheme(route.upstream.scheme.as_str())
-            .authority(authority.as_str())
-            .path_and_query(path_and_query)
-            .build()
-            .expect("validated upstream and an existing path form a URI");
+        parts.uri = upstream_uri(route, &path_and_query);
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
-        let host_value = if route.preserve_host {
-            host
-        } else {
-            authority.as_str()
-        };
-        if let Ok(v) = HeaderValue::from_str(host_value) {
+        if let Ok(v) = HeaderValue::from_str(&upstream_host(route, host)) {
             headers.insert(header::HOST, v);
         }
         let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -441,10 +451,7 @@ fn error_response(
     let resp = match find_connect_error(err) {
         Some(e @ ConnectError::NotAllowed { host, .. }) => {
             warn!(route = %route.name, upstream_host = %host, "{e}");
-            own(
-                StatusCode::BAD_GATEWAY,
-                "Upstream address not allowed: the upstream resolved outside upstream.allowed_ips\n",
-            )
+            own(StatusCode::BAD_GATEWAY, NOT_ALLOWED)
         }
         Some(e @ ConnectError::Timeout { .. }) => {
             warn!(route = %route.name, upstream = %route.upstream, error = %e, "upstream connect timeout");
@@ -455,7 +462,7 @@ fn error_response(
         }
         Some(e) => {
             warn!(route = %route.name, upstream = %route.upstream, error = %e, "upstream connection failed");
-            own(StatusCode::BAD_GATEWAY, "Upstream connection failed\n")
+            own(StatusCode::BAD_GATEWAY, CONNECT_FAILED)
         }
         None => {
             warn!(route = %route.name, upstream = %route.upstream, error = %err, source = ?std::error::Error::source(err), "upstream request failed");

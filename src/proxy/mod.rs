@@ -10,6 +10,11 @@ pub mod tls;
 pub mod upstream;
 pub mod ws;
 
+/// What the data path sends upstream and answers itself, for `explain` and `doctor`.
+pub use forward::{
+    CONNECT_FAILED, MISDIRECTED, NO_ROUTE, NOT_ALLOWED, upstream_host, upstream_uri,
+};
+
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

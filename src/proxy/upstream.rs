@@ -74,10 +74,32 @@ pub enum ConnectError {
     BadUri(String),
 }
 
-/// Resolves `host` (an IP literal is used as is) and checks the whole answer.
+/// Resolves `host` and checks the whole answer: what every new upstream connection does.
 pub async fn resolve_checked(
     resolver: &dyn Resolve,
     policy: &IpPolicy,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, ConnectError> {
+    let addrs = resolve(resolver, host, port).await?;
+    let ips: Vec<IpAddr> = addrs.iter().map(|a| a.ip()).collect();
+    policy
+        .check_all(&ips)
+        .map_err(|ip| ConnectError::NotAllowed {
+            host: host.to_string(),
+            ip,
+        })?;
+    // Dial the canonical form, so a mapped address goes out as the IPv4 it was judged as.
+    Ok(addrs
+        .into_iter()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+        .collect())
+}
+
+/// The lookup half of [`resolve_checked`]: an IP literal is used as is, a name is resolved;
+/// an empty answer is an error. Nothing is checked here.
+pub async fn resolve(
+    resolver: &dyn Resolve,
     host: &str,
     port: u16,
 ) -> Result<Vec<SocketAddr>, ConnectError> {
@@ -96,20 +118,10 @@ pub async fn resolve_checked(
             host: host.to_string(),
         });
     }
-    let ips: Vec<IpAddr> = addrs.iter().map(|a| a.ip()).collect();
-    policy
-        .check_all(&ips)
-        .map_err(|ip| ConnectError::NotAllowed {
-            host: host.to_string(),
-            ip,
-        })?;
-    // Dial the canonical form, so a mapped address goes out as the IPv4 it was judged as.
-    Ok(addrs
-        .into_iter()
-        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
-        .collect())
+    Ok(addrs)
 }
 
+/// Connects to the first of `addrs` that answers (the addresses `resolve_checked` returned).
 async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
     let mut last = None;
     for addr in addrs {
@@ -126,7 +138,9 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
             }
         }
     }
-    Err(last.expect("resolve_checked never returns an empty list"))
+    Err(last.unwrap_or_else(|| ConnectError::NoAddress {
+        host: "(empty address list)".into(),
+    }))
 }
 
 /// hyper-util connector enforcing one upstream policy (a new policy gets a new connector
@@ -141,7 +155,10 @@ impl Connector {
         Connector { settings }
     }
 
-    async fn connect(
+    /// One upstream connection for `uri` under `settings`: resolve, check every address,
+    /// dial a checked one, TLS for `https://`, all within `connect_timeout`. What the pool
+    /// calls for each new connection, and what `doctor` times.
+    pub async fn connect(
         settings: Arc<UpstreamSettings>,
         uri: Uri,
     ) -> Result<UpstreamIo, ConnectError> {
@@ -210,6 +227,21 @@ enum Stream {
 
 /// An upstream connection, plain or TLS.
 pub struct UpstreamIo(TokioIo<Stream>);
+
+impl UpstreamIo {
+    /// The address dialled.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        match self.0.inner() {
+            Stream::Plain(s) => s.peer_addr(),
+            Stream::Tls(s) => s.get_ref().0.peer_addr(),
+        }
+    }
+
+    /// Whether TLS runs on it (an `https://` upstream).
+    pub fn is_tls(&self) -> bool {
+        matches!(self.0.inner(), Stream::Tls(_))
+    }
+}
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {

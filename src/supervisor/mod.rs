@@ -159,6 +159,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let listener = Proxy::bind(&config).await?;
     let addr = listener.local_addr().map_err(RunError::Signals)?;
     state.listener_bound.store(true, Ordering::Relaxed);
+    let _ = state.listen_addr.set(addr);
+    state.watchdog_usec.store(
+        watchdog.map_or(0, |half| (half * 2).as_micros() as u64),
+        Ordering::Relaxed,
+    );
     info!(listen = %addr, routes = config.routes.len(), "proxy listening");
 
     let admin_stop = CancellationToken::new();
@@ -378,12 +383,21 @@ impl reload::ReloadHooks for SupervisorHooks {
     }
 
     fn reloaded(&self, result: &Result<reload::Reloaded, reload::ReloadError>) {
-        match result {
-            Ok(_) => {}
-            Err(_) => {
+        let last_error = match result {
+            Ok(r) => r
+                .cert_refused
+                .as_ref()
+                .map(|why| format!("certificate change refused: {why}")),
+            Err(e) => {
                 self.state.reload_failures.fetch_add(1, Ordering::Relaxed);
+                Some(e.to_string())
             }
-        }
+        };
+        *self
+            .state
+            .last_reload_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = last_error;
         self.notifier
             .reloaded(&metrics::status_line(&self.state, now()));
     }

@@ -1,5 +1,6 @@
 //! The admin endpoint (`[admin] listen_addr`, loopback by default): `/healthz` (the process
-//! answers), `/readyz` (JSON per component, 200/503), `/metrics` (Prometheus text).
+//! answers), `/readyz` (JSON per component, 200/503), `/metrics` (Prometheus text), `/status`
+//! (JSON: readiness plus the facts `mcp-tunnel status` and `doctor` print).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -42,6 +43,15 @@ fn respond(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             };
             (code, "application/json", body)
         }
+        ("GET" | "HEAD", "/status") => {
+            let body = status_json(state, now());
+            let code = if body["ready"] == true {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (code, "application/json", format!("{body}\n"))
+        }
         ("GET" | "HEAD", "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
@@ -50,7 +60,7 @@ fn respond(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found: try /healthz, /readyz or /metrics\n".to_string(),
+            "not found: try /healthz, /readyz, /status or /metrics\n".to_string(),
         ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -58,6 +68,71 @@ fn respond(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
     resp
+}
+
+/// The `/status` document at `now` (unix seconds): readiness per component, the listener's
+/// bound address, config generation and the last refused reload, certificate expiry,
+/// cloudflared (version, connector ID, connections, restarts, last problem), the watchdog,
+/// and request counts in total and per route (`errors` are 5xx answers; route "" is
+/// requests that matched no route).
+pub fn status_json(s: &AppState, now: i64) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let components = metrics::readiness(s, now);
+    let ready = components.iter().all(|c| c.ready);
+    let mut routes: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut total = 0;
+    for ((route, status), n) in s.proxy.requests_snapshot() {
+        let e = routes.entry(route).or_default();
+        e.0 += n;
+        if status >= 500 {
+            e.1 += n;
+        }
+        total += n;
+    }
+    let routes: Vec<_> = routes
+        .into_iter()
+        .map(|(route, (requests, errors))| {
+            serde_json::json!({ "route": route, "requests": requests, "errors": errors })
+        })
+        .collect();
+    let refused: u64 = s.proxy.refusals_snapshot().iter().map(|(_, n)| n).sum();
+    let na = s.cert_not_after.load(Relaxed);
+    let h = s.cloudflared_health();
+    let cf = s.cloudflared.get();
+    let watchdog = s.watchdog_usec.load(Relaxed);
+    serde_json::json!({
+        "ready": ready,
+        "components": components,
+        "listen_addr": s.listen_addr.get().map(|a| a.to_string()),
+        "config": {
+            "generation": s.config_generation.load(Relaxed),
+            "reload_failures": s.reload_failures.load(Relaxed),
+            "last_reload_error": s.last_reload_error.lock().ok().and_then(|e| e.clone()),
+        },
+        "certificate": {
+            "not_after": (na != 0).then_some(na),
+            "days_left": (na != 0).then(|| (na - now).div_euclid(86400)),
+        },
+        "cloudflared": {
+            "enabled": s.cloudflared_enabled,
+            "state": h.name(),
+            "connections": h.connections(),
+            "expected_connections": crate::cloudflared::policy::EXPECTED_CONNECTIONS,
+            "version": cf.and_then(|c| c.version()),
+            "connector_id": cf.and_then(|c| c.connector_id()),
+            "restarts": cf.map_or(0, |c| c.restarts.load(Relaxed)),
+            "crash_loop": cf.is_some_and(|c| c.crash_loop.load(Relaxed)),
+            "last_problem": cf.and_then(|c| c.last_problem()),
+        },
+        "watchdog_usec": (watchdog != 0).then_some(watchdog),
+        "requests": {
+            "total": total,
+            "refused": refused,
+            "sessions_open": s.proxy.sessions_open(),
+            "in_flight": s.proxy.requests_in_flight(),
+        },
+        "routes": routes,
+    })
 }
 
 /// Serves until `stop` is cancelled.

@@ -27,6 +27,12 @@ pub struct AppState {
     pub provisioning: std::sync::Mutex<Option<String>>,
     /// Failed provisioning checks (rotations, renewals) since start.
     pub provision_failures: AtomicU64,
+    /// Why the last reload was refused; cleared by the next one that applies (`/status`).
+    pub last_reload_error: std::sync::Mutex<Option<String>>,
+    /// `WATCHDOG_USEC` the service runs with; 0 without a watchdog.
+    pub watchdog_usec: AtomicU64,
+    /// The address the listener is bound to (`listen_addr` with its port resolved).
+    pub listen_addr: OnceLock<std::net::SocketAddr>,
 }
 
 impl AppState {
@@ -43,10 +49,13 @@ impl AppState {
             stopping: AtomicBool::new(false),
             provisioning: std::sync::Mutex::new(None),
             provision_failures: AtomicU64::new(0),
+            last_reload_error: std::sync::Mutex::new(None),
+            watchdog_usec: AtomicU64::new(0),
+            listen_addr: OnceLock::new(),
         })
     }
 
-    fn cloudflared_health(&self) -> Health {
+    pub fn cloudflared_health(&self) -> Health {
         match self.cloudflared.get() {
             Some(s) => s.health(),
             None if self.cloudflared_enabled => Health::Stopped,

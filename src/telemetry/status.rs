@@ -1,5 +1,5 @@
 //! `mcp-tunnel status`: a human summary of a running appliance, read from its admin
-//! endpoint (`/readyz` and `/metrics`), so it works as any user who can reach loopback.
+//! endpoint (`/status`), so it works as any user who can reach loopback.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,7 +9,8 @@ use hyper_util::rt::TokioIo;
 
 use crate::config::{Config, admin::DEFAULT_ADMIN_ADDR};
 
-pub(crate) async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+/// One GET to the admin endpoint: status code and body.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("cannot reach the admin endpoint at {addr}: {e} (is `mcp-tunnel run` running with [admin] enabled?)"))?;
@@ -32,29 +33,27 @@ pub(crate) async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), S
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Sums the samples of one metric (all label sets).
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+fn num(v: &serde_json::Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_i64().map(|n| n.max(0) as u64))
+        .unwrap_or(0)
 }
 
-/// Renders the summary from the two bodies.
-pub fn summary(addr: SocketAddr, readyz: &str, metrics: &str) -> String {
+/// Renders the summary from the `/status` document (counts are integers: no `-0`).
+pub fn summary(addr: SocketAddr, status: &str) -> String {
+    use std::fmt::Write;
     let mut out = String::new();
-    let v: serde_json::Value = serde_json::from_str(readyz).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(status).unwrap_or_default();
     let ready = v["ready"].as_bool().unwrap_or(false);
-    out.push_str(&format!(
-        "mcp-tunnel ({addr}): {}\n",
+    let _ = writeln!(
+        out,
+        "mcp-tunnel ({addr}): {}",
         if ready { "READY" } else { "NOT READY" }
-    ));
+    );
     for c in v["components"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "  {:<12} {:<9} {}{}\n",
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<9} {}{}",
             c["name"].as_str().unwrap_or("?"),
             if c["ready"].as_bool() == Some(true) {
                 "ready"
@@ -66,17 +65,84 @@ pub fn summary(addr: SocketAddr, readyz: &str, metrics: &str) -> String {
                 .as_str()
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default(),
-        ));
+        );
     }
-    out.push_str(&format!(
-        "  requests {}, refused {}, sessions open {}, cloudflared restarts {}, config generation {}, reload failures {}\n",
-        metric_sum(metrics, "mcp_tunnel_requests_total"),
-        metric_sum(metrics, "mcp_tunnel_refusals_total"),
-        metric_sum(metrics, "mcp_tunnel_sessions_open"),
-        metric_sum(metrics, "mcp_tunnel_cloudflared_restarts_total"),
-        metric_sum(metrics, "mcp_tunnel_config_generation"),
-        metric_sum(metrics, "mcp_tunnel_config_reload_failures_total"),
-    ));
+    let cf = &v["cloudflared"];
+    if cf["enabled"].as_bool() == Some(true) {
+        let version = cf["version"]
+            .as_str()
+            .map(|l| {
+                crate::cloudflared::inspect::version_number(l)
+                    .unwrap_or(l)
+                    .to_string()
+            })
+            .unwrap_or_else(|| "version unknown".into());
+        let _ = writeln!(
+            out,
+            "  cloudflared {version}, connector {}, {}/{} connections, {} restart{}{}",
+            cf["connector_id"].as_str().unwrap_or("unknown"),
+            num(&cf["connections"]),
+            num(&cf["expected_connections"]),
+            num(&cf["restarts"]),
+            if num(&cf["restarts"]) == 1 { "" } else { "s" },
+            cf["last_problem"]
+                .as_str()
+                .map(|p| format!(", last problem: {p}"))
+                .unwrap_or_default(),
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  cloudflared disabled ([cloudflared] enabled = false)"
+        );
+    }
+    match v["certificate"]["days_left"].as_i64() {
+        Some(d) if d < 0 => {
+            let _ = writeln!(out, "  certificate EXPIRED {} days ago", -d);
+        }
+        Some(d) => {
+            let _ = writeln!(out, "  certificate expires in {d} days");
+        }
+        None => {
+            let _ = writeln!(out, "  certificate expiry unknown");
+        }
+    }
+    let c = &v["config"];
+    let _ = writeln!(
+        out,
+        "  config generation {}, reload failures {}{}",
+        num(&c["generation"]),
+        num(&c["reload_failures"]),
+        c["last_reload_error"]
+            .as_str()
+            .map(|e| format!(", last refused reload: {e}"))
+            .unwrap_or_default(),
+    );
+    let r = &v["requests"];
+    let _ = writeln!(
+        out,
+        "  requests {}, refused {}, sessions open {}, in flight {}",
+        num(&r["total"]),
+        num(&r["refused"]),
+        num(&r["sessions_open"]),
+        num(&r["in_flight"]),
+    );
+    let routes = v["routes"].as_array().cloned().unwrap_or_default();
+    if !routes.is_empty() {
+        let _ = writeln!(out, "  {:<24} {:>10} {:>8}", "route", "requests", "errors");
+        for route in routes {
+            let name = match route["route"].as_str() {
+                Some("") | None => "(no route)",
+                Some(n) => n,
+            };
+            let _ = writeln!(
+                out,
+                "  {name:<24} {:>10} {:>8}",
+                num(&route["requests"]),
+                num(&route["errors"])
+            );
+        }
+    }
     out
 }
 
@@ -96,19 +162,61 @@ pub fn print(admin: Option<SocketAddr>, config: &Path) -> u8 {
             return 2;
         }
     };
-    let fetched = rt.block_on(async {
-        let r = get(addr, "/readyz").await?;
-        let m = get(addr, "/metrics").await?;
-        Ok::<_, String>((r, m))
-    });
-    match fetched {
-        Ok(((code, readyz), (_, metrics))) => {
-            print!("{}", summary(addr, &readyz, &metrics));
+    match rt.block_on(get(addr, "/status")) {
+        Ok((code, body)) => {
+            print!("{}", summary(addr, &body));
             if code == 200 { 0 } else { 1 }
         }
         Err(e) => {
             eprintln!("error: {e}");
             2
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use crate::telemetry::admin::status_json;
+    use crate::telemetry::metrics::AppState;
+
+    #[test]
+    fn no_negative_zero_and_per_route_counts() {
+        let s = AppState::new(Arc::default(), false);
+        s.listener_bound.store(true, Ordering::Relaxed);
+        s.cert_not_after
+            .store(1000 + 61 * 86400 + 5, Ordering::Relaxed);
+        let addr = "127.0.0.1:9180".parse().unwrap();
+        let text = super::summary(addr, &status_json(&s, 1000).to_string());
+        assert!(
+            text.contains("requests 0, refused 0, sessions open 0"),
+            "{text}"
+        );
+        assert!(!text.contains("-0"), "{text}");
+        assert!(text.contains("certificate expires in 61 days"), "{text}");
+        s.proxy.request("echo", 200);
+        s.proxy.request("echo", 502);
+        s.proxy.request("echo", 200);
+        s.proxy.request("", 502);
+        *s.last_reload_error.lock().unwrap() = Some("routes.x: bad".into());
+        let text = super::summary(addr, &status_json(&s, 1000).to_string());
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        };
+        assert_eq!(row("echo").as_deref(), Some("echo 3 1"), "{text}");
+        assert_eq!(
+            row("(no route)").as_deref(),
+            Some("(no route) 1 1"),
+            "{text}"
+        );
+        assert!(text.contains("requests 4,"), "{text}");
+        assert!(
+            text.contains("last refused reload: routes.x: bad"),
+            "{text}"
+        );
     }
 }
