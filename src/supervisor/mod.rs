@@ -67,6 +67,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Proxy(crate::proxy::ProxyError::Cert(_))
+            | RunError::Proxy(crate::proxy::ProxyError::PeerCheck(_))
             | RunError::Cert(_)
             | RunError::CloudflaredStart(_)
             | RunError::CloudflaredPermanent(_) => EXIT_CONFIG,
@@ -151,6 +152,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .cert_not_after
         .store(facts.not_after, Ordering::Relaxed);
     state.config_generation.store(1, Ordering::Relaxed);
+    let _ = state.peer_check.set(peer_check_status(&config, &proxy));
     let listener = Proxy::bind(&config).await?;
     let addr = listener.local_addr().map_err(RunError::Signals)?;
     state.listener_bound.store(true, Ordering::Relaxed);
@@ -318,6 +320,39 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             error!(reason = %why, "exiting with status 78: fix the cause, then restart the service");
             Err(RunError::CloudflaredPermanent(why))
         }
+    }
+}
+
+/// Who may connect to the listener, logged once at start and shown by `/readyz`.
+fn peer_check_status(config: &Config, proxy: &Proxy) -> metrics::PeerCheckStatus {
+    use crate::config::{PeerCheck, PeerCheckOff};
+    if let Some(gate) = proxy.peer_gate() {
+        info!(allowed = %gate.who(), "peer check on: listener connections from other users are refused (the owner of each peer socket comes from NETLINK_SOCK_DIAG)");
+        return metrics::PeerCheckStatus {
+            on: true,
+            state: format!("on: {}", gate.who()),
+        };
+    }
+    let why = match config.peer_check {
+        PeerCheck::Off(why) => why,
+        PeerCheck::On { .. } => PeerCheckOff::Disabled,
+    };
+    if why == PeerCheckOff::NotLoopback {
+        warn!(listen = %config.listen_addr, reason = why.reason(), "peer check off: any process or host that reaches the listener can use every route");
+    } else {
+        info!(
+            reason = why.reason(),
+            "peer check off: any local process that reaches the listener can use every route"
+        );
+    }
+    let who = if why == PeerCheckOff::NotLoopback {
+        "any host or local user that reaches it"
+    } else {
+        "any local user"
+    };
+    metrics::PeerCheckStatus {
+        on: false,
+        state: format!("off: {who} may connect ({})", why.reason()),
     }
 }
 

@@ -246,6 +246,10 @@ impl Reloader {
             next.limits = cur.config.limits.clone();
             next.admin = cur.config.admin.clone();
         }
+        if next.peer_check != cur.config.peer_check {
+            warn!("[peer_check] changes need a restart to apply; keeping the running values");
+            next.peer_check = cur.config.peer_check;
+        }
         if next.cloudflared != cur.config.cloudflared {
             warn!("[cloudflared] changes need a restart to apply; keeping the running values");
             next.cloudflared = cur.config.cloudflared.clone();

@@ -77,6 +77,13 @@ pub fn summary(addr: SocketAddr, readyz: &str, metrics: &str) -> String {
         metric_sum(metrics, "mcp_tunnel_config_generation"),
         metric_sum(metrics, "mcp_tunnel_config_reload_failures_total"),
     ));
+    if metric_sum(metrics, "mcp_tunnel_peer_check_enabled") > 0.0 {
+        out.push_str(&format!(
+            "  listener connections refused by the peer check: {} from other users, {} of unknown owner\n",
+            metric_sum(metrics, "mcp_tunnel_peer_refusals_total{reason=\"other_user\"}"),
+            metric_sum(metrics, "mcp_tunnel_peer_refusals_total{reason=\"unknown_owner\"}"),
+        ));
+    }
     out
 }
 
