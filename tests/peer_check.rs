@@ -29,6 +29,23 @@ fn require_root() {
     );
 }
 
+/// The binary, copied where every user may run it (a checkout under /root is not).
+struct Bin {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Bin {
+    fn new() -> Bin {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("mcp-tunnel");
+        std::fs::copy(BIN, &path).unwrap();
+        Bin { _dir: dir, path }
+    }
+}
+
 fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -79,7 +96,13 @@ impl Drop for Service {
 /// `mcp-tunnel run` with the peer check on (no cloudflared: the bridges play its part),
 /// as `uid` (None: this test's own user, root). Ready when /readyz answers 200; nothing
 /// connects to the listener before the test does, so every count below is exact.
-async fn start_service(pki: &TestPki, name: &str, uid: Option<u32>, peer_check: &str) -> Service {
+async fn start_service(
+    bin: &Bin,
+    pki: &TestPki,
+    name: &str,
+    uid: Option<u32>,
+    peer_check: &str,
+) -> Service {
     let upstream = echo_upstream().await;
     let (listen, admin) = (free_port(), free_port());
     let config = pki.path(&format!("{name}.toml"));
@@ -100,7 +123,7 @@ async fn start_service(pki: &TestPki, name: &str, uid: Option<u32>, peer_check: 
         std::process::id()
     ));
     let child = as_user(
-        Command::new(BIN)
+        Command::new(&bin.path)
             .args(["run", "--config"])
             .arg(&config)
             .env_remove("RUST_LOG")
@@ -139,10 +162,10 @@ async fn start_service(pki: &TestPki, name: &str, uid: Option<u32>, peer_check: 
 
 /// `mcp-tunnel bridge` to the service's listener, as `uid`; returns once it listens (read
 /// from its log: a probe connection would already reach the listener through it).
-fn start_bridge(service: &Service, uid: Option<u32>) -> (Proc, SocketAddr) {
+fn start_bridge(bin: &Bin, service: &Service, uid: Option<u32>) -> (Proc, SocketAddr) {
     let addr = free_port();
     let mut child = as_user(
-        Command::new(BIN)
+        Command::new(&bin.path)
             .args(["bridge", "--listen", &addr.to_string(), "--to"])
             .arg(format!("ws://{}", service.listen))
             .env("RUST_LOG", "info")
@@ -289,8 +312,8 @@ const SERVED: &str = "mcp_tunnel_requests_total{route=\"echo\",status=\"200\"}";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_user_is_refused_before_the_upgrade_and_the_own_user_is_served() {
     require_root();
-    let pki = TestPki::new();
-    let service = start_service(&pki, "root-service", None, "enabled = true").await;
+    let (bin, pki) = (Bin::new(), TestPki::new());
+    let service = start_service(&bin, &pki, "root-service", None, "enabled = true").await;
     let (_readyz_code, readyz) = http_get(service.admin, "/readyz").await.unwrap();
     assert!(
         readyz.contains(r#"{"name":"peer_check","ready":true,"state":"on: uid 0 (root) only"}"#),
@@ -299,7 +322,7 @@ async fn another_user_is_refused_before_the_upgrade_and_the_own_user_is_served()
     assert_eq!(metric(&service, "mcp_tunnel_peer_check_enabled").await, 1);
 
     // nobody: closed before the upgrade, so its TLS client never gets a handshake.
-    let (_nobody_bridge, via_nobody) = start_bridge(&service, Some(NOBODY));
+    let (_nobody_bridge, via_nobody) = start_bridge(&bin, &service, Some(NOBODY));
     let refused = call_through(via_nobody, &pki).await;
     assert!(
         matches!(&refused, Err(e) if e.starts_with("TLS handshake")),
@@ -313,7 +336,7 @@ async fn another_user_is_refused_before_the_upgrade_and_the_own_user_is_served()
     assert_eq!(metric(&service, "mcp_tunnel_sessions_total").await, 0);
 
     // The service's own user (root here) is served, before and after the refusals.
-    let (_own_bridge, via_own) = start_bridge(&service, None);
+    let (_own_bridge, via_own) = start_bridge(&bin, &service, None);
     assert_eq!(call_through(via_own, &pki).await, Ok(200));
 
     // A burst of refusals: every one counted, the log rate limited.
@@ -357,10 +380,11 @@ fn give_to(dir: &Path, uid: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_user_other_than_root_refuses_root_unless_allowed() {
     require_root();
-    let pki = TestPki::new();
+    let (bin, pki) = (Bin::new(), TestPki::new());
     give_to(pki.dir.path(), SERVICE_UID);
-    let strict = start_service(&pki, "strict", Some(SERVICE_UID), "enabled = true").await;
+    let strict = start_service(&bin, &pki, "strict", Some(SERVICE_UID), "enabled = true").await;
     let lenient = start_service(
+        &bin,
         &pki,
         "lenient",
         Some(SERVICE_UID),
@@ -374,17 +398,17 @@ async fn a_service_user_other_than_root_refuses_root_unless_allowed() {
     );
 
     // Root is a stranger to the strict service...
-    let (_root_bridge, via_root) = start_bridge(&strict, None);
+    let (_root_bridge, via_root) = start_bridge(&bin, &strict, None);
     assert!(call_through(via_root, &pki).await.is_err());
     wait_log_line(&strict, &[REFUSED, "peer_uid=0 "]).await;
     assert_eq!(metric(&strict, OTHER_USER).await, 1);
     // ...its own user is served...
-    let (_own_bridge, via_own) = start_bridge(&strict, Some(SERVICE_UID));
+    let (_own_bridge, via_own) = start_bridge(&bin, &strict, Some(SERVICE_UID));
     assert_eq!(call_through(via_own, &pki).await, Ok(200));
     // ...and with allow_root, root is served while nobody is still refused.
-    let (_root_bridge2, via_root2) = start_bridge(&lenient, None);
+    let (_root_bridge2, via_root2) = start_bridge(&bin, &lenient, None);
     assert_eq!(call_through(via_root2, &pki).await, Ok(200));
-    let (_nobody_bridge, via_nobody) = start_bridge(&lenient, Some(NOBODY));
+    let (_nobody_bridge, via_nobody) = start_bridge(&bin, &lenient, Some(NOBODY));
     assert!(call_through(via_nobody, &pki).await.is_err());
     wait_log_line(&lenient, &[REFUSED, "peer_uid=65534"]).await;
     assert_eq!(metric(&lenient, OTHER_USER).await, 1);
