@@ -38,7 +38,7 @@ impl PeerCheckOff {
         match self {
             PeerCheckOff::Disabled => "[peer_check] enabled = false",
             PeerCheckOff::CloudflaredElsewhere => {
-                "cloudflared is not supervised here ([cloudflared] enabled = false)"
+                "cloudflared is not supervised here: [cloudflared] enabled = false"
             }
             PeerCheckOff::NotLoopback => "listen_addr is not a loopback address",
         }
