@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::metrics::{PeerRefusal, ProxyMetrics};
 use super::sockdiag::{self, SocketOwner};
@@ -26,7 +26,7 @@ const LOG_WINDOW: Duration = Duration::from_secs(10);
     "peer_check: cannot identify the owner of listener connections through the kernel (NETLINK_SOCK_DIAG): {reason}. Under systemd the unit needs AF_NETLINK in RestrictAddressFamilies=; if cloudflared runs on another host, set [peer_check] enabled = false"
 )]
 pub struct PeerCheckUnavailable {
-    reason: String,
+    pub reason: String,
 }
 
 /// Admits or refuses listener connections by the owner of their peer socket.
@@ -41,6 +41,10 @@ pub struct PeerGate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refused {
     OtherUser(SocketOwner),
+    /// The peer closed its socket already (a port probe that connects and hangs up): there
+    /// is nobody left to serve, so it is logged at info, not as a warning.
+    PeerGone(&'static str),
+    /// The lookup failed.
     UnknownOwner(String),
 }
 
@@ -79,14 +83,14 @@ impl PeerGate {
     /// closed, TIME_WAIT) has no owner to trust, whatever UID the kernel reports for it.
     pub fn judge(&self, owner: io::Result<SocketOwner>) -> Result<SocketOwner, Refused> {
         match owner {
-            Ok(o) if o.inode == 0 => Err(Refused::UnknownOwner(
-                "the peer socket is no longer held by any process".into(),
+            Ok(o) if o.inode == 0 => Err(Refused::PeerGone(
+                "the peer socket is no longer held by any process",
             )),
             Ok(o) if o.uid == self.own_uid || (self.allow_root && o.uid == 0) => Ok(o),
             Ok(o) => Err(Refused::OtherUser(o)),
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Err(Refused::UnknownOwner(
-                "no such socket on this host (the peer is remote, or already gone)".into(),
-            )),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {
+                Err(Refused::PeerGone("no such socket on this host any more"))
+            }
             Err(e) => Err(Refused::UnknownOwner(e.to_string())),
         }
     }
@@ -120,6 +124,13 @@ impl PeerGate {
                         suppressed,
                         "refused listener connection: its socket belongs to another user ([peer_check]: only the service's own cloudflared may connect)"
                     );
+                }
+                false
+            }
+            Err(Refused::PeerGone(why)) => {
+                metrics.peer_refusal(PeerRefusal::UnknownOwner);
+                if let Some(suppressed) = self.log.permit() {
+                    info!(%peer, error = why, suppressed, "closed listener connection: its peer hung up before the peer check could name its owner ([peer_check])");
                 }
                 false
             }
@@ -235,14 +246,16 @@ mod tests {
     fn ownerless_and_missing_sockets_are_refused() {
         let g = gate(0, true);
         // A TIME_WAIT socket reads as uid 0, inode 0.
-        assert!(matches!(
-            g.judge(owner(0, 0)),
-            Err(Refused::UnknownOwner(_))
-        ));
+        assert!(matches!(g.judge(owner(0, 0)), Err(Refused::PeerGone(_))));
         let gone = g.judge(Err(io::Error::from_raw_os_error(nix::libc::ENOENT)));
         assert!(
-            matches!(&gone, Err(Refused::UnknownOwner(m)) if m.contains("no such socket")),
+            matches!(&gone, Err(Refused::PeerGone(m)) if m.contains("no such socket")),
             "{gone:?}"
+        );
+        let failed = g.judge(Err(io::Error::from_raw_os_error(nix::libc::EACCES)));
+        assert!(
+            matches!(failed, Err(Refused::UnknownOwner(_))),
+            "{failed:?}"
         );
     }
 

@@ -397,3 +397,27 @@ impl reload::ReloadHooks for SupervisorHooks {
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_check_that_cannot_work_is_a_configuration_exit() {
+        let e = RunError::Proxy(crate::proxy::ProxyError::PeerCheck(
+            crate::proxy::peer::PeerCheckUnavailable {
+                reason: "Address family not supported by protocol (os error 97)".into(),
+            },
+        ));
+        assert_eq!(e.exit_code(), EXIT_CONFIG);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("peer_check: cannot identify the owner of listener connections through the kernel (NETLINK_SOCK_DIAG): Address family not supported"),
+            "{text}"
+        );
+        assert!(
+            text.contains("AF_NETLINK in RestrictAddressFamilies="),
+            "{text}"
+        );
+    }
+}
