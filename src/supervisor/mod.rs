@@ -333,21 +333,19 @@ fn peer_check_status(config: &Config, proxy: &Proxy) -> metrics::PeerCheckStatus
             state: format!("on: {}", gate.who()),
         };
     }
+    // No gate means the check is off: `Proxy::with_pair` builds one whenever it is on.
     let why = match config.peer_check {
         PeerCheck::Off(why) => why,
         PeerCheck::On { .. } => PeerCheckOff::Disabled,
     };
-    if why == PeerCheckOff::NotLoopback {
+    let who = if why == PeerCheckOff::NotLoopback {
         warn!(listen = %config.listen_addr, reason = why.reason(), "peer check off: any process or host that reaches the listener can use every route");
+        "any host or local user that reaches it"
     } else {
         info!(
             reason = why.reason(),
             "peer check off: any local process that reaches the listener can use every route"
         );
-    }
-    let who = if why == PeerCheckOff::NotLoopback {
-        "any host or local user that reaches it"
-    } else {
         "any local user"
     };
     metrics::PeerCheckStatus {
