@@ -34,7 +34,10 @@ pub struct PeerGate {
     own_uid: u32,
     allow_root: bool,
     who: String,
-    log: LogLimiter,
+    /// Refusals of other users' connections, the warnings that matter, keep their own budget:
+    /// a flood of port probes cannot crowd them out.
+    log_other_user: LogLimiter,
+    log_unknown: LogLimiter,
 }
 
 /// Why a peer was refused.
@@ -70,7 +73,8 @@ impl PeerGate {
             own_uid,
             allow_root,
             who,
-            log: LogLimiter::default(),
+            log_other_user: LogLimiter::default(),
+            log_unknown: LogLimiter::default(),
         })
     }
 
@@ -115,7 +119,7 @@ impl PeerGate {
             }
             Err(Refused::OtherUser(o)) => {
                 metrics.peer_refusal(PeerRefusal::OtherUser);
-                if let Some(suppressed) = self.log.permit() {
+                if let Some(suppressed) = self.log_other_user.permit() {
                     warn!(
                         %peer,
                         peer_uid = o.uid,
@@ -129,14 +133,14 @@ impl PeerGate {
             }
             Err(Refused::PeerGone(why)) => {
                 metrics.peer_refusal(PeerRefusal::UnknownOwner);
-                if let Some(suppressed) = self.log.permit() {
+                if let Some(suppressed) = self.log_unknown.permit() {
                     info!(%peer, error = why, suppressed, "closed listener connection: its peer hung up before the peer check could name its owner ([peer_check])");
                 }
                 false
             }
             Err(Refused::UnknownOwner(why)) => {
                 metrics.peer_refusal(PeerRefusal::UnknownOwner);
-                if let Some(suppressed) = self.log.permit() {
+                if let Some(suppressed) = self.log_unknown.permit() {
                     warn!(%peer, error = %why, suppressed, "refused listener connection: the owner of its socket cannot be identified ([peer_check])");
                 }
                 false
@@ -217,7 +221,8 @@ mod tests {
             own_uid,
             allow_root,
             who: String::new(),
-            log: LogLimiter::default(),
+            log_other_user: LogLimiter::default(),
+            log_unknown: LogLimiter::default(),
         }
     }
 
