@@ -7,7 +7,7 @@
 #                           path, fails on any error; writes target/bench-smoke/BENCHMARKS.md
 #
 # Needs: cargo, and nginx (installed with apt-get when missing; run as root for that).
-# Environment: BENCH_PORT_BASE (default 18700; five ports from it are used),
+# Environment: BENCH_PORT_BASE (default 18700; six ports from it are used),
 #              BENCH_OUT (where BENCHMARKS.md goes), BENCH_PROFILE (cargo profile: release
 #              for full runs, dev for smoke runs), BENCH_KEEP=1 keeps the work directory.
 set -euo pipefail
@@ -28,6 +28,7 @@ if [[ $MODE == smoke ]]; then
   IDLE_STEPS=20,100 SETTLE=300ms
   CHURN_DUR=4s RELOAD_EVERY=500ms ROTATE_EVERY=1500ms RECONNECT_EVERY=20
   READY_RUNS=2
+  LOOKUPS=2000
   OUT=${BENCH_OUT:-$ROOT/target/bench-smoke/BENCHMARKS.md}
 else
   PROFILE=${BENCH_PROFILE:-release}
@@ -37,11 +38,13 @@ else
   IDLE_STEPS=1000,10000
   CHURN_DUR=30s RELOAD_EVERY=1s ROTATE_EVERY=5s RECONNECT_EVERY=50
   READY_RUNS=10
+  LOOKUPS=100000
   OUT=${BENCH_OUT:-$ROOT/BENCHMARKS.md}
 fi
 BASE=${BENCH_PORT_BASE:-18700}
 UP_PORT=$BASE NGINX_PORT=$((BASE + 1)) PROXY_PORT=$((BASE + 2))
 READY_PROXY_PORT=$((BASE + 3)) READY_NGINX_PORT=$((BASE + 4))
+PEER_CHECK_PORT=$((BASE + 5))
 DOMAIN=bench.test NAME=echo.bench.test
 
 step() { printf '\n==> %s\n' "$*" >&2; }
@@ -129,6 +132,9 @@ EOF
 }
 proxy_config "$PROXY_PORT" "$WORK/proxy.toml"
 proxy_config "$READY_PROXY_PORT" "$WORK/proxy-ready.toml"
+# (f): the same proxy with the listener's peer check on (off above: no cloudflared here).
+proxy_config "$PEER_CHECK_PORT" "$WORK/proxy-peer-check.toml"
+printf '\n[peer_check]\nenabled = true\n' >>"$WORK/proxy-peer-check.toml"
 
 nginx_config() { # port file pidfile
   cat >"$2" <<EOF
@@ -250,6 +256,30 @@ for streams in "${SSE_STREAMS[@]}"; do
   done
 done
 
+# --- (f) peer check on vs off: session set-up and throughput --------------------------------
+step "(f) peer check on vs off: session set-up and tools/call, $ROUNDS rounds"
+"$TUNNEL" run --config "$WORK/proxy-peer-check.toml" 2>>"$LOGS/proxy-peer-check.log" &
+PEER_CHECK_PID=$!
+PIDS+=("$PEER_CHECK_PID")
+wait_port "$PEER_CHECK_PORT"
+grep -q 'peer check on' "$LOGS/proxy-peer-check.log" || { echo "(f): the peer check is not on" >&2; exit 1; }
+grep -q 'peer check off' "$LOGS/proxy.log" || { echo "(f): the reference proxy's peer check is not off" >&2; exit 1; }
+for round in $(seq 1 "$ROUNDS"); do
+  order="off on"; ((round % 2)) || order="on off"
+  for which in $order; do
+    port=$PROXY_PORT pid=$PROXY_PID
+    [[ $which == on ]] && port=$PEER_CHECK_PORT pid=$PEER_CHECK_PID
+    for mode in connect post; do
+      sessions=16; [[ $mode == connect ]] && sessions=4
+      "$BENCH" load --name "$which" --scenario f --round "$round" --target "ws://127.0.0.1:$port" \
+        --server-name "$NAME" --host "$NAME" --ca "$CA" --pid "$pid" --mode "$mode" \
+        --sessions "$sessions" --warmup "$WARMUP" --duration "$DUR" | tee -a "$RESULTS" >&2
+    done
+  done
+done
+"$BENCH" peer-lookup --count "$LOOKUPS" | tee -a "$RESULTS" >&2
+stop_pid "$PEER_CHECK_PID"
+
 # --- (d) reload every second, rotation every 5 s, under (a) at 16 sessions ---------------
 step "(d) config rewrite every $RELOAD_EVERY, cert rotation every $ROTATE_EVERY, for $CHURN_DUR"
 "$BENCH" churn --config "$WORK/proxy.toml" --cert-dir "$WORK/pki" --domain "$DOMAIN" \
@@ -320,6 +350,8 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "mcp-tunnel-bench load ... --mode idle --steps $IDLE_STEPS --pid PID"
   echo "mcp-tunnel-bench churn --config proxy.toml --cert-dir pki --domain $DOMAIN --duration $CHURN_DUR --reload-every $RELOAD_EVERY --rotate-every $ROTATE_EVERY  # with: load --name proxy --sessions 16 --reconnect-every $RECONNECT_EVERY"
   echo "mcp-tunnel-bench ready --name mcp-tunnel --probe 127.0.0.1:$READY_PROXY_PORT --runs $READY_RUNS --notify -- mcp-tunnel run --config proxy-ready.toml"
+  echo "mcp-tunnel-bench load --name on --scenario f --target ws://127.0.0.1:$PEER_CHECK_PORT ... --mode connect --sessions 4  # and --mode post --sessions 16; --name off against :$PROXY_PORT"
+  echo "mcp-tunnel-bench peer-lookup --count $LOOKUPS"
   echo '```'
 } >"$WORK/header.md"
 footer=()

@@ -500,6 +500,22 @@ fn check(path: &std::path::Path) -> u8 {
         eprintln!("{}: {e}", path.display());
         failed = true;
     }
+    // Under systemd this runs as ExecStartPre, in the unit's sandbox: the same test `run` makes.
+    match config.peer_check {
+        config::PeerCheck::On { allow_root } => {
+            match crate::proxy::peer::PeerGate::new(allow_root, config.listen_addr.ip()) {
+                Ok(gate) => println!(
+                    "peer check: on, the listener serves {} (the kernel names each peer's owner here)",
+                    gate.who()
+                ),
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    failed = true;
+                }
+            }
+        }
+        config::PeerCheck::Off(why) => println!("peer check: off ({})", why.reason()),
+    }
     if config.cloudflared.enabled {
         let c = &config.cloudflared;
         if let Err(e) = crate::cloudflared::spawn::resolve_binary(

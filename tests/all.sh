@@ -25,6 +25,8 @@ step "real cloudflared 2026.8.2 + fake-edge: supervision tests in a loopback-onl
 tests/real-cloudflared.sh
 step "end-to-end: real MCP peers through bridge -> WebSocket -> inner TLS -> proxy"
 MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/e2e/run.sh
+step "peer check: MCP SDK clients through fake-edge + the real cloudflared, other users refused (loopback-only netns)"
+MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/peer_check_cloudflared.sh
 step "packages: build .deb/.rpm (plain and bundled), lintian, rpmlint, file lists, unit checks, rpm --root"
 packaging/test-packages.sh
 step "system test: the .deb under real systemd (systemd-nspawn)"

@@ -46,6 +46,21 @@ fn check_accepts_a_good_config_and_names_each_problem() {
     let (code, out) = check(&pki, &good);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok (1 route"), "{out}");
+    // No cloudflared here: the peer check is off by default, and `check` says so; turned on,
+    // `check` proves the kernel lookup works (the self-test `run` makes) and says who may connect.
+    assert!(
+        out.contains(
+            "peer check: off (cloudflared is not supervised here: [cloudflared] enabled = false)"
+        ),
+        "{out}"
+    );
+    let (code, out) = check(&pki, &format!("{good}[peer_check]\nenabled = true\n"));
+    assert_eq!(code, 0, "{out}");
+    let uid = nix::unistd::geteuid().as_raw();
+    assert!(
+        out.contains(&format!("peer check: on, the listener serves uid {uid} ")),
+        "{out}"
+    );
 
     let file = pki.path("check.toml").display().to_string();
     let cases: Vec<(String, &str)> = vec![
@@ -345,6 +360,10 @@ fn the_documented_example_config_parses() {
     assert_eq!(
         config.upstream, minimal.upstream,
         "documented [upstream] values are the defaults"
+    );
+    assert_eq!(
+        config.peer_check, minimal.peer_check,
+        "documented [peer_check] values are the defaults"
     );
     assert_eq!(
         (config.shutdown_timeout, config.log_level),

@@ -444,6 +444,14 @@ async fn invalid_config_is_refused_and_old_routes_keep_serving() {
         live.reloader.config().await.listen_addr,
         live.proxy.config.listen_addr
     );
+    // Nor can [peer_check]: turning it on in the file keeps the running (off) value.
+    std::fs::write(&path, format!("{good}[peer_check]\nenabled = true\n")).unwrap();
+    live.reloader.reload(unix_now()).await.unwrap();
+    assert_eq!(
+        live.reloader.config().await.peer_check,
+        live.proxy.config.peer_check
+    );
+    assert!(live.proxy.proxy.peer_gate().is_none());
 }
 
 /// Serial of the certificate a new session is shown.

@@ -405,7 +405,23 @@ async fn tunnel_path_notify_argv_env_admin_and_stop_order() {
         .collect();
     assert_eq!(
         names,
-        ["listener", "certificate", "cloudflared", "supervisor"]
+        [
+            "listener",
+            "certificate",
+            "cloudflared",
+            "peer_check",
+            "supervisor"
+        ]
+    );
+    // Supervised cloudflared on a loopback listener: the peer check is on by default, and
+    // the supervisor's own cloudflared (the stand-in) got through it.
+    let uid = nix::unistd::geteuid().as_raw();
+    assert!(
+        v["components"][3]["state"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("on: uid {uid} ")),
+        "{readyz}"
     );
     assert_eq!(http_get(admin, "/healthz").await, (200, "ok\n".into()));
     let (_, metrics) = http_get(admin, "/metrics").await;
@@ -416,6 +432,9 @@ async fn tunnel_path_notify_argv_env_admin_and_stop_order() {
         "mcp_tunnel_refusals_total{reason=\"no_route\"} 0",
         "mcp_tunnel_config_generation 1",
         "mcp_tunnel_ready 1",
+        "mcp_tunnel_peer_check_enabled 1",
+        "mcp_tunnel_peer_refusals_total{reason=\"other_user\"} 0",
+        "mcp_tunnel_peer_refusals_total{reason=\"unknown_owner\"} 0",
     ] {
         assert!(metrics.contains(want), "missing {want:?} in\n{metrics}");
     }

@@ -36,6 +36,9 @@ pub enum Mode {
     Sse,
     /// Open sessions, one request each, then hold them idle and read the target's RSS.
     Idle,
+    /// Closed-loop session set-up: open a session (every handshake), one tools/call, close;
+    /// latency is the whole of it, the rate is sessions per second.
+    Connect,
 }
 
 #[derive(Debug, clap::Args)]
@@ -370,6 +373,42 @@ async fn post_worker(
     tally
 }
 
+/// New sessions back to back: each one timed from connect to its first answer.
+async fn connect_worker(
+    shared: Arc<Shared>,
+    worker: u64,
+    warm_end: Instant,
+    end: Instant,
+) -> Tally {
+    let mut tally = Tally::new();
+    let mut id = worker << 32;
+    while Instant::now() < end {
+        id += 1;
+        let t0 = Instant::now();
+        let r = open(&shared.transport).await;
+        tally.handshake(&r);
+        let Ok((mut send, _)) = r else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let r = call(&shared, &mut send, id).await;
+        let took = t0.elapsed();
+        // Dropping the sender closes the session.
+        drop(send);
+        match r {
+            Ok(()) if t0 >= warm_end && t0 < end => {
+                tally.requests += 1;
+                if let Some(h) = tally.hist.as_mut() {
+                    h.saturating_record(took.as_micros() as u64);
+                }
+            }
+            Ok(()) => {}
+            Err(e) => tally.error(e),
+        }
+    }
+    tally
+}
+
 async fn sse_worker(
     shared: Arc<Shared>,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -632,6 +671,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         Mode::Post => run_post(&args, shared).await,
         Mode::Sse => run_sse(&args, shared).await,
         Mode::Idle => run_idle(&args, shared).await,
+        Mode::Connect => run_connect(&args, shared).await,
     }
 }
 
@@ -694,6 +734,30 @@ async fn run_post(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
     tally.hist = Some(Histogram::new_with_bounds(1, 120_000_000, 3)?);
     tally.requests = 0;
     let used = cpu.stop();
+    while let Some(t) = set.join_next().await {
+        tally.merge(t?);
+    }
+    let (target_cpu, own_cpu) = used.per_request(tally.requests);
+    let mut out = summary(args, &tally, args.duration);
+    out["target_cpu_us_per_req"] = json!(target_cpu);
+    out["loadgen_cpu_us_per_req"] = json!(own_cpu);
+    println!("{out}");
+    Ok(())
+}
+
+async fn run_connect(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let warm_end = start + args.warmup;
+    let end = warm_end + args.duration;
+    let mut set = JoinSet::new();
+    for worker in 0..args.sessions as u64 {
+        set.spawn(connect_worker(shared.clone(), worker, warm_end, end));
+    }
+    tokio::time::sleep_until(warm_end.into()).await;
+    let cpu = CpuWindow::start(args.pid);
+    tokio::time::sleep_until(end.into()).await;
+    let used = cpu.stop();
+    let mut tally = Tally::new();
     while let Some(t) = set.join_next().await {
         tally.merge(t?);
     }

@@ -38,6 +38,8 @@ enum Command {
     Churn(ops::ChurnArgs),
     /// Starts a command repeatedly and times READY=1 (sd-notify) and the listening port.
     Ready(ops::ReadyArgs),
+    /// Times the peer check's NETLINK_SOCK_DIAG lookup alone.
+    PeerLookup(ops::PeerLookupArgs),
     /// Renders BENCHMARKS.md from the collected JSON lines.
     Report(report::ReportArgs),
 }
@@ -73,6 +75,7 @@ fn main() -> std::process::ExitCode {
             Command::Load(args) => load::run(args).await,
             Command::Churn(args) => ops::churn(args).await,
             Command::Ready(args) => ops::ready(args).await,
+            Command::PeerLookup(args) => ops::peer_lookup(args).await,
             Command::Report(_) => unreachable!("handled above"),
         }
     }))

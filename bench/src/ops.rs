@@ -244,3 +244,49 @@ pub async fn ready(args: ReadyArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct PeerLookupArgs {
+    /// Lookups to time.
+    #[arg(long, default_value_t = 20_000)]
+    count: u32,
+    #[arg(long, default_value = "f")]
+    scenario: String,
+}
+
+/// Times the peer check's kernel lookup alone (`proxy::sockdiag::socket_owner`, as the
+/// listener runs it for each new connection) on a loopback connection of this process.
+pub async fn peer_lookup(args: PeerLookupArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let _client = TcpStream::connect(listener.local_addr()?).await?;
+    let (server, peer) = listener.accept().await?;
+    let local = server.local_addr()?;
+    let uid = nix::unistd::geteuid().as_raw();
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    let start = Instant::now();
+    for _ in 0..args.count {
+        let t0 = Instant::now();
+        let owner = mcp_tunnel::proxy::sockdiag::socket_owner(peer, local).await?;
+        hist.saturating_record(t0.elapsed().as_nanos() as u64);
+        anyhow::ensure!(
+            owner.uid == uid,
+            "lookup named uid {}, expected {uid}",
+            owner.uid
+        );
+    }
+    let total = start.elapsed();
+    println!(
+        "{}",
+        json!({
+            "scenario": args.scenario,
+            "mode": "lookup",
+            "target": "sock_diag",
+            "count": args.count,
+            "mean_ns": total.as_nanos() as f64 / f64::from(args.count.max(1)),
+            "p50_ns": hist.value_at_quantile(0.5),
+            "p99_ns": hist.value_at_quantile(0.99),
+            "max_ns": hist.max(),
+        })
+    );
+    Ok(())
+}

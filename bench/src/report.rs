@@ -407,6 +407,8 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         );
     }
 
+    peer_check_section(&mut md, &rows, &mut problems);
+
     if let Some(footer) = &args.footer {
         md.push('\n');
         md.push_str(&std::fs::read_to_string(footer)?);
@@ -423,4 +425,95 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         anyhow::bail!("errors during the run:\n{}", problems.join("\n"));
     }
     Ok(())
+}
+
+/// (f) the listener's peer check: two proxies identical but for `[peer_check]`, measured
+/// interleaved; the check is one kernel lookup per new listener connection, none per request.
+fn peer_check_section(md: &mut String, rows: &[Value], problems: &mut Vec<String>) {
+    let in_f: Vec<&Value> = rows.iter().filter(|r| s(r, "scenario") == "f").collect();
+    if in_f.is_empty() {
+        return;
+    }
+    let agg = |mode: &str, target: &str| {
+        let runs: Vec<&Value> = in_f
+            .iter()
+            .copied()
+            .filter(|r| s(r, "mode") == mode && s(r, "target") == target)
+            .collect();
+        (!runs.is_empty()).then(|| aggregate(&runs))
+    };
+    let _ = writeln!(
+        md,
+        "\n## (f) peer check: session set-up and throughput, check on vs off\n\n\
+         Two instances of the proxy, identical but for `[peer_check] enabled`, measured interleaved \
+         (order alternated each round), medians over rounds. Session set-up: each worker opens a \
+         tunnel session (TCP, WebSocket upgrade, inner TLS handshake), sends one tools/call and \
+         closes it, back to back; latency is the whole of it. Throughput: (a)'s tools/call on \
+         sessions held open. With the check on, each new listener connection costs one \
+         NETLINK_SOCK_DIAG lookup; requests cost nothing more.\n\n\
+         | measure | check off | check on | on / off |\n|---|---:|---:|---:|"
+    );
+    let row = |md: &mut String, what: &str, off: f64, on: f64, fmt: &dyn Fn(f64) -> String| {
+        let _ = writeln!(
+            md,
+            "| {what} | {} | {} | {:.2}x |",
+            fmt(off),
+            fmt(on),
+            on / off
+        );
+    };
+    let n0 = |v: f64| format!("{v:.0}");
+    let n1 = |v: f64| format!("{v:.1}");
+    let msf = |v: f64| ms(v);
+    for (mode, label) in [
+        ("connect", "session set-up"),
+        ("post", "tools/call on open sessions"),
+    ] {
+        let (Some(off), Some(on)) = (agg(mode, "off"), agg(mode, "on")) else {
+            continue;
+        };
+        note_errors(problems, &format!("(f) {label}, check off"), &off);
+        note_errors(problems, &format!("(f) {label}, check on"), &on);
+        let sessions = in_f
+            .iter()
+            .find(|r| s(r, "mode") == mode)
+            .map_or(0, |r| u(r, "sessions"));
+        let unit = if mode == "connect" {
+            "sessions/s"
+        } else {
+            "req/s"
+        };
+        let per = if mode == "connect" {
+            "session"
+        } else {
+            "request"
+        };
+        row(
+            md,
+            &format!("{label}, {sessions} in parallel: {unit}"),
+            off.rate,
+            on.rate,
+            &n0,
+        );
+        row(md, &format!("{label}: p50 ms"), off.p50, on.p50, &msf);
+        row(md, &format!("{label}: p99 ms"), off.p99, on.p99, &msf);
+        row(
+            md,
+            &format!("{label}: proxy CPU µs per {per}"),
+            off.cpu,
+            on.cpu,
+            &n1,
+        );
+    }
+    if let Some(l) = in_f.iter().find(|r| s(r, "mode") == "lookup") {
+        let _ = writeln!(
+            md,
+            "\nThe lookup alone (`mcp-tunnel-bench peer-lookup`: `proxy::sockdiag::socket_owner` on one \
+             loopback connection, {} times in a row, one task): mean {:.1} µs, p50 {:.1} µs, p99 {:.1} µs.",
+            u(l, "count"),
+            f(l, "mean_ns") / 1000.0,
+            f(l, "p50_ns") / 1000.0,
+            f(l, "p99_ns") / 1000.0,
+        );
+    }
 }

@@ -165,6 +165,69 @@ n=$(journalctl -u mcp-tunnel --since "$since" -o cat --no-pager | grep -c '^relo
 if [[ $n -eq 0 ]]; then pass "no reloads in 3 idle seconds"
 else failc "$n reloads in 3 idle seconds with no file change (trigger: $(journalctl -u mcp-tunnel --since "$since" -o json --no-pager | grep -o '"F_TRIGGER":"[^"]*"' | sort | uniq -c | tr '\n' ' ')): the file watcher reacts to the reload's own reads (hot reload: issue 4, src/supervisor/watch.rs)"; fi
 
+# ---- peer check (issue 17): a self-contained block; it leaves the service active as it found it.
+step "peer check: a local user other than the service's cannot reach an upstream through the listener"
+# The calls above came through the service's own cloudflared. Here bridges run by other local
+# users carry the same call straight to the listener (127.0.0.1:8080), as a local attacker would:
+# nobody, and root (allow_root is off by default).
+pc_metric() { curl -s 127.0.0.1:9180/metrics | awk -v m="$1" '$1 == m { print $2 }'; }
+pc_refused='mcp_tunnel_peer_refusals_total{reason="other_user"}'
+pc_before="$(pc_metric "$pc_refused")"
+pc_since="$(date '+%Y-%m-%d %H:%M:%S')"
+setpriv --reuid=nobody --regid=nogroup --clear-groups \
+  mcp-tunnel bridge --listen 127.0.0.1:9451 --to ws://127.0.0.1:8080 >pc-bridge-nobody.log 2>&1 &
+pc_nobody=$!
+mcp-tunnel bridge --listen 127.0.0.1:9452 --to ws://127.0.0.1:8080 >pc-bridge-root.log 2>&1 &
+pc_root=$!
+for _ in $(seq 50); do
+  grep -q 'bridge listening' pc-bridge-nobody.log && grep -q 'bridge listening' pc-bridge-root.log && break; sleep 0.1
+done
+pc_call() { # pc_call PORT: the tools/call of mcp_call, through the bridge on PORT
+  curl -sS --max-time 10 --resolve "hello.$DOMAIN:$1:127.0.0.1" --cacert /var/lib/mcp-tunnel/ca.crt \
+    -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
+    -d "$CALL" "https://hello.$DOMAIN:$1/mcp" 2>&1
+}
+for pc in "nobody 9451 65534 $pc_nobody" "root 9452 0 $pc_root"; do
+  read -r pc_user pc_port pc_uid pc_pid <<<"$pc"
+  pc_out="$(pc_call "$pc_port")"; pc_rc=$?
+  pc_as="$(ps -o user= -p "$pc_pid")"
+  pc_log=""
+  for _ in $(seq 30); do
+    pc_log="$(journalctl -u mcp-tunnel --since "$pc_since" -o json --no-pager | grep 'refused listener connection' | grep "\"F_PEER_UID\":\"$pc_uid\"" | head -n1)"
+    [[ -n "$pc_log" ]] && break; sleep 0.1
+  done
+  if [[ $pc_rc -ne 0 && "$pc_as" == "$pc_user" ]] && ! grep -q 'Hello, systemd!' <<<"$pc_out" && [[ -n "$pc_log" ]]; then
+    pass "a bridge run by $pc_user straight to the listener is refused: curl exit $pc_rc; journal: $(sed -n 's/.*"MESSAGE":"\([^"]*\)".*/\1/p' <<<"$pc_log" | cut -c1-60)... F_PEER_UID=$pc_uid $(grep -o '"F_ALLOWED":"[^"]*"' <<<"$pc_log")"
+  else failc "bridge as $pc_user (process user '$pc_as'): curl exit $pc_rc: $(head -c 160 <<<"$pc_out"); journal line: '${pc_log:0:200}'"; fi
+done
+kill "$pc_nobody" "$pc_root" 2>/dev/null; wait "$pc_nobody" "$pc_root" 2>/dev/null
+pc_after="$(pc_metric "$pc_refused")"
+if [[ -n "$pc_after" && $((pc_after - ${pc_before:-0})) -eq 2 ]]; then pass "$pc_refused went from $pc_before to $pc_after"
+else failc "$pc_refused: $pc_before before, '$pc_after' after (expected +2)"; fi
+pc_status="$(mcp-tunnel status 2>&1)"
+if grep -q 'peer_check   ready     on: uid [0-9]* (mcp-tunnel) only' <<<"$pc_status" && grep -q 'refused by the peer check: [0-9]* from other users' <<<"$pc_status"; then
+  pass "status: $(grep peer_check <<<"$pc_status" | tr -s ' ')"
+else echo "$pc_status"; failc "status does not say who may connect"; fi
+out="$(mcp_call hello)"
+grep -q 'Hello, systemd!' <<<"$out" && pass "the service's own cloudflared is still served" || failc "MCP call after the refusals: $out"
+
+step "peer check: without AF_NETLINK in the sandbox the service refuses to start, and says why"
+mkdir -p /run/systemd/system/mcp-tunnel.service.d
+printf '[Service]\nRestrictAddressFamilies=\nRestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX\n' \
+  >/run/systemd/system/mcp-tunnel.service.d/no-netlink.conf
+systemctl daemon-reload
+pc_since="$(date '+%Y-%m-%d %H:%M:%S')"
+systemctl restart mcp-tunnel 2>/dev/null; pc_rc=$?
+pc_why="$(journalctl -u mcp-tunnel --since "$pc_since" -o cat --no-pager | grep -m1 'peer_check: cannot identify')"
+if [[ $pc_rc -ne 0 && "$(show ActiveState)" != active && -n "$pc_why" ]]; then
+  pass "start refused (systemctl restart exit $pc_rc, $(show ActiveState)/$(show Result)): ${pc_why:0:200}"
+else failc "without AF_NETLINK: restart exit $pc_rc, state $(show ActiveState), journal: $(journalctl -u mcp-tunnel --since "$pc_since" -o cat --no-pager | tail -n 5)"; fi
+rm -f /run/systemd/system/mcp-tunnel.service.d/no-netlink.conf
+systemctl daemon-reload; systemctl reset-failed mcp-tunnel
+systemctl restart mcp-tunnel
+wait_state active 30 && pass "with AF_NETLINK back, the service starts again" || failc "restart after restoring AF_NETLINK: $(show ActiveState)/$(show Result)"
+# ---- end of the peer check block
+
 step "the watchdog is armed"
 [[ "$(show WatchdogUSec)" == 30s ]] && pass "WatchdogUSec=30s" || failc "WatchdogUSec=$(show WatchdogUSec)"
 mkdir -p /run/systemd/system/mcp-tunnel.service.d

@@ -7,6 +7,7 @@ pub mod cloudflared;
 pub mod duration;
 pub mod ipset;
 pub mod limits;
+pub mod peer_check;
 pub mod provision;
 pub mod routes;
 
@@ -22,6 +23,7 @@ pub use certs::CertsConfig;
 pub use cloudflared::{CloudflaredConfig, Replacement};
 pub use ipset::IpPolicy;
 pub use limits::Limits;
+pub use peer_check::{PeerCheck, PeerCheckOff};
 pub use provision::ProvisionConfig;
 pub use routes::{Route, RouteTable, Scheme, Upstream};
 
@@ -71,6 +73,8 @@ pub struct Config {
     /// Accept secret files (TLS key, CA key, token) readable by group or others; the
     /// reference stack's container setup needs 0644, an appliance should not.
     pub allow_readable_secrets: bool,
+    /// `[peer_check]`: who may connect to `listen_addr`.
+    pub peer_check: PeerCheck,
 }
 
 /// The inner-TLS server certificate and key.
@@ -152,6 +156,8 @@ struct RawConfig {
     #[serde(default)]
     certs: certs::RawCerts,
     provision: Option<provision::RawProvision>,
+    #[serde(default)]
+    peer_check: peer_check::RawPeerCheck,
 }
 
 #[derive(Deserialize)]
@@ -368,6 +374,8 @@ impl Config {
         }
         let admin = admin::validate(raw.admin, &mut v);
         let limits = limits::validate(raw.limits, &mut v);
+        let peer_check =
+            peer_check::validate(raw.peer_check, listen_addr, cloudflared.enabled, &mut v);
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -394,6 +402,7 @@ impl Config {
             allow_readable_secrets: raw.allow_readable_secrets.unwrap_or(false),
             certs,
             provision,
+            peer_check,
         };
         if v.problems.is_empty() {
             Ok(config)

@@ -83,12 +83,33 @@ impl LimitHit {
     }
 }
 
+/// Why a listener connection was closed by the peer check, before its upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRefusal {
+    /// The peer socket belongs to a user other than the service's (and root, if allowed).
+    OtherUser,
+    /// The kernel could not name the peer socket's owner (gone already, not on this host).
+    UnknownOwner,
+}
+
+impl PeerRefusal {
+    pub const ALL: [PeerRefusal; 2] = [PeerRefusal::OtherUser, PeerRefusal::UnknownOwner];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerRefusal::OtherUser => "other_user",
+            PeerRefusal::UnknownOwner => "unknown_owner",
+        }
+    }
+}
+
 /// The proxy's counters and gauges.
 #[derive(Default)]
 pub struct ProxyMetrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     refusals: [AtomicU64; 8],
     limits: [AtomicU64; 8],
+    peer_refusals: [AtomicU64; 2],
     sessions_open: AtomicI64,
     sessions_total: AtomicU64,
     requests_in_flight: AtomicI64,
@@ -123,6 +144,17 @@ impl ProxyMetrics {
         LimitHit::ALL
             .iter()
             .map(|l| (*l, self.limits[*l as usize].load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    pub fn peer_refusal(&self, r: PeerRefusal) {
+        self.peer_refusals[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn peer_refusals_snapshot(&self) -> Vec<(PeerRefusal, u64)> {
+        PeerRefusal::ALL
+            .iter()
+            .map(|r| (*r, self.peer_refusals[*r as usize].load(Ordering::Relaxed)))
             .collect()
     }
 

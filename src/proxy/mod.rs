@@ -5,6 +5,8 @@ pub mod edge;
 mod forward;
 pub mod keepalive;
 pub mod metrics;
+pub mod peer;
+pub mod sockdiag;
 pub mod state;
 pub mod tls;
 pub mod upstream;
@@ -35,7 +37,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, info, warn};
 
 use crate::certs::{self, CertError};
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, PeerCheck};
 use crate::lifecycle::Shutdown;
 use state::{ApplyReport, Snapshot, UpstreamPlane};
 use tls::CertStore;
@@ -51,6 +53,8 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    PeerCheck(#[from] peer::PeerCheckUnavailable),
 }
 
 /// Shared proxy state. Readers on the request path load snapshots without locking.
@@ -67,6 +71,8 @@ pub struct Proxy {
     /// One permit per open tunnel connection (`limits.max_sessions`).
     session_permits: Arc<tokio::sync::Semaphore>,
     metrics: Arc<metrics::ProxyMetrics>,
+    /// `[peer_check]` on: who may connect to the listener (fixed at start).
+    peer_gate: Option<peer::PeerGate>,
 }
 
 impl Proxy {
@@ -91,6 +97,12 @@ impl Proxy {
         pair: Arc<rustls::sign::CertifiedKey>,
         resolver: Arc<dyn Resolve>,
     ) -> Result<Arc<Proxy>, ProxyError> {
+        let peer_gate = match config.peer_check {
+            PeerCheck::On { allow_root } => {
+                Some(peer::PeerGate::new(allow_root, config.listen_addr.ip())?)
+            }
+            PeerCheck::Off(_) => None,
+        };
         let certs = Arc::new(CertStore::new(pair));
         let upstream = ArcSwap::from_pointee(UpstreamPlane::new(&config.upstream, &resolver)?);
         let proxy = Proxy {
@@ -103,6 +115,7 @@ impl Proxy {
             limits: config.limits.clone(),
             session_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_sessions)),
             metrics: Arc::default(),
+            peer_gate,
         };
         for route in config.route_table().iter() {
             info!(route = %route.name, upstream = %route.upstream, preserve_host = route.preserve_host, "route configured");
@@ -145,6 +158,11 @@ impl Proxy {
     /// Request, refusal and session counters (for `/metrics` and the watchdog).
     pub fn metrics(&self) -> &Arc<metrics::ProxyMetrics> {
         &self.metrics
+    }
+
+    /// The peer check, when `[peer_check]` is on: who may connect to the listener.
+    pub fn peer_gate(&self) -> Option<&peer::PeerGate> {
+        self.peer_gate.as_ref()
     }
 
     /// The certificate store, for rotation.
@@ -191,8 +209,14 @@ impl Proxy {
             })
     }
 
-    /// The plain HTTP/1.1 connection from cloudflared: expects a WebSocket upgrade.
+    /// The plain HTTP/1.1 connection from cloudflared: expects a WebSocket upgrade. With the
+    /// peer check on, nothing is read from a connection before its peer's owner is known.
     async fn serve_outer(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
+        if let Some(gate) = &self.peer_gate
+            && !gate.admit(&stream, peer, &self.metrics).await
+        {
+            return;
+        }
         let proxy = self.clone();
         let sd = shutdown.clone();
         let svc = service_fn(move |req| {

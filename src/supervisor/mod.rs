@@ -67,6 +67,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Proxy(crate::proxy::ProxyError::Cert(_))
+            | RunError::Proxy(crate::proxy::ProxyError::PeerCheck(_))
             | RunError::Cert(_)
             | RunError::CloudflaredStart(_)
             | RunError::CloudflaredPermanent(_) => EXIT_CONFIG,
@@ -156,6 +157,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .cert_not_after
         .store(facts.not_after, Ordering::Relaxed);
     state.config_generation.store(1, Ordering::Relaxed);
+    let _ = state.peer_check.set(peer_check_status(&config, &proxy));
     let listener = Proxy::bind(&config).await?;
     let addr = listener.local_addr().map_err(RunError::Signals)?;
     state.listener_bound.store(true, Ordering::Relaxed);
@@ -369,6 +371,37 @@ async fn extend_stop_timeout(notifier: Notifier, budget: Duration) {
     }
 }
 
+/// Who may connect to the listener, logged once at start and shown by `/readyz`.
+fn peer_check_status(config: &Config, proxy: &Proxy) -> metrics::PeerCheckStatus {
+    use crate::config::{PeerCheck, PeerCheckOff};
+    if let Some(gate) = proxy.peer_gate() {
+        info!(allowed = %gate.who(), "peer check on: listener connections from other users are refused (the owner of each peer socket comes from NETLINK_SOCK_DIAG)");
+        return metrics::PeerCheckStatus {
+            on: true,
+            state: format!("on: {}", gate.who()),
+        };
+    }
+    // No gate means the check is off: `Proxy::with_pair` builds one whenever it is on.
+    let why = match config.peer_check {
+        PeerCheck::Off(why) => why,
+        PeerCheck::On { .. } => PeerCheckOff::Disabled,
+    };
+    let who = if why == PeerCheckOff::NotLoopback {
+        warn!(listen = %config.listen_addr, reason = why.reason(), "peer check off: any process or host that reaches the listener can use every route");
+        "any host or local user that reaches it"
+    } else {
+        info!(
+            reason = why.reason(),
+            "peer check off: any local process that reaches the listener can use every route"
+        );
+        "any local user"
+    };
+    metrics::PeerCheckStatus {
+        on: false,
+        state: format!("off: {who} may connect ({})", why.reason()),
+    }
+}
+
 /// Reload notifications for systemd and the admin endpoint: `RELOADING=1` +
 /// `MONOTONIC_USEC=` before, `READY=1` with a fresh STATUS after (what `Type=notify-reload`
 /// expects), and the generation, failure and certificate gauges.
@@ -417,5 +450,29 @@ impl reload::ReloadHooks for SupervisorHooks {
             "{}; WARNING: server certificate expires in {days_left}d and cannot be renewed here (no certs.ca_key_file)",
             metrics::status_line(&self.state, now())
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_check_that_cannot_work_is_a_configuration_exit() {
+        let e = RunError::Proxy(crate::proxy::ProxyError::PeerCheck(
+            crate::proxy::peer::PeerCheckUnavailable {
+                reason: "Address family not supported by protocol (os error 97)".into(),
+            },
+        ));
+        assert_eq!(e.exit_code(), EXIT_CONFIG);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("peer_check: cannot identify the owner of listener connections through the kernel (NETLINK_SOCK_DIAG): Address family not supported"),
+            "{text}"
+        );
+        assert!(
+            text.contains("AF_NETLINK in RestrictAddressFamilies="),
+            "{text}"
+        );
     }
 }

@@ -255,6 +255,10 @@ impl Reloader {
             next.limits = cur.config.limits.clone();
             next.admin = cur.config.admin.clone();
         }
+        if next.peer_check != cur.config.peer_check {
+            warn!("[peer_check] changes need a restart to apply; keeping the running values");
+            next.peer_check = cur.config.peer_check;
+        }
         if next.cloudflared != cur.config.cloudflared {
             match self.cloudflared.get() {
                 _ if next.cloudflared.enabled != cur.config.cloudflared.enabled => {

@@ -125,6 +125,18 @@ pub fn status_json(s: &AppState, now: i64) -> serde_json::Value {
             "last_problem": cf.and_then(|c| c.last_problem()),
         },
         "watchdog_usec": (watchdog != 0).then_some(watchdog),
+        "peer_check": s.peer_check.get().map(|p| {
+            let refused = s.proxy.peer_refusals_snapshot();
+            let n = |r: crate::proxy::metrics::PeerRefusal| {
+                refused.iter().find(|(k, _)| *k == r).map_or(0, |(_, n)| *n)
+            };
+            serde_json::json!({
+                "on": p.on,
+                "state": p.state,
+                "refused_other_user": n(crate::proxy::metrics::PeerRefusal::OtherUser),
+                "refused_unknown_owner": n(crate::proxy::metrics::PeerRefusal::UnknownOwner),
+            })
+        }),
         "requests": {
             "total": total,
             "refused": refused,

@@ -33,6 +33,16 @@ pub struct AppState {
     pub watchdog_usec: AtomicU64,
     /// The address the listener is bound to (`listen_addr` with its port resolved).
     pub listen_addr: OnceLock<std::net::SocketAddr>,
+    /// Who may connect to the listener (`[peer_check]`), set once at start.
+    pub peer_check: OnceLock<PeerCheckStatus>,
+}
+
+/// The listener's peer check as `/readyz` and `/metrics` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCheckStatus {
+    pub on: bool,
+    /// E.g. `on: uid 998 (mcp-tunnel) only`, or `off: ...` with the reason.
+    pub state: String,
 }
 
 impl AppState {
@@ -52,6 +62,7 @@ impl AppState {
             last_reload_error: std::sync::Mutex::new(None),
             watchdog_usec: AtomicU64::new(0),
             listen_addr: OnceLock::new(),
+            peer_check: OnceLock::new(),
         })
     }
 
@@ -136,6 +147,15 @@ pub fn readiness(s: &AppState, now: i64) -> Vec<Component> {
         state,
         reason,
     });
+    if let Some(p) = s.peer_check.get() {
+        // Informational: a check that cannot work stops the start, so it is always ready.
+        out.push(Component {
+            name: "peer_check",
+            ready: true,
+            state: p.state.clone(),
+            reason: None,
+        });
+    }
     let stopping = s.stopping.load(Ordering::Relaxed);
     out.push(Component {
         name: "supervisor",
@@ -247,6 +267,26 @@ pub fn render(s: &AppState, now: i64) -> String {
         let _ = writeln!(
             o,
             "mcp_tunnel_refusals_total{{reason=\"{}\"}} {n}",
+            r.as_str()
+        );
+    }
+    scalar(
+        &mut o,
+        "mcp_tunnel_peer_check_enabled",
+        "gauge",
+        "1 when listener connections from users other than the service's own (and root, if allowed) are refused ([peer_check]).",
+        &(u8::from(s.peer_check.get().is_some_and(|p| p.on))),
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_peer_refusals_total",
+        "counter",
+        "Listener connections closed before the upgrade by the peer check: the peer socket belongs to another user (other_user), or its owner cannot be identified (unknown_owner).",
+    );
+    for (r, n) in s.proxy.peer_refusals_snapshot() {
+        let _ = writeln!(
+            o,
+            "mcp_tunnel_peer_refusals_total{{reason=\"{}\"}} {n}",
             r.as_str()
         );
     }
@@ -436,6 +476,46 @@ mod tests {
         assert!(
             m.contains("mcp_tunnel_requests_total{route=\"\",status=\"502\"} 1"),
             "{m}"
+        );
+    }
+
+    #[test]
+    fn peer_check_in_readyz_metrics_and_status() {
+        use crate::proxy::metrics::PeerRefusal;
+        let s = AppState::new(Arc::default(), true);
+        let m = render(&s, 0);
+        assert!(m.contains("mcp_tunnel_peer_check_enabled 0\n"), "{m}");
+        assert!(readiness(&s, 0).iter().all(|c| c.name != "peer_check"));
+        s.peer_check
+            .set(PeerCheckStatus {
+                on: true,
+                state: "on: uid 998 (mcp-tunnel) only".into(),
+            })
+            .unwrap();
+        s.proxy.peer_refusal(PeerRefusal::OtherUser);
+        s.proxy.peer_refusal(PeerRefusal::OtherUser);
+        s.proxy.peer_refusal(PeerRefusal::UnknownOwner);
+        let c = readiness(&s, 0);
+        let p = c.iter().find(|c| c.name == "peer_check").unwrap();
+        assert!(p.ready);
+        assert_eq!(p.state, "on: uid 998 (mcp-tunnel) only");
+        let m = render(&s, 0);
+        for line in [
+            "mcp_tunnel_peer_check_enabled 1\n",
+            "mcp_tunnel_peer_refusals_total{reason=\"other_user\"} 2\n",
+            "mcp_tunnel_peer_refusals_total{reason=\"unknown_owner\"} 1\n",
+        ] {
+            assert!(m.contains(line), "{line} in {m}");
+        }
+        let body = super::super::admin::status_json(&s, 0).to_string();
+        let text = super::super::status::summary("127.0.0.1:9180".parse().unwrap(), &body);
+        assert!(
+            text.contains("  peer_check   ready     on: uid 998 (mcp-tunnel) only\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("refused by the peer check: 2 from other users, 1 of unknown owner"),
+            "{text}"
         );
     }
 

@@ -127,6 +127,15 @@ pub fn summary(addr: SocketAddr, status: &str) -> String {
         num(&r["sessions_open"]),
         num(&r["in_flight"]),
     );
+    let pc = &v["peer_check"];
+    if pc["on"].as_bool() == Some(true) {
+        let _ = writeln!(
+            out,
+            "  listener connections refused by the peer check: {} from other users, {} of unknown owner",
+            num(&pc["refused_other_user"]),
+            num(&pc["refused_unknown_owner"]),
+        );
+    }
     let routes = v["routes"].as_array().cloned().unwrap_or_default();
     if !routes.is_empty() {
         let _ = writeln!(out, "  {:<24} {:>10} {:>8}", "route", "requests", "errors");
