@@ -297,6 +297,7 @@ impl Session {
             route = %route.name,
             %method,
             %path,
+            caller = %self.client_ip,
             status = resp.status().as_u16(),
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,
             "request completed"
