@@ -6,10 +6,15 @@
 #   bench/run.sh --smoke    every scenario briefly (about 30 s, debug build): exercises every
 #                           path, fails on any error; writes target/bench-smoke/BENCHMARKS.md
 #
-# Needs: cargo, and nginx (installed with apt-get when missing; run as root for that).
-# Environment: BENCH_PORT_BASE (default 18700; six ports from it are used),
+# Needs: root, cargo, nginx (installed with apt-get when missing), and the real cloudflared
+# 2026.8.2 and fake-edge from ../shared (scenario (f); README, "The real cloudflared in tests",
+# says how to obtain them). After the build, the script re-runs itself in a fresh loopback-only
+# network namespace (unshare -n): cloudflared dials public addresses by itself, so every
+# process of the run stays on a loopback that leads nowhere.
+# Environment: BENCH_PORT_BASE (default 18700; ten ports from it are used, in the namespace),
 #              BENCH_OUT (where BENCHMARKS.md goes), BENCH_PROFILE (cargo profile: release
-#              for full runs, dev for smoke runs), BENCH_KEEP=1 keeps the work directory.
+#              for full runs, dev for smoke runs), BENCH_KEEP=1 keeps the work directory,
+#              MCP_TUNNEL_SHARED (folder holding cloudflared/ and fake-edge/; default ../shared).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -29,6 +34,7 @@ if [[ $MODE == smoke ]]; then
   CHURN_DUR=4s RELOAD_EVERY=500ms ROTATE_EVERY=1500ms RECONNECT_EVERY=20
   READY_RUNS=2
   LOOKUPS=2000
+  CF_LEVELS=(1 16 64)
   OUT=${BENCH_OUT:-$ROOT/target/bench-smoke/BENCHMARKS.md}
 else
   PROFILE=${BENCH_PROFILE:-release}
@@ -39,16 +45,37 @@ else
   CHURN_DUR=30s RELOAD_EVERY=1s ROTATE_EVERY=5s RECONNECT_EVERY=50
   READY_RUNS=10
   LOOKUPS=100000
+  CF_LEVELS=(1 16 64)
   OUT=${BENCH_OUT:-$ROOT/BENCHMARKS.md}
 fi
 BASE=${BENCH_PORT_BASE:-18700}
 UP_PORT=$BASE NGINX_PORT=$((BASE + 1)) PROXY_PORT=$((BASE + 2))
 READY_PROXY_PORT=$((BASE + 3)) READY_NGINX_PORT=$((BASE + 4))
-PEER_CHECK_PORT=$((BASE + 5))
+PEER_CHECK_PORT=$((BASE + 9))
+# (f): the proxy that runs the real cloudflared, its admin endpoint, fake-edge's eyeball and
+# control ports (fake-edge's 4 tunnel listeners are 7844-7847 of the namespace's lo).
+CF_PROXY_PORT=$((BASE + 5)) CF_ADMIN_PORT=$((BASE + 6))
+EYEBALL_PORT=$((BASE + 7)) EDGE_CONTROL_PORT=$((BASE + 8))
+SHARED=${MCP_TUNNEL_SHARED:-$(cd "$ROOT/.." && pwd)/shared}
+CLOUDFLARED=$SHARED/cloudflared/cloudflared   # the guard script: runs only in a lo-only netns
+FAKE_EDGE=$SHARED/fake-edge/fake-edge
 DOMAIN=bench.test NAME=echo.bench.test
 
 step() { printf '\n==> %s\n' "$*" >&2; }
-T_START=$(date +%s)
+T_START=${BENCH_T_START:-$(date +%s)}
+
+for f in "$CLOUDFLARED" "$SHARED/cloudflared/cloudflared-2026.8.2" "$FAKE_EDGE"; do
+  if [[ ! -x $f ]]; then
+    echo "bench/run.sh: $f is missing: scenario (f) needs the real cloudflared 2026.8.2 and fake-edge (README, \"The real cloudflared in tests\", says how to obtain them); set MCP_TUNNEL_SHARED to the folder holding cloudflared/ and fake-edge/" >&2
+    exit 1
+  fi
+done
+if [[ ${BENCH_IN_NETNS:-} != 1 ]]; then
+  [[ $(id -u) == 0 ]] || { echo "bench/run.sh: needs root (it runs in its own network namespace, unshare -n)" >&2; exit 1; }
+  for tool in unshare ip pgrep; do
+    command -v "$tool" >/dev/null || { echo "bench/run.sh: $tool not found" >&2; exit 1; }
+  done
+fi
 
 # --- tools -----------------------------------------------------------------------------
 if ! command -v nginx >/dev/null; then
@@ -58,10 +85,22 @@ if ! command -v nginx >/dev/null; then
 fi
 NGINX=$(command -v nginx)
 
-step "building binaries (profile $PROFILE)"
-T_BUILD=$(date +%s)
-cargo build --profile "$PROFILE" --locked --bin mcp-tunnel --bin mcp-tunnel-bench >&2
-BUILD_SECS=$(($(date +%s) - T_BUILD))
+if [[ ${BENCH_IN_NETNS:-} != 1 ]]; then
+  step "building binaries (profile $PROFILE)"
+  T_BUILD=$(date +%s)
+  cargo build --profile "$PROFILE" --locked --bin mcp-tunnel --bin mcp-tunnel-bench >&2
+  BUILD_SECS=$(($(date +%s) - T_BUILD))
+  # --- everything else in a loopback-only network namespace ------------------------------
+  step "re-running in a new loopback-only network namespace (unshare -n)"
+  export BENCH_T_START=$T_START BENCH_BUILD_SECS=$BUILD_SECS MCP_TUNNEL_SHARED=$SHARED
+  exec unshare -n env BENCH_IN_NETNS=1 "$ROOT/bench/run.sh" "$@"
+fi
+ip link set lo up
+if ip -o link show | grep -qv ': lo:'; then
+  echo "bench/run.sh: refusing to run cloudflared: this network namespace has interfaces other than lo" >&2
+  exit 1
+fi
+BUILD_SECS=${BENCH_BUILD_SECS:-0}
 BIN_DIR=$ROOT/target/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")
 TUNNEL=$BIN_DIR/mcp-tunnel
 BENCH=$BIN_DIR/mcp-tunnel-bench
@@ -76,13 +115,14 @@ mkdir -p "$LOGS"
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
 PIDS=()
-UP_PID="" NGINX_PID="" PROXY_PID=""
+UP_PID="" NGINX_PID="" PROXY_PID="" CF_RUN_PID="" CF_PID="" EDGE_PID=""
 cleanup() {
   local pid
-  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $PROXY_PID; do
+  # `run` stops its cloudflared first; fake-edge goes last.
+  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $PROXY_PID $CF_RUN_PID $CF_PID $EDGE_PID; do
     kill -TERM "$pid" 2>/dev/null || true
   done
-  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $PROXY_PID; do
+  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $PROXY_PID $CF_RUN_PID $CF_PID $EDGE_PID; do
     wait "$pid" 2>/dev/null || true
   done
   if [[ -n ${BENCH_KEEP:-} ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
@@ -256,8 +296,8 @@ for streams in "${SSE_STREAMS[@]}"; do
   done
 done
 
-# --- (f) peer check on vs off: session set-up and throughput --------------------------------
-step "(f) peer check on vs off: session set-up and tools/call, $ROUNDS rounds"
+# --- (g) peer check on vs off: session set-up and throughput --------------------------------
+step "(g) peer check on vs off: session set-up and tools/call, $ROUNDS rounds"
 "$TUNNEL" run --config "$WORK/proxy-peer-check.toml" 2>>"$LOGS/proxy-peer-check.log" &
 PEER_CHECK_PID=$!
 PIDS+=("$PEER_CHECK_PID")
@@ -271,7 +311,7 @@ for round in $(seq 1 "$ROUNDS"); do
     [[ $which == on ]] && port=$PEER_CHECK_PORT pid=$PEER_CHECK_PID
     for mode in connect post; do
       sessions=16; [[ $mode == connect ]] && sessions=4
-      "$BENCH" load --name "$which" --scenario f --round "$round" --target "ws://127.0.0.1:$port" \
+      "$BENCH" load --name "$which" --scenario g --round "$round" --target "ws://127.0.0.1:$port" \
         --server-name "$NAME" --host "$NAME" --ca "$CA" --pid "$pid" --mode "$mode" \
         --sessions "$sessions" --warmup "$WARMUP" --duration "$DUR" | tee -a "$RESULTS" >&2
     done
@@ -302,6 +342,87 @@ for target in nginx proxy; do
   load "$target" c 1 --mode idle --steps "$IDLE_STEPS" --settle "$SETTLE" --connect-parallelism 32
 done
 
+# --- (f) tools/call through fake-edge -> the real cloudflared -> proxy -------------------
+# A second `run`, with cloudflared enabled: it spawns the real connector with its argv as
+# shipped; [cloudflared.env] points it at fake-edge. The other targets stop first, so that
+# they cost nothing during these rounds.
+step "(f) tools/call through fake-edge -> real cloudflared -> proxy, sessions ${CF_LEVELS[*]}, $ROUNDS rounds"
+stop_pid "$PROXY_PID"; PROXY_PID=""
+stop_pid "$NGINX_PID"; NGINX_PID=""
+"$FAKE_EDGE" -pki "$WORK/edge-pki" -eyeball "127.0.0.1:$EYEBALL_PORT" \
+  -control "127.0.0.1:$EDGE_CONTROL_PORT" -quiet 2>"$LOGS/fake-edge.log" &
+EDGE_PID=$!
+wait_port "$EYEBALL_PORT"
+printf '%s\n' 'eyJhIjoiMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWYiLCJ0IjoiNmZmNDJhZTItNzY1ZC00YWRmLTgxMTItMzFjNTVjMTU1MWVmIiwicyI6ImMyVmpjbVYwYzJWamNtVjBjMlZqY21WMGMyVmpjbVYwYzJWamNtVjBNVEk9In0=' >"$WORK/tunnel-token"
+chmod 600 "$WORK/tunnel-token"
+cat >"$WORK/proxy-cf.toml" <<EOF
+listen_addr = "127.0.0.1:$CF_PROXY_PORT"
+log_level = "info"
+shutdown_timeout = "5s"
+tunnel_domain = "$DOMAIN"
+
+[tls]
+cert_file = "$WORK/pki/tls.crt"
+key_file = "$WORK/pki/tls.key"
+
+[routes]
+echo = "http://127.0.0.1:$UP_PORT"
+
+[upstream]
+allowed_ips = ["127.0.0.0/8"]
+
+[cloudflared]
+enabled = true
+binary = "$CLOUDFLARED"
+token_file = "$WORK/tunnel-token"
+grace_period = "5s"
+health_interval = "1s"
+
+[cloudflared.env]
+TUNNEL_TRANSPORT_PROTOCOL = "http2"
+TUNNEL_EDGE = "127.0.0.1:7844,127.0.0.1:7845,127.0.0.1:7846,127.0.0.1:7847"
+TUNNEL_CACERT = "$WORK/edge-pki/ca.crt"
+
+[admin]
+listen_addr = "127.0.0.1:$CF_ADMIN_PORT"
+EOF
+"$TUNNEL" run --config "$WORK/proxy-cf.toml" 2>>"$LOGS/proxy-cf.log" &
+CF_RUN_PID=$!
+connected=""
+for _ in $(seq 1 600); do
+  if curl -s --max-time 2 "http://127.0.0.1:$CF_ADMIN_PORT/readyz" | grep -q '"connected 4/4"'; then connected=1; break; fi
+  kill -0 "$CF_RUN_PID" 2>/dev/null || break
+  sleep 0.1
+done
+if [[ -z $connected ]]; then
+  echo "(f): cloudflared did not reach 4/4 connections within 60 s; last lines of the logs:" >&2
+  tail -n 20 "$LOGS/proxy-cf.log" "$LOGS/fake-edge.log" >&2
+  exit 1
+fi
+CF_PID=$(pgrep -P "$CF_RUN_PID" | head -n1)
+[[ -n $CF_PID ]] || { echo "(f): no cloudflared child of mcp-tunnel run ($CF_RUN_PID)" >&2; exit 1; }
+echo "cloudflared pid $CF_PID: $(tr '\0' ' ' <"/proc/$CF_PID/cmdline")" >&2
+declare -A CF_TARGET_ARGS=(
+  [tunnel]="--target ws://127.0.0.1:$EYEBALL_PORT"
+  [proxy]="--target ws://127.0.0.1:$CF_PROXY_PORT"
+)
+for sessions in "${CF_LEVELS[@]}"; do
+  for round in $(seq 1 "$ROUNDS"); do
+    if ((round % 2)); then order="tunnel proxy"; else order="proxy tunnel"; fi
+    for target in $order; do
+      # shellcheck disable=SC2086
+      "$BENCH" load --name "$target" --scenario f --round "$round" ${CF_TARGET_ARGS[$target]} \
+        --server-name "$NAME" --host "$NAME" --ca "$CA" --mode post --path /mcp --sessions "$sessions" \
+        --warmup "$WARMUP" --duration "$DUR" \
+        --cpu "proxy=$CF_RUN_PID" --cpu "cloudflared=$CF_PID" --cpu "fake-edge=$EDGE_PID" \
+        | tee -a "$RESULTS" >&2
+    done
+  done
+done
+kill -0 "$CF_PID" 2>/dev/null || { echo "(f): cloudflared ($CF_PID) is gone: the figures above do not stand" >&2; exit 1; }
+stop_pid "$CF_RUN_PID"; CF_RUN_PID=""; CF_PID=""
+stop_pid "$EDGE_PID"; EDGE_PID=""
+
 # --- BENCHMARKS.md -----------------------------------------------------------------------
 TOTAL_SECS=$(($(date +%s) - T_START))
 mkdir -p "$(dirname "$OUT")"
@@ -321,6 +442,8 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "- CPU: $cpu, $(nproc) cores; $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM; $(uname -sr)"
   echo "- Load average at the end of the run: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- $("$NGINX" -v 2>&1); mcp-tunnel $("$TUNNEL" --version | cut -d' ' -f2) (cargo profile $PROFILE)"
+  echo "- Everything runs in one loopback-only network namespace (\`unshare -n\`; scenario (f) runs the real"
+  echo "  cloudflared, which must never reach the network)."
   echo "- All processes on loopback on the same machine: the load generator, the upstream and the"
   echo "  target compete for the same cores, so absolute figures are low and drift. The cores are"
   echo "  shared with other work (builds of other branches may run at the same time). Compare the"
@@ -334,6 +457,10 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "  \`proxy_buffering off\`, upstream \`keepalive 64\`), \`worker_processes auto\`, access log on."
   echo "- **proxy**: what the edge does: WebSocket to \`mcp-tunnel run\`'s listener, inner TLS (1.3) inside it,"
   echo "  HTTP/1.1 inside that; the proxy forwards to the same upstream. Log level info (default)."
+  echo "- **via cloudflared** (f): WebSocket + inner TLS to fake-edge (a stand-in for Cloudflare's edge, built on"
+  echo "  cloudflared's own RPC code), which relays each session over the HTTP/2 tunnel connections of the real"
+  echo "  cloudflared 2026.8.2 spawned by \`mcp-tunnel run\`, which hands it to the proxy; against the same"
+  echo "  load straight to that proxy's listener."
   echo "- Upstream: \`mcp-tunnel-bench upstream\` (hyper): \`POST /mcp\` answers a tools/call as JSON,"
   echo "  \`POST /mcp-sse\` as one SSE event, \`GET /events?rate=N\` streams timestamped events."
   echo "- Load: \`mcp-tunnel-bench load\` (one hyper HTTP/1.1 client code path over three transports),"
@@ -349,8 +476,10 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "mcp-tunnel-bench load ... --mode sse --sessions ${SSE_STREAMS[-1]} --rate $SSE_RATE --warmup $SSE_WARMUP --duration $SSE_DUR"
   echo "mcp-tunnel-bench load ... --mode idle --steps $IDLE_STEPS --pid PID"
   echo "mcp-tunnel-bench churn --config proxy.toml --cert-dir pki --domain $DOMAIN --duration $CHURN_DUR --reload-every $RELOAD_EVERY --rotate-every $ROTATE_EVERY  # with: load --name proxy --sessions 16 --reconnect-every $RECONNECT_EVERY"
+  echo "fake-edge -pki edge-pki -eyeball 127.0.0.1:$EYEBALL_PORT -quiet; mcp-tunnel run --config proxy-cf.toml  # [cloudflared] enabled, [cloudflared.env] -> fake-edge"
+  echo "mcp-tunnel-bench load --name tunnel --target ws://127.0.0.1:$EYEBALL_PORT --server-name $NAME --host $NAME --ca ca.crt --mode post --sessions 16 --cpu proxy=RUN_PID --cpu cloudflared=CLOUDFLARED_PID --cpu fake-edge=EDGE_PID ..."
   echo "mcp-tunnel-bench ready --name mcp-tunnel --probe 127.0.0.1:$READY_PROXY_PORT --runs $READY_RUNS --notify -- mcp-tunnel run --config proxy-ready.toml"
-  echo "mcp-tunnel-bench load --name on --scenario f --target ws://127.0.0.1:$PEER_CHECK_PORT ... --mode connect --sessions 4  # and --mode post --sessions 16; --name off against :$PROXY_PORT"
+  echo "mcp-tunnel-bench load --name on --scenario g --target ws://127.0.0.1:$PEER_CHECK_PORT ... --mode connect --sessions 4  # and --mode post --sessions 16; --name off against :$PROXY_PORT"
   echo "mcp-tunnel-bench peer-lookup --count $LOOKUPS"
   echo '```'
 } >"$WORK/header.md"

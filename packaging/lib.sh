@@ -9,6 +9,18 @@ pass() { printf 'PASS %s\n' "$*"; }
 fail() { printf 'FAIL %s\n' "$*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null || fail "$1 not found (apt-get install -y $2)"; }
 
+# in_lo_netns CMD...: runs CMD in a new network namespace whose only interface is lo (up).
+# Every run of the real cloudflared, even `--version`, happens there: offline it dials public
+# addresses by itself. cargo stays offline there (build first, on the host network).
+in_lo_netns() {
+  unshare -n env CARGO_NET_OFFLINE=true bash -c '
+    ip link set lo up || exit 1
+    if ip -o link show | grep -qv ": lo:"; then
+      echo "refusing to run: this network namespace has interfaces other than lo" >&2; exit 1
+    fi
+    exec "$@"' in_lo_netns "$@"
+}
+
 # A Debian 12 minbase root with systemd, cached between runs: ~30-70 s the first time, then
 # reused while the package list in the stamp file is unchanged. Only ever used as the lower
 # layer of an overlay (or copied), never modified.

@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
 # System test under a real systemd (PID 1) in systemd-nspawn: boots a scratch copy of a
-# cached Debian 12 root, installs the .deb (the cloudflared stand-in bundled as
-# /usr/lib/mcp-tunnel/cloudflared) and checks, inside (packaging/systemtest/inside.sh):
-# the start condition holds an unconfigured install back; start reaches active only after
-# READY=1; status shows the STATUS line; an MCP call through stand-in -> proxy -> upstream;
-# both processes sandboxed as mcp-tunnel; journald structured fields; reload applies a
-# route change while staying active (and refuses a broken file); the watchdog is armed
-# (a frozen supervisor is killed and restarted); stop is clean; apt purge leaves only
-# /var/lib/mcp-tunnel.
+# cached Debian 12 root, installs the .deb with the REAL cloudflared 2026.8.2 bundled as
+# /usr/lib/mcp-tunnel/cloudflared (../shared/cloudflared/cloudflared-2026.8.2) and runs
+# fake-edge (../shared/fake-edge) inside as the Cloudflare edge, then checks, inside
+# (packaging/systemtest/inside.sh): the container has no network but lo (checked before
+# cloudflared starts); the start condition holds an unconfigured install back; start reaches
+# active only after READY=1, which waits for cloudflared's registration with the edge, and
+# STATUS / readyz then show 4/4 connections; an MCP call through bridge -> fake-edge -> the
+# real cloudflared -> proxy -> upstream; both processes sandboxed as mcp-tunnel; journald
+# structured fields; reload applies a route change while staying active, without restarting
+# cloudflared (and refuses a broken file); the watchdog is armed (a frozen supervisor is
+# killed and restarted); stop is clean, with cloudflared unregistering its 4 connections;
+# apt purge leaves only /var/lib/mcp-tunnel.
 #
 # The host's own root is never booted: the container's root is an overlay over the cached
-# root, in its own cgroups (removed afterwards), with --private-network.
+# root, in its own cgroups (removed afterwards), with --private-network (only lo: cloudflared
+# dials public addresses by itself and must never reach them).
 #
-# Usage: packaging/system-test.sh [--deb FILE]   (as root; default: build with the stand-in)
+# Usage: packaging/system-test.sh [--deb FILE]   (as root; default: build the bundled package
+#        with the real cloudflared). MCP_TUNNEL_SHARED overrides where cloudflared/ and
+#        fake-edge/ are (default ../shared next to the checkout; README, "The real cloudflared
+#        in tests", says how to obtain them).
 # Artifacts (results, the container's journal, console): $MCP_TUNNEL_SYSTEST_ARTIFACTS,
 # default target/systest/.
 # apt: systemd-container debootstrap (plus what build-packages.sh needs)
-# Runtime: ~1.5 min with a warm build and the cached root (+ ~1 min for the first debootstrap).
+# Runtime: ~2 min with a warm build and the cached root (+ ~1 min for the first debootstrap).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source packaging/lib.sh
@@ -31,7 +39,13 @@ while (($#)); do
   esac
 done
 [[ $EUID -eq 0 ]] || fail "run as root (systemd-nspawn, overlay mount, cgroups)"
-need systemd-nspawn systemd-container
+need systemd-nspawn systemd-container; need unshare util-linux; need ip iproute2
+shared="${MCP_TUNNEL_SHARED:-$(cd .. && pwd)/shared}"
+cloudflared_real="$shared/cloudflared/cloudflared-2026.8.2"
+fake_edge="$shared/fake-edge/fake-edge"
+for f in "$cloudflared_real" "$fake_edge"; do
+  [[ -f "$f" && -x "$f" ]] || fail "$f is missing: the system test needs the real cloudflared 2026.8.2 and fake-edge (README, \"The real cloudflared in tests\", says how to obtain them); set MCP_TUNNEL_SHARED to the folder holding cloudflared/ and fake-edge/"
+done
 
 work="$(mktemp -d /tmp/mcp-tunnel-systest.XXXXXX)"
 name="ci-nspawn-$$"
@@ -52,9 +66,12 @@ cleanup() {
 trap cleanup EXIT
 
 if [[ -z "$deb" ]]; then
-  step "build the .deb with the cloudflared stand-in bundled"
-  cargo build --release --locked --bin cloudflared-standin
-  packaging/build-packages.sh --cloudflared target/release/cloudflared-standin --out "$work/pkg"
+  step "build the .deb with the real cloudflared 2026.8.2 bundled"
+  cargo build --release --locked
+  # build-packages.sh runs `cloudflared --version`: like every run of the real binary, in a
+  # loopback-only network namespace. --fast: quicker compression of the 40 MB binary, same
+  # contents.
+  in_lo_netns packaging/build-packages.sh --fast --cloudflared "$cloudflared_real" --out "$work/pkg"
   deb="$(echo "$work"/pkg/*.deb)"
 fi
 [[ -f "$deb" ]] || fail "no .deb: $deb"
@@ -66,6 +83,10 @@ root="$work/ct/root"
 mkdir -p "$root/root/systest"
 cp "$deb" "$root/root/systest/mcp-tunnel.deb"
 install -m 0755 packaging/systemtest/inside.sh "$root/root/systest/inside.sh"
+# fake-edge runs inside the container (private network); inside.sh compares the bundled
+# binary with the real one's sha256.
+install -m 0755 "$fake_edge" "$root/root/systest/fake-edge"
+sha256sum <"$cloudflared_real" | cut -d' ' -f1 >"$root/root/systest/cloudflared.sha256"
 cp packaging/systemtest/mcp-tunnel-systemtest.service "$root/etc/systemd/system/"
 ln -sf ../mcp-tunnel-systemtest.service "$root/etc/systemd/system/multi-user.target.wants/mcp-tunnel-systemtest.service"
 echo mcp-tunnel-systest >"$root/etc/hostname"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the .deb and .rpm (without and with a bundled cloudflared) and checks them:
+# Builds the .deb and .rpm (without and with a bundled cloudflared: the real cloudflared
+# 2026.8.2 from ../shared, packed with build-packages.sh --fast) and checks them:
 #  - build-packages.sh refuses a --cloudflared that is not cloudflared, or not there;
 #  - lintian and rpmlint: no errors and no warnings (justified exceptions live in
 #    packaging/debian/lintian-overrides and packaging/rpmlint.toml);
@@ -13,7 +14,10 @@
 #    and presets the unit, %config(noreplace) keeps an edited config on reinstall, %preun
 #    and %postun run on erase and the state directory stays.
 #
-# Usage: packaging/test-packages.sh        (as root: rpm --root chroots, overlay mounts)
+# Usage: packaging/test-packages.sh        (as root: rpm --root chroots, overlay mounts,
+#        unshare -n: the real cloudflared's `--version` runs only in a loopback-only netns)
+#        MCP_TUNNEL_SHARED overrides where cloudflared/ is (default ../shared; README, "The
+#        real cloudflared in tests", says how to obtain it)
 #        UPDATE_EXPECTED=1 packaging/test-packages.sh   rewrites packaging/expected/*.txt
 #        (after adding a subcommand or a packaged file; review and commit the diff)
 # apt: lintian rpm rpmlint debootstrap binutils (systemd-analyze comes with systemd)
@@ -28,16 +32,17 @@ start=$SECONDS
 
 [[ $EUID -eq 0 ]] || fail "run as root (rpm --root and the overlay mount need it)"
 need lintian lintian; need rpmlint rpmlint; need rpm rpm; need systemd-analyze systemd
-need strip binutils
+need strip binutils; need unshare util-linux; need ip iproute2
 
 work="$(mktemp -d /tmp/mcp-tunnel-pkgtest.XXXXXX)"
 cleanup() { umount "$work/rpmroot/root/proc" 2>/dev/null || true; umount_scratch_root "$work/rpmroot" 2>/dev/null || true; umount_scratch_root "$work/unitroot" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
+real="${MCP_TUNNEL_SHARED:-$(cd .. && pwd)/shared}/cloudflared/cloudflared-2026.8.2"
+[[ -f "$real" && -x "$real" ]] || fail "$real is missing: the bundled package is built with the real cloudflared 2026.8.2 (README, \"The real cloudflared in tests\", says how to obtain it); set MCP_TUNNEL_SHARED to the folder holding cloudflared/"
+
 step "build without a bundled cloudflared"
 packaging/build-packages.sh --out "$work/plain"
-standin="target/release/cloudflared-standin"
-[[ -x "$standin" ]] || fail "$standin missing: it is built by cargo build --release (src/bin/cloudflared-standin.rs, issue 3)"
 
 step "build-packages.sh refuses binaries that are not cloudflared"
 for bogus in /bin/true target/release/mcp-tunnel /nonexistent; do
@@ -48,8 +53,9 @@ for bogus in /bin/true target/release/mcp-tunnel /nonexistent; do
   pass "refused $bogus: $(tail -n1 <<<"$out")"
 done
 
-step "build with the cloudflared stand-in bundled"
-packaging/build-packages.sh --cloudflared "$standin" --out "$work/bundled"
+step "build with the real cloudflared 2026.8.2 bundled (in a loopback-only netns: it runs its --version)"
+in_lo_netns packaging/build-packages.sh --fast --cloudflared "$real" --out "$work/bundled"
+real_version="$(in_lo_netns "$real" --version | head -n1)"
 
 deb_files() { dpkg-deb -c "$1" | awk '{print $1, $2, $6}' | sed 's# \./# /#; s#/$##' | LC_ALL=C sort -k3; }
 rpm_files() { rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}/%{FILEGROUPNAME} %{FILENAMES}\n]' "$1" | LC_ALL=C sort -k3; }
@@ -93,13 +99,14 @@ for flavour in plain bundled; do
   else
     [[ -z "$rec" && -z "$sug" ]] || fail "bundled: Recommends/Suggests '$rec'/'$sug', expected none"
     mkdir -p "$work/x" && dpkg-deb -x "$deb" "$work/x"
-    want="version: $("$standin" --version | head -n1)
-sha256: $(sha256sum "$standin" | cut -d' ' -f1)"
+    want="version: $real_version
+sha256: $(sha256sum "$real" | cut -d' ' -f1)"
+    [[ "$real_version" == "cloudflared version 2026.8.2 "* ]] || fail "bundled: the input's --version says '$real_version', not cloudflared 2026.8.2"
     [[ "$(cat "$work/x/usr/lib/mcp-tunnel/cloudflared.version")" == "$want" ]] || fail "bundled: cloudflared.version does not record the binary"
-    [[ "$(sha256sum <"$work/x/usr/lib/mcp-tunnel/cloudflared")" == "$(sha256sum <"$standin")" ]] || fail "bundled: packed cloudflared differs from the input"
+    [[ "$(sha256sum <"$work/x/usr/lib/mcp-tunnel/cloudflared")" == "$(sha256sum <"$real")" ]] || fail "bundled: packed cloudflared differs from the input"
     # The rpm's own file digest (sha256, FILEDIGESTALGO 8) of the packed binary.
     [[ "$(rpm -qp --qf '%{FILEDIGESTALGO}' "$rpmf")" == 8 ]] || fail "bundled rpm: file digests are not sha256"
-    rpm -qp --qf '[%{FILEDIGESTS} %{FILENAMES}\n]' "$rpmf" | grep -qx "$(sha256sum <"$standin" | cut -d' ' -f1) /usr/lib/mcp-tunnel/cloudflared" \
+    rpm -qp --qf '[%{FILEDIGESTS} %{FILENAMES}\n]' "$rpmf" | grep -qx "$(sha256sum <"$real" | cut -d' ' -f1) /usr/lib/mcp-tunnel/cloudflared" \
       || fail "bundled rpm: packed cloudflared differs from the input"
     pass "bundled: no Recommends/Suggests; cloudflared packed byte for byte; cloudflared.version = $(tr '\n' ' ' <<<"$want")"
   fi

@@ -27,6 +27,8 @@ step "end-to-end: real MCP peers through bridge -> WebSocket -> inner TLS -> pro
 MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/e2e/run.sh
 step "peer check: MCP SDK clients through fake-edge + the real cloudflared, other users refused (loopback-only netns)"
 MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/peer_check_cloudflared.sh
+step "end-to-end through the REAL cloudflared: bridge -> fake-edge -> cloudflared 2026.8.2 -> proxy, in a loopback-only netns (needs ../shared)"
+E2E_VIA=cloudflared MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/e2e/run.sh
 step "packages: build .deb/.rpm (plain and bundled), lintian, rpmlint, file lists, unit checks, rpm --root"
 packaging/test-packages.sh
 step "system test: the .deb under real systemd (systemd-nspawn)"

@@ -88,12 +88,30 @@ pub struct LoadArgs {
     /// mode) is read.
     #[arg(long)]
     pub pid: Option<u32>,
+    /// LABEL=PID: also report this one process's CPU time per request (post and sse mode),
+    /// without its children, as `cpu_us_per_req.LABEL`; repeatable. This is how the
+    /// supervisor (`mcp-tunnel run`) and the cloudflared it spawned are told apart.
+    #[arg(long = "cpu", value_parser = parse_cpu_pid)]
+    pub cpu: Vec<(String, u32)>,
     /// Idle mode: wait this long after opening sessions before reading RSS.
     #[arg(long, value_parser = crate::parse_duration, default_value = "2s")]
     pub settle: Duration,
     /// Sessions opened concurrently while setting up.
     #[arg(long, default_value_t = 64)]
     pub connect_parallelism: usize,
+}
+
+fn parse_cpu_pid(s: &str) -> Result<(String, u32), String> {
+    let (label, pid) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected LABEL=PID, found {s:?}"))?;
+    let pid = pid
+        .parse()
+        .map_err(|e| format!("{s:?}: PID {pid:?} is not a number: {e}"))?;
+    if label.is_empty() {
+        return Err(format!("{s:?}: empty label"));
+    }
+    Ok((label.to_owned(), pid))
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -533,23 +551,25 @@ pub fn rss_tree_kib(pid: u32) -> u64 {
     total
 }
 
+/// CPU time (user + system) in clock ticks of `pid` alone (all its threads).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime are fields 14 and 15 of stat(5); the rest starts at field 3.
+    let at = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    at(11) + at(12)
+}
+
 /// CPU time (user + system) in clock ticks of `pid` and its direct children.
 pub fn cpu_tree_ticks(pid: u32) -> u64 {
-    let ticks = |p: u32| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-        // utime and stime are fields 14 and 15 of stat(5); the rest starts at field 3.
-        let at = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        at(11) + at(12)
-    };
-    ticks(pid) + children(pid).into_iter().map(ticks).sum::<u64>()
+    cpu_ticks(pid) + children(pid).into_iter().map(cpu_ticks).sum::<u64>()
 }
 
 fn children(pid: u32) -> Vec<u32> {
@@ -586,14 +606,20 @@ struct CpuWindow {
     pid: Option<u32>,
     target0: u64,
     own0: u64,
+    /// `--cpu` processes: label, pid, ticks at the start.
+    each0: Vec<(String, u32, u64)>,
 }
 
 impl CpuWindow {
-    fn start(pid: Option<u32>) -> CpuWindow {
+    fn start(pid: Option<u32>, each: &[(String, u32)]) -> CpuWindow {
         CpuWindow {
             pid,
             target0: pid.map_or(0, cpu_tree_ticks),
             own0: cpu_tree_ticks(std::process::id()),
+            each0: each
+                .iter()
+                .map(|(label, p)| (label.clone(), *p, cpu_ticks(*p)))
+                .collect(),
         }
     }
 
@@ -603,6 +629,11 @@ impl CpuWindow {
                 .pid
                 .map(|p| cpu_tree_ticks(p).saturating_sub(self.target0)),
             own: cpu_tree_ticks(std::process::id()).saturating_sub(self.own0),
+            each: self
+                .each0
+                .iter()
+                .map(|(label, p, t0)| (label.clone(), cpu_ticks(*p).saturating_sub(*t0)))
+                .collect(),
         }
     }
 }
@@ -610,12 +641,28 @@ impl CpuWindow {
 struct CpuUsed {
     target: Option<u64>,
     own: u64,
+    each: Vec<(String, u64)>,
+}
+
+fn per_request(ticks: u64, requests: u64) -> f64 {
+    ticks as f64 / TICKS_PER_SEC * 1e6 / requests.max(1) as f64
 }
 
 impl CpuUsed {
     fn per_request(&self, requests: u64) -> (Option<f64>, f64) {
-        let per = |ticks: u64| ticks as f64 / TICKS_PER_SEC * 1e6 / requests.max(1) as f64;
-        (self.target.map(per), per(self.own))
+        (
+            self.target.map(|t| per_request(t, requests)),
+            per_request(self.own, requests),
+        )
+    }
+
+    /// `{"label": µs per request, ...}` for the `--cpu` processes.
+    fn each_per_request(&self, requests: u64) -> serde_json::Value {
+        self.each
+            .iter()
+            .map(|(label, t)| (label.clone(), json!(per_request(*t, requests))))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
 }
 
@@ -728,7 +775,7 @@ async fn run_post(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
     }
     // CPU is read at the ends of the measured window (warm-up excluded).
     tokio::time::sleep_until(warm_end.into()).await;
-    let cpu = CpuWindow::start(args.pid);
+    let cpu = CpuWindow::start(args.pid, &args.cpu);
     tokio::time::sleep_until(end.into()).await;
     // The setup requests are not timed; their failures count.
     tally.hist = Some(Histogram::new_with_bounds(1, 120_000_000, 3)?);
@@ -741,6 +788,7 @@ async fn run_post(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
     let mut out = summary(args, &tally, args.duration);
     out["target_cpu_us_per_req"] = json!(target_cpu);
     out["loadgen_cpu_us_per_req"] = json!(own_cpu);
+    out["cpu_us_per_req"] = used.each_per_request(tally.requests);
     println!("{out}");
     Ok(())
 }
@@ -754,7 +802,7 @@ async fn run_connect(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()>
         set.spawn(connect_worker(shared.clone(), worker, warm_end, end));
     }
     tokio::time::sleep_until(warm_end.into()).await;
-    let cpu = CpuWindow::start(args.pid);
+    let cpu = CpuWindow::start(args.pid, &args.cpu);
     tokio::time::sleep_until(end.into()).await;
     let used = cpu.stop();
     let mut tally = Tally::new();
@@ -785,7 +833,7 @@ async fn run_sse(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
         });
     }
     tokio::time::sleep_until(warm_end.into()).await;
-    let cpu = CpuWindow::start(args.pid);
+    let cpu = CpuWindow::start(args.pid, &args.cpu);
     tokio::time::sleep_until(end.into()).await;
     let used = cpu.stop();
     let mut tally = Tally::new();
@@ -799,6 +847,7 @@ async fn run_sse(args: &LoadArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
     let mut out = summary(args, &tally, args.duration);
     out["target_cpu_us_per_req"] = json!(target_cpu);
     out["loadgen_cpu_us_per_req"] = json!(own_cpu);
+    out["cpu_us_per_req"] = used.each_per_request(tally.requests);
     println!("{out}");
     Ok(())
 }

@@ -99,6 +99,23 @@ fn aggregate(runs: &[&Value]) -> Agg {
     }
 }
 
+/// Median over rounds of one `--cpu` process's CPU per request (`cpu_us_per_req.LABEL`).
+fn cpu_of(runs: &[&Value], label: &str) -> f64 {
+    median(
+        runs.iter()
+            .filter_map(|r| r.get("cpu_us_per_req")?.get(label)?.as_f64())
+            .collect(),
+    )
+}
+
+fn us(v: f64) -> String {
+    if v.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 fn note_errors(problems: &mut Vec<String>, what: &str, a: &Agg) {
     if a.errors + a.handshake_errors > 0 {
         problems.push(format!(
@@ -408,6 +425,59 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     }
 
     peer_check_section(&mut md, &rows, &mut problems);
+    // (f) through the real cloudflared.
+    let f_groups = group(&rows, "f");
+    if !f_groups.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## (f) tools/call through the real cloudflared: fake-edge -> cloudflared 2026.8.2 -> proxy\n\n\
+             The load generator speaks WebSocket + inner TLS to fake-edge's eyeball port, as a client \
+             of Cloudflare's edge would; fake-edge relays each session as an HTTP/2 stream over one of \
+             the 4 tunnel connections of the real cloudflared, spawned and supervised by `mcp-tunnel run`, \
+             which hands it to the proxy. \"proxy alone\" is the same load straight to that proxy's \
+             listener (as in (a)), interleaved round by round. CPU per request is read from \
+             /proc/PID/stat (user + system) for each process on its own: the proxy is `mcp-tunnel run` \
+             without its child, cloudflared is that child. \"proxy share\" = proxy / (proxy + \
+             cloudflared): the part of the host's per-request cost that is this proxy's (fake-edge \
+             stands for Cloudflare's side and is not on the host). Latency in ms.\n\n\
+             | sessions | via cloudflared req/s | proxy alone req/s | via cloudflared p50 / p99 | proxy alone p50 / p99 | added p99 | CPU µs/req cloudflared | CPU µs/req proxy (via cloudflared / alone) | fake-edge µs/req | proxy share |\n\
+             |---:|---:|---:|---|---|---:|---:|---|---:|---:|"
+        );
+        for ((_, sessions), by) in &f_groups {
+            for (t, runs) in by {
+                note_errors(
+                    &mut problems,
+                    &format!("(f) {sessions} sessions {t}"),
+                    &aggregate(runs),
+                );
+            }
+            let (Some(tunnel), Some(alone)) = (by.get("tunnel"), by.get("proxy")) else {
+                continue;
+            };
+            let (a, b) = (aggregate(tunnel), aggregate(alone));
+            let (cf, px, edge) = (
+                cpu_of(tunnel, "cloudflared"),
+                cpu_of(tunnel, "proxy"),
+                cpu_of(tunnel, "fake-edge"),
+            );
+            let _ = writeln!(
+                md,
+                "| {sessions} | {:.0} | {:.0} | {} / {} | {} / {} | {} | {} | {} / {} | {} | {:.0} % |",
+                a.rate,
+                b.rate,
+                ms(a.p50),
+                ms(a.p99),
+                ms(b.p50),
+                ms(b.p99),
+                signed_ms(a.p99 - b.p99),
+                us(cf),
+                us(px),
+                us(cpu_of(alone, "proxy")),
+                us(edge),
+                100.0 * px / (px + cf),
+            );
+        }
+    }
 
     if let Some(footer) = &args.footer {
         md.push('\n');
@@ -427,10 +497,10 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (f) the listener's peer check: two proxies identical but for `[peer_check]`, measured
+/// (g) the listener's peer check: two proxies identical but for `[peer_check]`, measured
 /// interleaved; the check is one kernel lookup per new listener connection, none per request.
 fn peer_check_section(md: &mut String, rows: &[Value], problems: &mut Vec<String>) {
-    let in_f: Vec<&Value> = rows.iter().filter(|r| s(r, "scenario") == "f").collect();
+    let in_f: Vec<&Value> = rows.iter().filter(|r| s(r, "scenario") == "g").collect();
     if in_f.is_empty() {
         return;
     }
@@ -444,7 +514,7 @@ fn peer_check_section(md: &mut String, rows: &[Value], problems: &mut Vec<String
     };
     let _ = writeln!(
         md,
-        "\n## (f) peer check: session set-up and throughput, check on vs off\n\n\
+        "\n## (g) peer check: session set-up and throughput, check on vs off\n\n\
          Two instances of the proxy, identical but for `[peer_check] enabled`, measured interleaved \
          (order alternated each round), medians over rounds. Session set-up: each worker opens a \
          tunnel session (TCP, WebSocket upgrade, inner TLS handshake), sends one tools/call and \

@@ -12,7 +12,9 @@ step() { printf '\n=== %s\n' "$*"; }
 show() { systemctl show -P "$1" mcp-tunnel.service; }
 DOMAIN=systest.mcp-tunnel.test
 CALL='{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"hello","arguments":{"name":"systemd"}}}'
-mcp_call() { # mcp_call ROUTE: tools/call hello through stand-in (127.0.0.1:9443) -> proxy -> upstream
+# mcp_call ROUTE: tools/call hello through bridge (127.0.0.1:9443) -> fake-edge (7880) -> the
+# real cloudflared -> proxy -> upstream
+mcp_call() {
   curl -sS --max-time 10 --resolve "$1.$DOMAIN:9443:127.0.0.1" --cacert /var/lib/mcp-tunnel/ca.crt \
     -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
     -d "$CALL" "https://$1.$DOMAIN:9443/mcp" 2>&1
@@ -21,6 +23,15 @@ wait_state() { # wait_state STATE SECONDS
   for _ in $(seq $(($2 * 10))); do [[ "$(show ActiveState)" == "$1" ]] && return 0; sleep 0.1; done; return 1
 }
 
+step "network: only lo (cloudflared dials public addresses by itself; it must reach none)"
+ifaces="$(awk -F: 'NR > 2 { gsub(/ /, "", $1); print $1 }' /proc/net/dev | tr '\n' ' ')"
+if [[ "$ifaces" == "lo " ]]; then
+  pass "the container's only network interface is lo (--private-network)"
+else
+  failc "the container has network interfaces other than lo: $ifaces; refusing to start cloudflared"
+  echo "done: $failures failed"; exit 1
+fi
+
 step "install the .deb (apt, offline: every dependency is in the root)"
 apt-get install -y ./mcp-tunnel.deb >install.log 2>&1; rc=$?
 cat install.log | sed -n '/mcp-tunnel: installed/,/PACKAGING.md/p'
@@ -28,7 +39,11 @@ if [[ $rc -eq 0 ]]; then pass "apt-get install ./mcp-tunnel.deb"; else cat insta
 [[ "$(systemctl is-enabled mcp-tunnel)" == enabled ]] && pass "unit enabled by postinst" || failc "unit not enabled: $(systemctl is-enabled mcp-tunnel)"
 id mcp-tunnel >/dev/null 2>&1 && pass "user: $(id mcp-tunnel)" || failc "no mcp-tunnel user"
 [[ "$(stat -c '%a %U' /var/lib/mcp-tunnel)" == "700 mcp-tunnel" ]] && pass "/var/lib/mcp-tunnel 0700 mcp-tunnel" || failc "/var/lib/mcp-tunnel: $(stat -c '%a %U' /var/lib/mcp-tunnel)"
-/usr/lib/mcp-tunnel/cloudflared --version | grep -q standin && pass "bundled cloudflared is the stand-in: $(cat /usr/lib/mcp-tunnel/cloudflared.version | tr '\n' ' ')" || failc "bundled cloudflared"
+cf_sha="$(sha256sum </usr/lib/mcp-tunnel/cloudflared | cut -d' ' -f1)"
+if [[ "$(/usr/lib/mcp-tunnel/cloudflared --version)" == "cloudflared version 2026.8.2 "* && "$cf_sha" == "$(cat cloudflared.sha256)" ]] \
+   && grep -qx "sha256: $cf_sha" /usr/lib/mcp-tunnel/cloudflared.version; then
+  pass "bundled cloudflared is the real 2026.8.2, byte for byte: $(tr '\n' ' ' </usr/lib/mcp-tunnel/cloudflared.version)"
+else failc "bundled cloudflared: --version '$(/usr/lib/mcp-tunnel/cloudflared --version 2>&1 | head -n1)', sha256 $cf_sha (want $(cat cloudflared.sha256)); cloudflared.version: $(tr '\n' ' ' </usr/lib/mcp-tunnel/cloudflared.version)"; fi
 
 step "not configured: the start condition holds it back and status says why"
 systemctl start mcp-tunnel
@@ -37,7 +52,16 @@ if [[ "$(show ConditionResult)" == no ]] && grep -q 'ConditionPathExists=/var/li
   pass "unconfigured start skipped: $(grep -o 'Condition: .*' <<<"$st" | head -n1)"
 else echo "$st"; failc "unconfigured: condition not reported"; fi
 
-step "configure: sample MCP upstream, certificates, token, config"
+step "configure: fake-edge, a bridge client, sample MCP upstream, certificates, token, config"
+# fake-edge stands in for Cloudflare's edge: 4 TLS listeners 7844-7847 for cloudflared's HA
+# connections, and the eyeball port 7880 where clients come in; the bridge turns a TLS client
+# into the WebSocket session the edge relays.
+systemd-run --unit=fake-edge --quiet /root/systest/fake-edge -pki /root/systest/edge-pki \
+  -eyeball 127.0.0.1:7880 -control 127.0.0.1:7881
+for _ in $(seq 100); do [[ -s /root/systest/edge-pki/ca.crt ]] && curl -s -o /dev/null 127.0.0.1:7881/status && break; sleep 0.1; done
+install -m 0644 /root/systest/edge-pki/ca.crt /etc/mcp-tunnel/fake-edge-ca.crt \
+  && pass "fake-edge up: $(curl -s 127.0.0.1:7881/status)" || failc "fake-edge did not start: $(journalctl -u fake-edge -o cat | tail -5)"
+systemd-run --unit=edge-client --quiet /usr/bin/mcp-tunnel bridge --listen 127.0.0.1:9443 --to ws://127.0.0.1:7880
 systemd-run --unit=sample-upstream --quiet /usr/bin/mcp-tunnel demo --port 9444 --dir /tmp/demo-upstream
 up=""
 for _ in $(seq 100); do
@@ -67,28 +91,43 @@ allowed_ips = ["127.0.0.0/8"]
 enabled = true
 grace_period = "2s"
 ready_requires_tunnel = true
-# the stand-in: accept TLS clients on 9443 like the edge; first edge connection after 1.5 s
-env = { STANDIN_FORWARD = "127.0.0.1:9443", STANDIN_CONNECT_DELAY_MS = "1500" }
+health_interval = "1s"
+# the real cloudflared, pointed at fake-edge (http2; static edge addresses; the fake CA)
+env = { TUNNEL_TRANSPORT_PROTOCOL = "http2", TUNNEL_EDGE = "127.0.0.1:7844,127.0.0.1:7845,127.0.0.1:7846,127.0.0.1:7847", TUNNEL_CACERT = "/etc/mcp-tunnel/fake-edge-ca.crt" }
 TOML
 }
 write_config ""
 mcp-tunnel check && pass "mcp-tunnel check" || failc "mcp-tunnel check"
 
-step "systemctl start reaches active only after READY=1"
+step "systemctl start reaches active only after READY=1, sent once cloudflared registered with the edge"
 systemctl start --no-block mcp-tunnel
-sleep 0.7
+sleep 0.3
 early="$(show ActiveState)/$(show SubState)"
 if wait_state active 30; then
+  ready_status="$(show StatusText)"
   t0=$(show ExecMainStartTimestampMonotonic); t1=$(show ActiveEnterTimestampMonotonic)
-  gap_ms=$(( (t1 - t0) / 1000 ))
-  if [[ "$early" == activating/start && $gap_ms -ge 1000 ]]; then
-    pass "activating/start at 0.7 s, active $gap_ms ms after the main process started (READY waits for the stand-in's first edge connection at 1.5 s)"
-  else failc "ready timing: state at 0.7 s was $early, active after $gap_ms ms (expected activating/start and >= 1000 ms)"; fi
+  # The journal's monotonic clock is the one systemd's *Monotonic timestamps use.
+  reg="$(journalctl -u mcp-tunnel _SYSTEMD_INVOCATION_ID="$(show InvocationID)" -o json --no-pager \
+    | grep -m1 '"MESSAGE":"Registered tunnel connection"' | grep -o '"__MONOTONIC_TIMESTAMP":"[0-9]*' | grep -o '[0-9]*$')"
+  # READY=1 carries the STATUS line of that moment: it must already count an edge connection.
+  # (The journal stamps the registration line on receipt, so its order against READY gets
+  # 250 ms of slack; READY before any registration would be about a second early.)
+  if [[ "$early" == activating/* && "$ready_status" =~ ^tunnel\ [1-4]/4\ connections\; && -n "$reg" && $reg -le $((t1 + 250000)) ]]; then
+    pass "$early at 0.3 s; cloudflared's first 'Registered tunnel connection' $(( (reg - t0) / 1000 )) ms after the main process started, active at $(( (t1 - t0) / 1000 )) ms; STATUS at READY: \"$ready_status\""
+  else failc "ready timing: state at 0.3 s was $early, STATUS at READY \"$ready_status\", first registration at ${reg:-never} us, active at $t1 us (monotonic)"; fi
 else
   failc "mcp-tunnel did not become active (state $(show ActiveState)/$(show SubState), result $(show Result))"
   journalctl -u mcp-tunnel -o cat --no-pager | tail -20
 fi
 mainpid=$(show MainPID)
+four=""
+for _ in $(seq 100); do
+  [[ "$(show StatusText)" == "tunnel 4/4 connections;"* ]] && curl -s 127.0.0.1:9180/readyz | grep -q '"connected 4/4"' && four=1 && break
+  sleep 0.2
+done
+if [[ -n "$four" ]]; then
+  pass "4/4: STATUS \"$(show StatusText)\", readyz cloudflared \"connected 4/4\", fake-edge $(curl -s 127.0.0.1:7881/status | grep -o '"registered":[0-9][0-9]*')"
+else failc "not 4/4 within 20 s: STATUS \"$(show StatusText)\", readyz $(curl -s 127.0.0.1:9180/readyz), fake-edge $(curl -s 127.0.0.1:7881/status)"; fi
 
 step "systemctl status shows the STATUS line"
 status_text="$(show StatusText)"
@@ -96,10 +135,11 @@ if [[ -n "$status_text" ]] && systemctl status mcp-tunnel 2>&1 | grep -q "Status
   pass "Status: \"$status_text\""
 else systemctl status mcp-tunnel --no-pager 2>&1 | head -12; failc "no STATUS line in systemctl status"; fi
 
-step "MCP request: curl -> stand-in cloudflared -> WebSocket -> inner TLS -> proxy -> upstream"
-sleep 1
+step "MCP request: curl -> bridge -> fake-edge -> real cloudflared -> WebSocket -> inner TLS -> proxy -> upstream"
 out="$(mcp_call hello)"
 grep -q 'Hello, systemd!' <<<"$out" && pass "tools/call hello answered: $(grep -o 'Hello, systemd![^"]*' <<<"$out" | head -n1)" || failc "MCP call through the tunnel: $out"
+relay="$(journalctl -u fake-edge -o cat --no-pager | grep -m1 'eyeball GET .* via conn#[0-9]* (connIndex [0-9]): 200')"
+[[ -n "$relay" ]] && pass "fake-edge relayed the session through cloudflared: ${relay#*eyeball }" || failc "fake-edge shows no relayed session: $(journalctl -u fake-edge -o cat --no-pager | tail -3)"
 
 step "sandbox: both processes run as mcp-tunnel, hardened; token not in argv"
 cf=$(pgrep -f '^/usr/lib/mcp-tunnel/cloudflared' | head -n1)
@@ -128,6 +168,7 @@ step "systemctl reload applies a route change, the service stays active"
 # The supervisor also watches its files, so the new route may be live before the reload;
 # what proves the reload is its journal entry with trigger "reload request" (SIGHUP).
 before="$(mcp_call hello2)"
+cf_before=$(pgrep -f '^/usr/lib/mcp-tunnel/cloudflared' | head -n1)
 write_config 'hello2 = "http://'"$up"'"'
 sleep 1.5
 since="$(date '+%Y-%m-%d %H:%M:%S')"
@@ -143,6 +184,10 @@ else failc "no SIGHUP-triggered reload in the journal after systemctl reload (ho
 if grep -q 'No route configured' <<<"$before" && grep -q 'Hello, systemd!' <<<"$after"; then
   pass "route hello2 absent before the change, served after the reload"
 else failc "route change not applied (hot reload: issue 4); before: $(head -c 80 <<<"$before"); after: $(head -c 120 <<<"$after")"; fi
+cf_after=$(pgrep -f '^/usr/lib/mcp-tunnel/cloudflared' | head -n1)
+if [[ -n "$cf_before" && "$cf_before" == "$cf_after" ]] && curl -s 127.0.0.1:9180/readyz | grep -q '"connected 4/4"'; then
+  pass "the reload left cloudflared alone: same PID $cf_after, still connected 4/4"
+else failc "cloudflared across the reload: PID ${cf_before:-none} -> ${cf_after:-none}, readyz $(curl -s 127.0.0.1:9180/readyz)"; fi
 
 step "a broken config: the reload is refused, the running configuration stays"
 cp /etc/mcp-tunnel/mcp-tunnel.toml good.toml
@@ -245,6 +290,10 @@ rm -rf /run/systemd/system/mcp-tunnel.service.d; systemctl daemon-reload
 systemctl restart mcp-tunnel; wait_state active 30
 
 step "systemctl stop is clean"
+# All 4 connections up first: READY=1 comes with the first one, and a SIGTERM while the others
+# are still being set up makes cloudflared register and unregister them one by one until its
+# grace period ends.
+for _ in $(seq 100); do curl -s 127.0.0.1:9180/readyz | grep -q '"connected 4/4"' && break; sleep 0.2; done
 mainpid=$(show MainPID); inv="$(show InvocationID)"
 t0=$(date +%s%N); systemctl stop mcp-tunnel; ms=$(( ($(date +%s%N) - t0) / 1000000 ))
 log="$(journalctl _SYSTEMD_INVOCATION_ID="$inv" -o cat --no-pager; journalctl -u mcp-tunnel -o cat --no-pager | tail -n 20)"
@@ -252,9 +301,16 @@ if [[ "$(show Result)" == success && "$(show ExecMainStatus)" == 0 ]] && ! grep 
    && ! pgrep -f '^/usr/lib/mcp-tunnel/cloudflared' >/dev/null; then
   pass "stopped in $ms ms: Result=success, exit 0, no SIGKILL, cloudflared gone"
 else failc "stop: Result=$(show Result) status=$(show ExecMainStatus) in $ms ms; $(grep -m2 'SIGKILL\|Killing\|timed out' <<<"$log")"; fi
+unreg=$(journalctl _SYSTEMD_INVOCATION_ID="$inv" -o cat --no-pager | grep -c '^Unregistered tunnel connection' || true)
+if [[ $unreg -eq 4 ]]; then
+  pass "cloudflared unregistered from the edge on stop: 'Unregistered tunnel connection' x4 in the journal; fake-edge: $(journalctl -u fake-edge -o cat --no-pager | grep -c 'UnregisterConnection') UnregisterConnection calls in all"
+else failc "stop: 'Unregistered tunnel connection' x$unreg in the journal (want 4): $(journalctl _SYSTEMD_INVOCATION_ID="$inv" -o cat --no-pager | tail -n 8 | tr '\n' '|')"; fi
+denied="$(journalctl -u mcp-tunnel -o cat --no-pager | grep -iE 'SIGSYS|operation not permitted|permission denied|bad system call' | head -n 3)"
+[[ -z "$denied" ]] && pass "the sandbox denied cloudflared and the supervisor nothing (no SIGSYS / EPERM / EACCES in the unit's journal)" \
+  || failc "the sandbox denied something: $denied"
 
 step "apt purge removes everything but /var/lib/mcp-tunnel"
-systemctl stop sample-upstream
+systemctl stop sample-upstream edge-client fake-edge
 apt-get purge -y mcp-tunnel >purge.log 2>&1 || { cat purge.log; failc "apt-get purge"; }
 left=""
 for p in /usr/bin/mcp-tunnel /usr/lib/mcp-tunnel /etc/mcp-tunnel /usr/lib/systemd/system/mcp-tunnel.service \

