@@ -100,6 +100,7 @@ fn table(keys: &[String], domain: Option<&str>) -> RouteTable {
             name: k.clone(),
             upstream: up.clone(),
             preserve_host: false,
+            mcp: Default::default(),
         })
         .collect();
     RouteTable::new(routes, domain)

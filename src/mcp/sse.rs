@@ -22,9 +22,10 @@ pub struct Event {
 pub enum Piece {
     /// A complete event, small enough to inspect.
     Event(Event),
-    /// Bytes of an event too long to inspect (with raw bytes kept: to be passed on as they
-    /// are; without: empty, only a marker that one event was skipped).
-    Uninspected(Vec<u8>),
+    /// Bytes of an event too long to inspect: with raw bytes kept, to be passed on as they
+    /// are (an event may come in several pieces; `first` marks its first); without, empty:
+    /// one marker per skipped event.
+    Uninspected { bytes: Vec<u8>, first: bool },
 }
 
 /// Incremental event-stream reader.
@@ -101,7 +102,10 @@ impl Reader {
                 // A blank line: the event ends here.
                 if self.skipping {
                     if self.keep_raw {
-                        out.push(Piece::Uninspected(chunk[start..i].to_vec()));
+                        out.push(Piece::Uninspected {
+                            bytes: chunk[start..i].to_vec(),
+                            first: false,
+                        });
                     }
                     self.skipping = false;
                 } else {
@@ -131,7 +135,10 @@ impl Reader {
         // The rest of the chunk belongs to the current, unfinished event.
         if self.keep_raw && start < chunk.len() {
             if self.skipping {
-                out.push(Piece::Uninspected(chunk[start..].to_vec()));
+                out.push(Piece::Uninspected {
+                    bytes: chunk[start..].to_vec(),
+                    first: false,
+                });
             } else {
                 self.raw.extend_from_slice(&chunk[start..]);
             }
@@ -143,9 +150,12 @@ impl Reader {
         if self.keep_raw {
             let mut bytes = std::mem::take(&mut self.raw);
             bytes.extend_from_slice(held);
-            out.push(Piece::Uninspected(bytes));
+            out.push(Piece::Uninspected { bytes, first: true });
         } else {
-            out.push(Piece::Uninspected(Vec::new()));
+            out.push(Piece::Uninspected {
+                bytes: Vec::new(),
+                first: true,
+            });
         }
         self.data = Vec::new();
         self.line = Vec::new();
@@ -214,7 +224,7 @@ mod tests {
                 Piece::Event(e) => {
                     Some((String::from_utf8_lossy(&e.data).into_owned(), e.has_data))
                 }
-                Piece::Uninspected(_) => None,
+                Piece::Uninspected { .. } => None,
             })
             .collect()
     }
@@ -247,7 +257,7 @@ mod tests {
             .iter()
             .flat_map(|p| match p {
                 Piece::Event(e) => e.raw.clone(),
-                Piece::Uninspected(b) => b.clone(),
+                Piece::Uninspected { bytes, .. } => bytes.clone(),
             })
             .collect();
         assert_eq!(raw, stream);
@@ -279,7 +289,7 @@ mod tests {
         let passed: usize = out
             .iter()
             .map(|p| match p {
-                Piece::Uninspected(b) => b.len(),
+                Piece::Uninspected { bytes, .. } => bytes.len(),
                 Piece::Event(_) => 0,
             })
             .sum();
@@ -288,7 +298,7 @@ mod tests {
         let out = read_all(&chunks, 1000, false);
         assert_eq!(
             out.iter()
-                .filter(|p| matches!(p, Piece::Uninspected(_)))
+                .filter(|p| matches!(p, Piece::Uninspected { .. }))
                 .count(),
             1
         );
@@ -301,7 +311,7 @@ mod tests {
         let mut r = Reader::new(500, false);
         let mut out = Vec::new();
         r.push(stream.as_bytes(), &mut out);
-        assert!(matches!(out[0], Piece::Uninspected(_)));
+        assert!(matches!(out[0], Piece::Uninspected { first: true, .. }));
         assert!(r.data.capacity() <= 1024);
     }
 

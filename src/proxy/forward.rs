@@ -17,7 +17,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
 
+use super::mcp::{self, Exchange, Inspected, ResponseInspector};
 use super::metrics::{LimitHit, Refusal};
+use super::state::Snapshot;
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
@@ -31,12 +33,18 @@ pub type ProxyBody = Either<LeasedBody, Full<Bytes>>;
 pub struct LeasedBody {
     inner: Incoming,
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// On inspected routes: reads (and with a policy, filters) the body as it streams.
+    mcp: Option<Box<ResponseInspector>>,
     /// Keeps the session busy (never idle-closed) while the response streams.
     _active: ActiveGuard,
 }
 
-/// A request body on its way upstream: as received, or capped at `max_request_body_bytes`.
-pub type UpstreamBody = Either<Incoming, Limited<Incoming>>;
+/// A request body as received, or capped at `max_request_body_bytes`.
+pub type RequestBody = Either<Incoming, Limited<Incoming>>;
+
+/// A request body on its way upstream: as received (perhaps capped), or through MCP
+/// inspection (`proxy::mcp`) on routes that ask for it.
+pub type UpstreamBody = mcp::ForwardBody<RequestBody>;
 
 /// What the idle-session timer looks at: requests whose response has not finished streaming,
 /// and the last time one started or finished.
@@ -119,15 +127,46 @@ impl Body for LeasedBody {
         if self.revoked.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(Err(Box::new(RouteRevoked))));
         }
-        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+        let this = &mut *self;
+        let Some(ins) = this.mcp.as_deref_mut() else {
+            return Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into);
+        };
+        loop {
+            if let Some(data) = ins.next_ready() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if ins.finished() {
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        ins.on_data(data);
+                        // A body of known length may not be polled to its end.
+                        if this.inner.is_end_stream() {
+                            ins.on_end();
+                        }
+                    }
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => ins.on_end(),
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.mcp {
+            None => self.inner.is_end_stream(),
+            Some(ins) => ins.is_drained(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.mcp {
+            Some(ins) if ins.rewrites() => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
     }
 }
 
@@ -245,53 +284,35 @@ impl Session {
         }
         info!(route = %route.name, %method, %path, "request started");
 
-        let lease = snapshot
-            .leases
-            .get(&route.name)
-            .cloned()
-            .unwrap_or_default();
-        let plane = self.proxy.upstream.load_full();
         let upstream_req = self.upstream_request(req, &route, &host);
-        let sent = tokio::select! {
-            r = tokio::time::timeout(snapshot.response_header_timeout, plane.client.request(upstream_req)) => Some(r),
-            _ = lease.cancelled() => None,
-        };
-        let resp = match sent {
-            None => own(
-                StatusCode::BAD_GATEWAY,
-                "Route removed or no longer allowed\n",
-            ),
-            Some(Ok(Ok(mut resp))) => {
-                strip_hop_by_hop(resp.headers_mut());
-                resp.map(|inner| {
-                    Either::Left(LeasedBody {
-                        inner,
-                        revoked: Box::pin(lease.cancelled_owned()),
-                        _active: active,
-                    })
-                })
+        let resp = if route.mcp.active() {
+            let scope = mcp::Scope {
+                route: &route,
+                config: &snapshot.mcp,
+                metrics: &metrics,
+                caller: self.client_ip,
+            };
+            match mcp::request(scope, upstream_req).await {
+                Inspected::Forward(req, exchange) => {
+                    let resp = self
+                        .forward(req, &route, &snapshot, active, exchange.clone())
+                        .await;
+                    if let Some(ex) = &exchange {
+                        ex.set_status(resp.status());
+                    }
+                    resp
+                }
+                Inspected::Refused(resp) => resp.map(Either::Right),
             }
-            Some(Ok(Err(e))) if body_over_limit(&e) => {
-                metrics.limit(LimitHit::RequestBodyTooLarge);
-                info!(route = %route.name, %method, %path, "refused request: body over limits.max_request_body_bytes");
-                own(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Request body too large (limits.max_request_body_bytes)\n",
-                )
-            }
-            Some(Ok(Err(e))) => {
-                let (resp, why) = error_response(&route, &e);
-                metrics.refusal(why);
-                resp
-            }
-            Some(Err(_)) => {
-                metrics.refusal(Refusal::ResponseTimeout);
-                warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
-                own(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "Upstream did not answer in time\n",
-                )
-            }
+        } else {
+            self.forward(
+                upstream_req.map(Either::Left),
+                &route,
+                &snapshot,
+                active,
+                None,
+            )
+            .await
         };
         info!(
             route = %route.name,
@@ -305,12 +326,80 @@ impl Session {
         Ok(resp)
     }
 
+    /// Sends the request upstream and turns the answer (or the failure) into the response.
+    async fn forward(
+        &self,
+        upstream_req: Request<UpstreamBody>,
+        route: &Arc<Route>,
+        snapshot: &Snapshot,
+        active: ActiveGuard,
+        exchange: Option<Arc<Exchange>>,
+    ) -> Response<ProxyBody> {
+        let metrics = &self.proxy.metrics;
+        let (method, path) = (
+            upstream_req.method().clone(),
+            upstream_req.uri().path().to_owned(),
+        );
+        let lease = snapshot
+            .leases
+            .get(&route.name)
+            .cloned()
+            .unwrap_or_default();
+        let plane = self.proxy.upstream.load_full();
+        let sent = tokio::select! {
+            r = tokio::time::timeout(snapshot.response_header_timeout, plane.client.request(upstream_req)) => Some(r),
+            _ = lease.cancelled() => None,
+        };
+        match sent {
+            None => own(
+                StatusCode::BAD_GATEWAY,
+                "Route removed or no longer allowed\n",
+            ),
+            Some(Ok(Ok(mut resp))) => {
+                strip_hop_by_hop(resp.headers_mut());
+                let status = resp.status();
+                let inspector = exchange.and_then(|ex| {
+                    ResponseInspector::new(ex, status, resp.headers_mut()).map(Box::new)
+                });
+                resp.map(|inner| {
+                    Either::Left(LeasedBody {
+                        inner,
+                        revoked: Box::pin(lease.cancelled_owned()),
+                        mcp: inspector,
+                        _active: active,
+                    })
+                })
+            }
+            Some(Ok(Err(e))) if body_over_limit(&e) => {
+                metrics.limit(LimitHit::RequestBodyTooLarge);
+                info!(route = %route.name, %method, %path, "refused request: body over limits.max_request_body_bytes");
+                own(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body too large (limits.max_request_body_bytes)\n",
+                )
+            }
+            Some(Ok(Err(e))) => {
+                let (resp, why) = error_response(route, &e);
+                metrics.refusal(why);
+                resp
+            }
+            Some(Err(_)) => {
+                metrics.refusal(Refusal::ResponseTimeout);
+                warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
+                own(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Upstream did not answer in time\n",
+                )
+            }
+        }
+    }
+
     fn upstream_request(
         &self,
         req: Request<Incoming>,
         route: &Route,
         host: &str,
-    ) -> Request<UpstreamBody> {
+    ) -> Request<RequestBody> {
         let (mut parts, body) = req.into_parts();
         let body = match self.proxy.limits.max_request_body_bytes {
             Some(max) => Either::Right(Limited::new(body, max as usize)),

@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod edge;
 mod forward;
+pub mod mcp;
 pub mod metrics;
 pub mod state;
 pub mod tls;
