@@ -77,7 +77,28 @@ pub fn summary(addr: SocketAddr, readyz: &str, metrics: &str) -> String {
         metric_sum(metrics, "mcp_tunnel_config_generation"),
         metric_sum(metrics, "mcp_tunnel_config_reload_failures_total"),
     ));
+    out.push_str(&mcp_summary(metrics));
     out
+}
+
+/// One line about inspected routes (`inspect = true` or a tool policy), if there are any.
+fn mcp_summary(metrics: &str) -> String {
+    let messages = "mcp_tunnel_mcp_messages_total";
+    if !metrics.lines().any(|l| l.starts_with(&format!("{messages}{{"))) {
+        return String::new();
+    }
+    let denied: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with(messages) && l.contains("outcome=\"denied\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    format!(
+        "  mcp messages {}, denied by policy {}, tool calls {}, tools hidden {} (audit log: journalctl -u mcp-tunnel TARGET=mcp_audit)\n",
+        metric_sum(metrics, messages),
+        denied,
+        metric_sum(metrics, "mcp_tunnel_mcp_tool_calls_total"),
+        metric_sum(metrics, "mcp_tunnel_mcp_tools_hidden_total"),
+    )
 }
 
 /// Exit status: 0 ready, 1 not ready, 2 unreachable.
@@ -110,5 +131,21 @@ pub fn print(admin: Option<SocketAddr>, config: &Path) -> u8 {
             eprintln!("error: {e}");
             2
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mcp_line_only_with_inspected_routes() {
+        let without = "mcp_tunnel_requests_total{route=\"a\",status=\"200\"} 3\n# HELP mcp_tunnel_mcp_messages_total x\n";
+        assert_eq!(mcp_summary(without), "");
+        let with = "mcp_tunnel_mcp_messages_total{route=\"a\",method=\"tools/call\",outcome=\"ok\"} 5\nmcp_tunnel_mcp_messages_total{route=\"a\",method=\"tools/call\",outcome=\"denied\"} 2\nmcp_tunnel_mcp_tool_calls_total{route=\"a\",tool=\"echo\",outcome=\"ok\"} 5\nmcp_tunnel_mcp_tools_hidden_total{route=\"a\"} 4\n";
+        assert_eq!(
+            mcp_summary(with),
+            "  mcp messages 7, denied by policy 2, tool calls 5, tools hidden 4 (audit log: journalctl -u mcp-tunnel TARGET=mcp_audit)\n"
+        );
     }
 }
