@@ -806,10 +806,8 @@ async fn without_a_policy_the_body_streams_and_big_ones_pass_uninspected() {
     );
     let lines = audit_lines("ins");
     assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("forwarded without inspection")
-                && field(l, "reason").as_deref() == Some("request_too_large")),
+        lines.iter().any(|l| l.contains("mcp request not inspected")
+            && field(l, "reason").as_deref() == Some("request_too_large")),
         "{lines:#?}"
     );
 }
@@ -1130,4 +1128,50 @@ async fn policy_reloads_live_and_closes_streams_it_no_longer_covers() {
     )
     .await;
     assert_eq!(a.response(json!(4))["error"]["code"], -32602);
+}
+
+#[test]
+fn documented_examples_are_valid_configs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = readme
+        .split("### Example: read-only exposure of a server")
+        .nth(1)
+        .expect("README has the read-only example");
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .take(2)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert_eq!(blocks.len(), 2);
+    // The same example, commented, in the documented config file.
+    let example = std::fs::read_to_string(root.join("config/mcp-tunnel.toml")).unwrap();
+    let commented: String = example
+        .lines()
+        .skip_while(|l| !l.starts_with("#   [routes.files]"))
+        .take_while(|l| l.starts_with("#   "))
+        .map(|l| format!("{}\n", &l[4..]))
+        .collect();
+    assert!(commented.contains("tools_allow"), "{commented}");
+    for block in blocks.iter().copied().chain([commented.as_str()]) {
+        let text = format!(
+            "tunnel_domain = \"t.example\"\n[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n{block}"
+        );
+        let c = Config::parse(
+            std::path::Path::new("/etc/mcp-tunnel/mcp-tunnel.toml"),
+            &text,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{block}"));
+        for r in &c.routes {
+            assert!(r.mcp.active(), "{}", r.name);
+        }
+        if let Some(files) = c.routes.iter().find(|r| r.name == "files") {
+            let p = files.mcp.policy.as_ref().unwrap();
+            assert!(p.allows_tool("read_text_file") && p.allows_tool("list_directory"));
+            for write in ["write_file", "edit_file", "move_file", "create_directory"] {
+                assert!(!p.allows_tool(write), "{write}");
+            }
+        }
+    }
 }

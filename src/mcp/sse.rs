@@ -81,18 +81,18 @@ impl Reader {
         let mut start = 0; // first byte of `chunk` not yet in `raw` or `out`
         for (pos, &b) in chunk.iter().enumerate() {
             let i = pos + 1;
-            if self.after_cr && b == b'\n' {
-                self.after_cr = false;
-                continue;
-            }
-            self.after_cr = b == b'\r';
             self.event_len += 1;
-            if b != b'\n' && b != b'\r' {
+            if self.after_cr && b == b'\n' {
+                // The LF of a CRLF: the line already ended at the CR.
+                self.after_cr = false;
+            } else if b != b'\n' && b != b'\r' {
+                self.after_cr = false;
                 self.line_len += 1;
                 if !self.skipping {
                     self.line.push(b);
                 }
             } else if self.line_len > 0 {
+                self.after_cr = b == b'\r';
                 if !self.skipping {
                     self.field();
                 }
@@ -100,6 +100,7 @@ impl Reader {
                 self.line_len = 0;
             } else {
                 // A blank line: the event ends here.
+                self.after_cr = b == b'\r';
                 if self.skipping {
                     if self.keep_raw {
                         out.push(Piece::Uninspected {

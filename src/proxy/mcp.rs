@@ -519,7 +519,7 @@ impl Drop for Exchange {
                 duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
                 caller = %self.caller,
                 reason,
-                "mcp request forwarded without inspection"
+                "mcp request not inspected"
             );
         }
         for p in &st.pending {

@@ -84,7 +84,10 @@ pub fn summary(addr: SocketAddr, readyz: &str, metrics: &str) -> String {
 /// One line about inspected routes (`inspect = true` or a tool policy), if there are any.
 fn mcp_summary(metrics: &str) -> String {
     let messages = "mcp_tunnel_mcp_messages_total";
-    if !metrics.lines().any(|l| l.starts_with(&format!("{messages}{{"))) {
+    if !metrics
+        .lines()
+        .any(|l| l.starts_with(&format!("{messages}{{")))
+    {
         return String::new();
     }
     let denied: f64 = metrics
