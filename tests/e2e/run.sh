@@ -265,27 +265,6 @@ EOF
   mv "$WORK/mcp-tunnel.toml.new" "$WORK/mcp-tunnel.toml"
 }
 write_config
-listen_addr = "127.0.0.1:$PROXY_PORT"
-tunnel_domain = "$TUNNEL_DOMAIN"
-log_level = "info"
-
-[tls]
-cert_file = "$CERTS/tls.crt"
-key_file = "$CERTS/tls.key"
-
-[routes]
-everything = "http://127.0.0.1:$EV_PORT"
-pyserver = "http://127.0.0.1:$PY_PORT"
-
-[upstream]
-allowed_ips = ["127.0.0.0/8"]
-
-[cloudflared]
-enabled = false
-
-[admin]
-enabled = false
-EOF
 
 start everything env PORT="$EV_PORT" node "$EVERYTHING_JS" streamableHttp
 start pyserver "$PYTHON" "$E2E_DIR/py_server.py" "$PY_PORT"
