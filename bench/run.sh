@@ -159,6 +159,9 @@ key_file = "$WORK/pki/tls.key"
 
 [routes]
 echo = "http://127.0.0.1:$UP_PORT"
+# (f): the same upstream with MCP inspection (audit + metrics), and with a tool policy.
+inspect = { upstream = "http://127.0.0.1:$UP_PORT", inspect = true }
+policy = { upstream = "http://127.0.0.1:$UP_PORT", tools_deny = ["never-called"] }
 
 [upstream]
 allowed_ips = ["127.0.0.0/8"]
@@ -246,6 +249,8 @@ declare -A TARGET_ARGS=(
   [direct]="--target http://127.0.0.1:$UP_PORT"
   [nginx]="--target https://127.0.0.1:$NGINX_PORT --server-name $NAME --host $NAME --ca $CA"
   [proxy]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA"
+  [proxy-inspect]="--target ws://127.0.0.1:$PROXY_PORT --server-name inspect.$DOMAIN --host inspect.$DOMAIN --ca $CA"
+  [proxy-policy]="--target ws://127.0.0.1:$PROXY_PORT --server-name policy.$DOMAIN --host policy.$DOMAIN --ca $CA"
 )
 ORDERS=("direct nginx proxy" "nginx proxy direct" "proxy direct nginx")
 
@@ -254,7 +259,7 @@ load() { # target scenario round args...
   shift 3
   # The process whose CPU per request (post) or RSS (idle) is read: nginx or the proxy.
   [[ $target == nginx ]] && pid=(--pid "$NGINX_PID")
-  [[ $target == proxy ]] && pid=(--pid "$PROXY_PID")
+  [[ $target == proxy* ]] && pid=(--pid "$PROXY_PID")
   # shellcheck disable=SC2086
   "$BENCH" load --name "$target" --scenario "$scenario" --round "$round" ${TARGET_ARGS[$target]} "${pid[@]}" "$@" \
     | tee -a "$RESULTS" >&2
@@ -281,6 +286,19 @@ for path in /mcp /mcp-sse; do
         load "$target" a "$round" --mode post --path "$path" --sessions "$sessions" \
           --warmup "$WARMUP" --duration "$DUR"
       done
+    done
+  done
+done
+
+# --- (f) tools/call with MCP inspection off, on, and with a tool policy ----------------
+# The same proxy and upstream; routes differ only in their MCP settings (see proxy_config).
+F_ORDERS=("proxy proxy-inspect proxy-policy" "proxy-inspect proxy-policy proxy" "proxy-policy proxy proxy-inspect")
+for path in /mcp /mcp-sse; do
+  step "(f) tools/call $path with MCP inspection off / inspect / policy, 16 sessions, $ROUNDS rounds"
+  for round in $(seq 1 "$ROUNDS"); do
+    for target in ${F_ORDERS[$(((round - 1) % 3))]}; do
+      load "$target" f "$round" --mode post --path "$path" --sessions 16 \
+        --warmup "$WARMUP" --duration "$DUR"
     done
   done
 done

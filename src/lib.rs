@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod doctor;
 pub mod lifecycle;
+pub mod mcp;
 pub mod provision;
 pub mod proxy;
 pub mod supervisor;

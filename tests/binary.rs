@@ -366,6 +366,10 @@ fn the_documented_example_config_parses() {
         "documented [peer_check] values are the defaults"
     );
     assert_eq!(
+        config.mcp, minimal.mcp,
+        "documented [mcp] values are the defaults"
+    );
+    assert_eq!(
         (config.shutdown_timeout, config.log_level),
         (minimal.shutdown_timeout, minimal.log_level)
     );

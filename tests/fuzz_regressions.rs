@@ -69,3 +69,24 @@ fn route_hosts_respect_label_boundaries_and_each_reaches_its_route() {
         assert_eq!(table.lookup(host).map(|r| r.name.as_str()), Some(*name));
     }
 }
+
+/// mcp_inspector invariant "bounded memory": the SSE reader held more than its bound for an
+/// event of CRLF lines, because the LF of each CRLF did not count towards the event's size.
+#[test]
+fn sse_reader_counts_every_byte_towards_its_bound() {
+    use mcp_tunnel::mcp::sse::{Piece, Reader};
+    let stream = "data: x\r\n".repeat(1000);
+    for chunk in [1, 4, 9, 1000] {
+        let mut r = Reader::new(256, true);
+        let mut out = Vec::new();
+        for c in stream.as_bytes().chunks(chunk) {
+            r.push(c, &mut out);
+            assert!(
+                r.pending().len() <= 256,
+                "chunk {chunk}: {}",
+                r.pending().len()
+            );
+        }
+        assert!(matches!(out[0], Piece::Uninspected { first: true, .. }));
+    }
+}

@@ -72,6 +72,7 @@ fn explain_agrees_on_addresses(policy: &IpPolicy, ips: &[IpAddr]) -> Result<(), 
             name: "echo".into(),
             upstream: Upstream::parse("http://up.internal:9000").unwrap(),
             preserve_host: false,
+            mcp: Default::default(),
         }],
         Some("t.example"),
     );
@@ -197,6 +198,7 @@ fn table(keys: &[String], domain: Option<&str>) -> RouteTable {
             name: k.clone(),
             upstream: up.clone(),
             preserve_host: false,
+            mcp: Default::default(),
         })
         .collect();
     RouteTable::new(routes, domain)
@@ -614,6 +616,7 @@ fn explain_on_known_cases() {
             name: "m".into(),
             upstream: Upstream::parse("http://meta.internal:80").unwrap(),
             preserve_host: false,
+            mcp: Default::default(),
         }],
         None,
     );

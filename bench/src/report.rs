@@ -240,6 +240,55 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     md.push_str(&detail);
     md.push_str("\n</details>\n");
 
+    // (f) MCP inspection cost.
+    let _ = writeln!(
+        md,
+        "\n## (f) tools/call with MCP inspection: off, `inspect = true`, and a tool policy\n\n\
+         One proxy, one upstream, three routes that differ only in their MCP settings: `echo` \
+         (no inspection: the plain path), `inspect` (audit line per message at log level info, \
+         per-method/per-tool metrics, request body teed) and `policy` (`tools_deny`: the body is \
+         read whole and judged before it goes upstream; SSE answers pass event by event through \
+         the filter). Medians over rounds, interleaved. Ratios are against `off` in the same run.\n\n\
+         | reply | sessions | off req/s | inspect req/s (ratio) | policy req/s (ratio) | p99 off / inspect / policy | CPU µs/req off / inspect / policy |\n\
+         |---|---:|---:|---:|---:|---|---|"
+    );
+    for ((path, sessions), by) in group(&rows, "f") {
+        let agg: BTreeMap<&str, Agg> = ["proxy", "proxy-inspect", "proxy-policy"]
+            .iter()
+            .filter_map(|t| by.get(*t).map(|r| (*t, aggregate(r))))
+            .collect();
+        let reply = if path == "/mcp-sse" {
+            "SSE-framed"
+        } else {
+            "JSON"
+        };
+        for (t, a) in &agg {
+            note_errors(&mut problems, &format!("(f) {reply} {t}"), a);
+        }
+        let (Some(off), Some(ins), Some(pol)) = (
+            agg.get("proxy"),
+            agg.get("proxy-inspect"),
+            agg.get("proxy-policy"),
+        ) else {
+            continue;
+        };
+        let _ = writeln!(
+            md,
+            "| {reply} | {sessions} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {} / {} / {} | {:.1} / {:.1} / {:.1} |",
+            off.rate,
+            ins.rate,
+            ins.rate / off.rate,
+            pol.rate,
+            pol.rate / off.rate,
+            ms(off.p99),
+            ms(ins.p99),
+            ms(pol.p99),
+            off.cpu,
+            ins.cpu,
+            pol.cpu,
+        );
+    }
+
     // (b) SSE per-event latency.
     let _ = writeln!(
         md,

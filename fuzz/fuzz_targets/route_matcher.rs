@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
                 name,
                 upstream: up.clone(),
                 preserve_host: false,
+                mcp: Default::default(),
             });
         }
     }

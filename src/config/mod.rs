@@ -7,6 +7,7 @@ pub mod cloudflared;
 pub mod duration;
 pub mod ipset;
 pub mod limits;
+pub mod mcp;
 pub mod peer_check;
 pub mod provision;
 pub mod routes;
@@ -23,9 +24,10 @@ pub use certs::CertsConfig;
 pub use cloudflared::{CloudflaredConfig, Replacement};
 pub use ipset::IpPolicy;
 pub use limits::Limits;
+pub use mcp::McpConfig;
 pub use peer_check::{PeerCheck, PeerCheckOff};
 pub use provision::ProvisionConfig;
-pub use routes::{Route, RouteTable, Scheme, Upstream};
+pub use routes::{Route, RouteMcp, RouteTable, Scheme, Upstream};
 
 /// Where the packaged service reads its config.
 pub const DEFAULT_PATH: &str = "/etc/mcp-tunnel/mcp-tunnel.toml";
@@ -70,6 +72,8 @@ pub struct Config {
     pub provision: Option<ProvisionConfig>,
     pub admin: AdminConfig,
     pub limits: Limits,
+    /// `[mcp]`: bounds of MCP inspection (routes opt in with `inspect` or a policy).
+    pub mcp: McpConfig,
     /// Accept secret files (TLS key, CA key, token) readable by group or others; the
     /// reference stack's container setup needs 0644, an appliance should not.
     pub allow_readable_secrets: bool,
@@ -152,6 +156,8 @@ struct RawConfig {
     admin: admin::RawAdmin,
     #[serde(default)]
     limits: limits::RawLimits,
+    #[serde(default)]
+    mcp: mcp::RawMcp,
     allow_readable_secrets: Option<bool>,
     #[serde(default)]
     certs: certs::RawCerts,
@@ -376,6 +382,7 @@ impl Config {
         let limits = limits::validate(raw.limits, &mut v);
         let peer_check =
             peer_check::validate(raw.peer_check, listen_addr, cloudflared.enabled, &mut v);
+        let mcp = mcp::validate(raw.mcp, &mut v);
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -399,6 +406,7 @@ impl Config {
             cloudflared,
             admin,
             limits,
+            mcp,
             allow_readable_secrets: raw.allow_readable_secrets.unwrap_or(false),
             certs,
             provision,
@@ -534,8 +542,8 @@ fn parse_routes(
             );
             continue;
         }
-        let (upstream, preserve_host) = match value {
-            toml::Value::String(s) => (s, false),
+        let (upstream, preserve_host, mcp) = match value {
+            toml::Value::String(s) => (s, false, RouteMcp::default()),
             toml::Value::Table(mut t) => {
                 let preserve = match t.remove("preserve_host") {
                     None => false,
@@ -558,13 +566,18 @@ fn parse_routes(
                         continue;
                     }
                 };
+                let mcp =
+                    RouteMcp::from_table(&mut t, &mut |f, m| v.push(&format!("{field}.{f}"), m));
                 if let Some(unknown) = t.keys().next() {
                     v.push(
                         &format!("{field}.{unknown}"),
-                        "unknown field, expected `upstream` or `preserve_host`",
+                        format!(
+                            "unknown field, expected `upstream`, `preserve_host` or one of {}",
+                            RouteMcp::FIELDS.join(", ")
+                        ),
                     );
                 }
-                (up, preserve)
+                (up, preserve, mcp)
             }
             other => {
                 v.push(
@@ -579,6 +592,7 @@ fn parse_routes(
                 name,
                 upstream,
                 preserve_host,
+                mcp,
             }),
             Err(m) => v.push(&field, m),
         }

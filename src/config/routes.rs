@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::mcp::{Pattern, Policy};
+
 /// Upstream scheme: the reference accepts exactly these two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
@@ -122,6 +124,112 @@ pub struct Route {
     pub upstream: Upstream,
     /// Send the caller's `Host` upstream instead of the upstream's own authority.
     pub preserve_host: bool,
+    /// MCP inspection and tool policy.
+    pub mcp: RouteMcp,
+}
+
+/// What the proxy does with a route's MCP traffic. Off by default: a route without it is
+/// forwarded without looking at its bodies.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteMcp {
+    /// Audit log line per MCP message and per-method/per-tool metrics (`inspect = true`;
+    /// implied by a policy).
+    pub inspect: bool,
+    /// `tools_allow` / `tools_deny` / `methods_deny`; `None` when none is set.
+    pub policy: Option<Policy>,
+    /// Log the names (never the values) of a `tools/call`'s arguments.
+    pub log_argument_names: bool,
+}
+
+impl RouteMcp {
+    /// Route fields (besides `upstream` and `preserve_host`) this module reads.
+    pub const FIELDS: [&'static str; 5] = [
+        "inspect",
+        "tools_allow",
+        "tools_deny",
+        "methods_deny",
+        "log_argument_names",
+    ];
+
+    /// Whether the proxy reads this route's MCP messages at all.
+    pub fn active(&self) -> bool {
+        self.inspect || self.policy.is_some()
+    }
+
+    /// Takes the MCP fields out of a route table; `problem(field, message)` gets each
+    /// invalid one, with `field` relative to the route (`tools_deny[2]`).
+    pub fn from_table(
+        table: &mut toml::map::Map<String, toml::Value>,
+        problem: &mut dyn FnMut(String, String),
+    ) -> RouteMcp {
+        let mut flag =
+            |name: &str, problem: &mut dyn FnMut(String, String)| match table.remove(name) {
+                None => None,
+                Some(toml::Value::Boolean(b)) => Some(b),
+                Some(other) => {
+                    problem(
+                        name.into(),
+                        format!("expected true or false, found {}", other.type_str()),
+                    );
+                    None
+                }
+            };
+        let inspect = flag("inspect", problem);
+        let log_argument_names = flag("log_argument_names", problem);
+        let mut list = |name: &str| -> Option<Vec<Pattern>> {
+            let value = table.remove(name)?;
+            let toml::Value::Array(items) = value else {
+                problem(
+                    name.into(),
+                    format!(
+                        "expected a list of tool or method names (globs with * and ?), found {}",
+                        value.type_str()
+                    ),
+                );
+                return None;
+            };
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str().map(Pattern::parse) {
+                    Some(Ok(p)) => out.push(p),
+                    Some(Err(m)) => problem(format!("{name}[{i}]"), m),
+                    None => problem(
+                        format!("{name}[{i}]"),
+                        format!("expected a name or glob string, found {}", item.type_str()),
+                    ),
+                }
+            }
+            Some(out)
+        };
+        let tools_allow = list("tools_allow");
+        let tools_deny = list("tools_deny");
+        let methods_deny = list("methods_deny");
+        let policy = (tools_allow.is_some() || tools_deny.is_some() || methods_deny.is_some())
+            .then(|| Policy {
+                tools_allow,
+                tools_deny: tools_deny.unwrap_or_default(),
+                methods_deny: methods_deny.unwrap_or_default(),
+            });
+        if policy.is_some() && inspect == Some(false) {
+            problem(
+                "inspect".into(),
+                "a route with tools_allow, tools_deny or methods_deny is always inspected (the policy needs to read each message): remove inspect = false".into(),
+            );
+        }
+        let inspect = inspect.unwrap_or(false) || policy.is_some();
+        let log_argument_names = log_argument_names.unwrap_or(false);
+        if log_argument_names && !inspect {
+            problem(
+                "log_argument_names".into(),
+                "argument names are logged by the audit log, which needs inspect = true (or a policy) on this route".into(),
+            );
+        }
+        RouteMcp {
+            inspect,
+            policy,
+            log_argument_names,
+        }
+    }
 }
 
 /// Immutable lookup table, built once per config snapshot.
@@ -270,6 +378,7 @@ mod tests {
                 name: n.to_string(),
                 upstream: Upstream::parse(&format!("http://{n}-up:9000")).unwrap(),
                 preserve_host: false,
+                mcp: RouteMcp::default(),
             })
             .collect();
         RouteTable::new(routes, domain)

@@ -18,7 +18,9 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
 
 use super::keepalive::SseKeepalive;
+use super::mcp::{self, Exchange, Inspected, ResponseInspector};
 use super::metrics::{LimitHit, Refusal};
+use super::state::Snapshot;
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
@@ -64,12 +66,18 @@ pub struct LeasedBody {
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
     /// For `text/event-stream` responses: comments while the stream is idle.
     keepalive: Option<SseKeepalive>,
+    /// On inspected routes: reads (and with a policy, filters) the body as it streams.
+    mcp: Option<Box<ResponseInspector>>,
     /// Keeps the session busy (never idle-closed) while the response streams.
     _active: ActiveGuard,
 }
 
-/// A request body on its way upstream: as received, or capped at `max_request_body_bytes`.
-pub type UpstreamBody = Either<Incoming, Limited<Incoming>>;
+/// A request body as received, or capped at `max_request_body_bytes`.
+pub type RequestBody = Either<Incoming, Limited<Incoming>>;
+
+/// A request body on its way upstream: as received (perhaps capped), or through MCP
+/// inspection (`proxy::mcp`) on routes that ask for it.
+pub type UpstreamBody = mcp::ForwardBody<RequestBody>;
 
 /// What the idle-session timer looks at: requests whose response has not finished streaming,
 /// and the last time one started or finished.
@@ -141,6 +149,40 @@ impl Drop for ActiveGuard {
 #[error("stream closed: its route was removed, changed or is no longer allowed")]
 pub struct RouteRevoked;
 
+/// Why a forwarded body ended early.
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The inspector's view of the upstream body: what it passes on (rewritten where its policy
+/// says so), frame by frame.
+fn poll_inspected(
+    ins: &mut ResponseInspector,
+    inner: &mut Incoming,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    loop {
+        if let Some(data) = ins.next_ready() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if ins.finished() {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(Pin::new(&mut *inner).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    ins.on_data(data);
+                    // A body of known length may not be polled to its end.
+                    if inner.is_end_stream() {
+                        ins.on_end();
+                    }
+                }
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            },
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            None => ins.on_end(),
+        }
+    }
+}
+
 impl Body for LeasedBody {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -153,14 +195,18 @@ impl Body for LeasedBody {
             return Poll::Ready(Some(Err(Box::new(RouteRevoked))));
         }
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = match this.mcp.as_deref_mut() {
+            None => Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into),
+            Some(ins) => poll_inspected(ins, &mut this.inner, cx),
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(k), Some(data)) = (this.keepalive.as_mut(), frame.data_ref()) {
                     k.observe(data);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Ready(other) => Poll::Ready(other),
             Poll::Pending => match this.keepalive.as_mut() {
                 Some(k) => k.poll_comment(cx).map(|c| Some(Ok(Frame::data(c)))),
                 None => Poll::Pending,
@@ -169,11 +215,18 @@ impl Body for LeasedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.mcp {
+            None => self.inner.is_end_stream(),
+            Some(ins) => ins.is_drained(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.mcp {
+            _ if self.keepalive.is_some() => SizeHint::default(),
+            Some(ins) if ins.rewrites() => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
     }
 }
 
@@ -187,12 +240,14 @@ pub struct Session {
     pub activity: Arc<Activity>,
 }
 
-/// Whether a response is an SSE stream (`text/event-stream`, parameters ignored).
+/// Whether a response is an SSE stream (`text/event-stream`, parameters ignored) of open
+/// length, so that keepalive comments may be added to it.
 fn is_event_stream(h: &http::HeaderMap) -> bool {
-    h.get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+    !h.contains_key(http::header::CONTENT_LENGTH)
+        && h.get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 section 7.6.1).
@@ -290,60 +345,35 @@ impl Session {
         }
         info!(route = %route.name, %method, %path, "request started");
 
-        let lease = snapshot
-            .leases
-            .get(&route.name)
-            .cloned()
-            .unwrap_or_default();
-        let plane = self.proxy.upstream.load_full();
         let upstream_req = self.upstream_request(req, &route, &host);
-        let sent = tokio::select! {
-            r = tokio::time::timeout(snapshot.response_header_timeout, plane.client.request(upstream_req)) => Some(r),
-            _ = lease.cancelled() => None,
-        };
-        let resp = match sent {
-            None => own(
-                StatusCode::BAD_GATEWAY,
-                "Route removed or no longer allowed\n",
-            ),
-            Some(Ok(Ok(mut resp))) => {
-                strip_hop_by_hop(resp.headers_mut());
-                let keepalive = is_event_stream(resp.headers()).then(|| {
-                    SseKeepalive::new(
-                        self.proxy.limits.sse_keepalive_interval,
-                        metrics.keepalive.clone(),
-                    )
-                });
-                resp.map(|inner| {
-                    Either::Left(LeasedBody {
-                        inner,
-                        revoked: Box::pin(lease.cancelled_owned()),
-                        keepalive,
-                        _active: active,
-                    })
-                })
+        let resp = if route.mcp.active() {
+            let scope = mcp::Scope {
+                route: &route,
+                config: &snapshot.mcp,
+                metrics: &metrics,
+                caller: self.client_ip,
+            };
+            match mcp::request(scope, upstream_req).await {
+                Inspected::Forward(req, exchange) => {
+                    let resp = self
+                        .forward(req, &route, &snapshot, active, exchange.clone())
+                        .await;
+                    if let Some(ex) = &exchange {
+                        ex.set_status(resp.status());
+                    }
+                    resp
+                }
+                Inspected::Refused(resp) => resp.map(Either::Right),
             }
-            Some(Ok(Err(e))) if body_over_limit(&e) => {
-                metrics.limit(LimitHit::RequestBodyTooLarge);
-                info!(route = %route.name, %method, %path, "refused request: body over limits.max_request_body_bytes");
-                own(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Request body too large (limits.max_request_body_bytes)\n",
-                )
-            }
-            Some(Ok(Err(e))) => {
-                let (resp, why) = error_response(&route, &e);
-                metrics.refusal(why);
-                resp
-            }
-            Some(Err(_)) => {
-                metrics.refusal(Refusal::ResponseTimeout);
-                warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
-                own(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "Upstream did not answer in time\n",
-                )
-            }
+        } else {
+            self.forward(
+                upstream_req.map(Either::Left),
+                &route,
+                &snapshot,
+                active,
+                None,
+            )
+            .await
         };
         info!(
             route = %route.name,
@@ -358,12 +388,87 @@ impl Session {
         Ok(resp)
     }
 
+    /// Sends the request upstream and turns the answer (or the failure) into the response.
+    async fn forward(
+        &self,
+        upstream_req: Request<UpstreamBody>,
+        route: &Arc<Route>,
+        snapshot: &Snapshot,
+        active: ActiveGuard,
+        exchange: Option<Arc<Exchange>>,
+    ) -> Response<ProxyBody> {
+        let metrics = &self.proxy.metrics;
+        let (method, path) = (
+            upstream_req.method().clone(),
+            upstream_req.uri().path().to_owned(),
+        );
+        let lease = snapshot
+            .leases
+            .get(&route.name)
+            .cloned()
+            .unwrap_or_default();
+        let plane = self.proxy.upstream.load_full();
+        let sent = tokio::select! {
+            r = tokio::time::timeout(snapshot.response_header_timeout, plane.client.request(upstream_req)) => Some(r),
+            _ = lease.cancelled() => None,
+        };
+        match sent {
+            None => own(
+                StatusCode::BAD_GATEWAY,
+                "Route removed or no longer allowed\n",
+            ),
+            Some(Ok(Ok(mut resp))) => {
+                strip_hop_by_hop(resp.headers_mut());
+                let status = resp.status();
+                let inspector = exchange.and_then(|ex| {
+                    ResponseInspector::new(ex, status, resp.headers_mut()).map(Box::new)
+                });
+                let keepalive = is_event_stream(resp.headers()).then(|| {
+                    SseKeepalive::new(
+                        self.proxy.limits.sse_keepalive_interval,
+                        metrics.keepalive.clone(),
+                    )
+                });
+                resp.map(|inner| {
+                    Either::Left(LeasedBody {
+                        inner,
+                        revoked: Box::pin(lease.cancelled_owned()),
+                        mcp: inspector,
+                        keepalive,
+                        _active: active,
+                    })
+                })
+            }
+            Some(Ok(Err(e))) if body_over_limit(&e) => {
+                metrics.limit(LimitHit::RequestBodyTooLarge);
+                info!(route = %route.name, %method, %path, "refused request: body over limits.max_request_body_bytes");
+                own(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body too large (limits.max_request_body_bytes)\n",
+                )
+            }
+            Some(Ok(Err(e))) => {
+                let (resp, why) = error_response(route, &e);
+                metrics.refusal(why);
+                resp
+            }
+            Some(Err(_)) => {
+                metrics.refusal(Refusal::ResponseTimeout);
+                warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
+                own(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Upstream did not answer in time\n",
+                )
+            }
+        }
+    }
+
     fn upstream_request(
         &self,
         req: Request<Incoming>,
         route: &Route,
         host: &str,
-    ) -> Request<UpstreamBody> {
+    ) -> Request<RequestBody> {
         let (mut parts, body) = req.into_parts();
         let body = match self.proxy.limits.max_request_body_bytes {
             Some(max) => Either::Right(Limited::new(body, max as usize)),

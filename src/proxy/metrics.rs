@@ -1,9 +1,11 @@
 //! Counters the request path bumps: plain atomics (and one short-held map lock per finished
 //! request) so that `/metrics` costs the request path nearly nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::mcp::Outcome;
 
 /// Why the proxy answered a request itself instead of forwarding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +119,8 @@ pub struct ProxyMetrics {
     pub accept_loop_beats: AtomicU64,
     /// WebSocket pings, pong timeouts and SSE keepalive comments.
     pub keepalive: std::sync::Arc<super::keepalive::KeepaliveCounters>,
+    /// MCP messages, tool calls and latencies of inspected routes.
+    pub mcp: McpMetrics,
 }
 
 /// Decrements a gauge when dropped.
@@ -201,5 +205,197 @@ impl ProxyMetrics {
 
     pub fn requests_in_flight(&self) -> i64 {
         self.requests_in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds (seconds) of the MCP latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Longest tool name given a label of its own.
+pub const MAX_TOOL_LABEL_LEN: usize = 128;
+
+/// A latency histogram: count per bucket (not cumulative; the last slot is +Inf), sum, count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    pub buckets: [u64; LATENCY_BUCKETS.len() + 1],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// One route's MCP counters. Every label set is bounded: methods by `mcp::KNOWN_METHODS`,
+/// outcomes by `mcp::Outcome`, tools by `max_tool_labels`.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMcpStats {
+    /// Client messages by (method label, outcome).
+    pub messages: BTreeMap<(&'static str, Outcome), u64>,
+    /// `tools/call` by (tool label, outcome).
+    pub tools: BTreeMap<(String, Outcome), u64>,
+    /// Latency of requests by method label (from the request's arrival to its answer).
+    pub latency: BTreeMap<&'static str, Histogram>,
+    /// Bodies or events passed on without being read, by reason.
+    pub uninspected: BTreeMap<&'static str, u64>,
+    /// Tools taken out of `tools/list` results by the policy.
+    pub tools_hidden: u64,
+    /// Tool names that have a label of their own.
+    tool_labels: HashSet<String>,
+}
+
+impl RouteMcpStats {
+    /// A tool name earns a label when the server knows it (it listed it, or a call ran it)
+    /// while there is room; names a caller makes up stay `other`.
+    fn tool_label(&mut self, tool: &str, known: bool, cap: usize) -> String {
+        if self.tool_labels.contains(tool) {
+            return tool.to_owned();
+        }
+        if known && self.tool_labels.len() < cap && tool.len() <= MAX_TOOL_LABEL_LEN {
+            self.tool_labels.insert(tool.to_owned());
+            return tool.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
+/// MCP counters of every inspected route, behind one short-held lock (taken once per MCP
+/// message, never on routes without inspection).
+#[derive(Default)]
+pub struct McpMetrics {
+    routes: Mutex<BTreeMap<String, RouteMcpStats>>,
+}
+
+impl McpMetrics {
+    fn with<R>(&self, route: &str, f: impl FnOnce(&mut RouteMcpStats) -> R) -> R {
+        let mut m = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(stats) = m.get_mut(route) {
+            return f(stats);
+        }
+        f(m.entry(route.to_owned()).or_default())
+    }
+
+    /// One client message with its outcome; `seconds` for requests (latency), `tool` for
+    /// `tools/call`.
+    pub fn message(
+        &self,
+        route: &str,
+        method: &'static str,
+        outcome: Outcome,
+        tool: Option<&str>,
+        seconds: Option<f64>,
+        max_tool_labels: usize,
+    ) {
+        self.with(route, |s| {
+            *s.messages.entry((method, outcome)).or_default() += 1;
+            if let Some(secs) = seconds {
+                s.latency.entry(method).or_default().observe(secs);
+            }
+            if let Some(tool) = tool {
+                let label = s.tool_label(tool, outcome.tool_known(), max_tool_labels);
+                *s.tools.entry((label, outcome)).or_default() += 1;
+            }
+        });
+    }
+
+    /// Tools the upstream listed: they get labels (up to the cap) before any caller's guess.
+    pub fn listed_tools<'a>(
+        &self,
+        route: &str,
+        names: impl Iterator<Item = &'a str>,
+        max_tool_labels: usize,
+    ) {
+        self.with(route, |s| {
+            for n in names {
+                if s.tool_labels.len() >= max_tool_labels {
+                    break;
+                }
+                s.tool_label(n, true, max_tool_labels);
+            }
+        });
+    }
+
+    pub fn uninspected(&self, route: &str, reason: &'static str) {
+        self.with(route, |s| *s.uninspected.entry(reason).or_default() += 1);
+    }
+
+    pub fn hidden(&self, route: &str, n: usize) {
+        self.with(route, |s| s.tools_hidden += n as u64);
+    }
+
+    /// A copy of every route's counters, for `/metrics`.
+    pub fn snapshot(&self) -> Vec<(String, RouteMcpStats)> {
+        let m = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_labels_are_capped_and_earned() {
+        let m = McpMetrics::default();
+        m.listed_tools("r", ["echo", "add"].into_iter(), 3);
+        // A hostile caller's thousands of made-up names never get labels.
+        for i in 0..5000 {
+            let name = format!("made-up-{i}");
+            m.message(
+                "r",
+                "tools/call",
+                Outcome::Error,
+                Some(&name),
+                Some(0.001),
+                3,
+            );
+        }
+        m.message("r", "tools/call", Outcome::Ok, Some("echo"), Some(0.001), 3);
+        m.message(
+            "r",
+            "tools/call",
+            Outcome::Ok,
+            Some("ran-once"),
+            Some(0.001),
+            3,
+        );
+        m.message(
+            "r",
+            "tools/call",
+            Outcome::Ok,
+            Some("over-cap"),
+            Some(0.001),
+            3,
+        );
+        let snap = m.snapshot();
+        let stats = &snap[0].1;
+        let labels: HashSet<&str> = stats.tools.keys().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(labels, HashSet::from(["echo", "ran-once", "other"]));
+        assert_eq!(stats.tools[&("other".to_string(), Outcome::Error)], 5000);
+        assert_eq!(stats.tools[&("other".to_string(), Outcome::Ok)], 1);
+        assert_eq!(stats.messages[&("tools/call", Outcome::Error)], 5000);
+        assert_eq!(stats.latency["tools/call"].count, 5003);
+    }
+
+    #[test]
+    fn histogram_buckets() {
+        let mut h = Histogram::default();
+        for s in [0.001, 0.005, 0.3, 1000.0] {
+            h.observe(s);
+        }
+        assert_eq!(h.buckets[0], 2);
+        assert_eq!(h.buckets[6], 1);
+        assert_eq!(h.buckets[LATENCY_BUCKETS.len()], 1);
+        assert_eq!(h.count, 4);
     }
 }

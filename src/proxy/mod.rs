@@ -4,6 +4,7 @@ pub mod bridge;
 pub mod edge;
 mod forward;
 pub mod keepalive;
+pub mod mcp;
 pub mod metrics;
 pub mod peer;
 pub mod sockdiag;

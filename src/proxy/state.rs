@@ -18,13 +18,15 @@ use tokio_util::sync::CancellationToken;
 use super::tls;
 use super::upstream::{ConnectError, Connector, Resolve, UpstreamSettings, resolve_checked};
 use crate::certs::CertError;
-use crate::config::{Config, Route, RouteTable, UpstreamConfig};
+use crate::config::{Config, McpConfig, Route, RouteTable, UpstreamConfig};
 
 /// Routes and per-route leases.
 pub struct Snapshot {
     pub routes: RouteTable,
     pub leases: HashMap<String, CancellationToken>,
     pub response_header_timeout: Duration,
+    /// Bounds of MCP inspection (`[mcp]`).
+    pub mcp: McpConfig,
 }
 
 /// Upstream policy and the connection pool built for it. A new policy gets a new pool, so
@@ -69,6 +71,7 @@ impl Snapshot {
             routes,
             leases,
             response_header_timeout: config.upstream.response_header_timeout,
+            mcp: config.mcp.clone(),
         }
     }
 }
@@ -135,6 +138,20 @@ pub async fn next_snapshot(
             });
             cancel.push(old_lease);
             continue;
+        }
+        // Open streams were filtered under the old policy: a stream listing tools the new
+        // policy hides must not keep flowing.
+        if old_route.mcp.policy != route.mcp.policy {
+            report.changed.push(route.name.clone());
+            report.closed.push(ClosedRoute {
+                route: route.name.clone(),
+                reason: "MCP tool policy changed".into(),
+            });
+            cancel.push(old_lease);
+            continue;
+        }
+        if old_route.mcp != route.mcp {
+            report.changed.push(route.name.clone());
         }
         if policy_changed {
             let u = &route.upstream;

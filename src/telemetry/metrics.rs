@@ -442,7 +442,106 @@ pub fn render(s: &AppState, now: i64) -> String {
         "1 when every component is ready (as /readyz).",
         &(u8::from(readiness(s, now).iter().all(|c| c.ready))),
     );
+    render_mcp(&mut o, &s.proxy.mcp);
     o
+}
+
+/// The MCP metrics of inspected routes (`inspect = true` or a tool policy).
+fn render_mcp(o: &mut String, mcp: &crate::proxy::metrics::McpMetrics) {
+    use crate::proxy::metrics::LATENCY_BUCKETS;
+    let snap = mcp.snapshot();
+    let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    head(
+        o,
+        "mcp_tunnel_mcp_messages_total",
+        "counter",
+        "MCP client messages (requests, notifications, responses) on inspected routes, by route, method (unknown methods: other) and outcome.",
+    );
+    for (route, st) in &snap {
+        for ((method, outcome), n) in &st.messages {
+            let _ = writeln!(
+                o,
+                "mcp_tunnel_mcp_messages_total{{route=\"{}\",method=\"{method}\",outcome=\"{}\"}} {n}",
+                label(route),
+                outcome.as_str()
+            );
+        }
+    }
+    head(
+        o,
+        "mcp_tunnel_mcp_tool_calls_total",
+        "counter",
+        "tools/call by route, tool (a name the server does not know, or beyond [mcp] max_tool_labels: other) and outcome.",
+    );
+    for (route, st) in &snap {
+        for ((tool, outcome), n) in &st.tools {
+            let _ = writeln!(
+                o,
+                "mcp_tunnel_mcp_tool_calls_total{{route=\"{}\",tool=\"{}\",outcome=\"{}\"}} {n}",
+                label(route),
+                label(tool),
+                outcome.as_str()
+            );
+        }
+    }
+    head(
+        o,
+        "mcp_tunnel_mcp_request_duration_seconds",
+        "histogram",
+        "Time from an MCP request's arrival to its answer (refused ones excluded), by route and method.",
+    );
+    for (route, st) in &snap {
+        for (method, h) in &st.latency {
+            let route = label(route);
+            let mut cumulative = 0;
+            for (i, n) in h.buckets.iter().enumerate() {
+                cumulative += n;
+                let le = LATENCY_BUCKETS
+                    .get(i)
+                    .map_or("+Inf".to_string(), |b| b.to_string());
+                let _ = writeln!(
+                    o,
+                    "mcp_tunnel_mcp_request_duration_seconds_bucket{{route=\"{route}\",method=\"{method}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                o,
+                "mcp_tunnel_mcp_request_duration_seconds_sum{{route=\"{route}\",method=\"{method}\"}} {}\nmcp_tunnel_mcp_request_duration_seconds_count{{route=\"{route}\",method=\"{method}\"}} {}",
+                h.sum, h.count
+            );
+        }
+    }
+    head(
+        o,
+        "mcp_tunnel_mcp_uninspected_total",
+        "counter",
+        "Bodies or SSE events on inspected routes that were not read (too large, not JSON, compressed), by route and reason.",
+    );
+    for (route, st) in &snap {
+        for (reason, n) in &st.uninspected {
+            let _ = writeln!(
+                o,
+                "mcp_tunnel_mcp_uninspected_total{{route=\"{}\",reason=\"{reason}\"}} {n}",
+                label(route)
+            );
+        }
+    }
+    head(
+        o,
+        "mcp_tunnel_mcp_tools_hidden_total",
+        "counter",
+        "Tools taken out of tools/list results by the route's policy.",
+    );
+    for (route, st) in &snap {
+        let _ = writeln!(
+            o,
+            "mcp_tunnel_mcp_tools_hidden_total{{route=\"{}\"}} {}",
+            label(route),
+            st.tools_hidden
+        );
+    }
 }
 
 #[cfg(test)]

@@ -155,6 +155,41 @@ pub fn summary(addr: SocketAddr, status: &str) -> String {
     out
 }
 
+/// One line about inspected routes (`inspect = true` or a tool policy), if there are any.
+/// Sums the samples of one metric (all label sets).
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One line about inspected MCP routes, from `/metrics` (empty without them).
+fn mcp_summary(metrics: &str) -> String {
+    let messages = "mcp_tunnel_mcp_messages_total";
+    if !metrics
+        .lines()
+        .any(|l| l.starts_with(&format!("{messages}{{")))
+    {
+        return String::new();
+    }
+    let denied: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with(messages) && l.contains("outcome=\"denied\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    format!(
+        "  mcp messages {}, denied by policy {}, tool calls {}, tools hidden {} (audit log: journalctl -u mcp-tunnel TARGET=mcp_audit)\n",
+        metric_sum(metrics, messages),
+        denied,
+        metric_sum(metrics, "mcp_tunnel_mcp_tool_calls_total"),
+        metric_sum(metrics, "mcp_tunnel_mcp_tools_hidden_total"),
+    )
+}
+
 /// Exit status: 0 ready, 1 not ready, 2 unreachable.
 pub fn print(admin: Option<SocketAddr>, config: &Path) -> u8 {
     let addr = admin.unwrap_or_else(|| match Config::load(config) {
@@ -174,6 +209,10 @@ pub fn print(admin: Option<SocketAddr>, config: &Path) -> u8 {
     match rt.block_on(get(addr, "/status")) {
         Ok((code, body)) => {
             print!("{}", summary(addr, &body));
+            // Inspected MCP routes: one line from /metrics (absent without them).
+            if let Ok((_, metrics)) = rt.block_on(get(addr, "/metrics")) {
+                print!("{}", mcp_summary(&metrics));
+            }
             if code == 200 { 0 } else { 1 }
         }
         Err(e) => {
@@ -226,6 +265,17 @@ mod tests {
         assert!(
             text.contains("last refused reload: routes.x: bad"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn mcp_line_only_with_inspected_routes() {
+        let without = "mcp_tunnel_requests_total{route=\"a\",status=\"200\"} 3\n# HELP mcp_tunnel_mcp_messages_total x\n";
+        assert_eq!(super::mcp_summary(without), "");
+        let with = "mcp_tunnel_mcp_messages_total{route=\"a\",method=\"tools/call\",outcome=\"ok\"} 5\nmcp_tunnel_mcp_messages_total{route=\"a\",method=\"tools/call\",outcome=\"denied\"} 2\nmcp_tunnel_mcp_tool_calls_total{route=\"a\",tool=\"echo\",outcome=\"ok\"} 5\nmcp_tunnel_mcp_tools_hidden_total{route=\"a\"} 4\n";
+        assert_eq!(
+            super::mcp_summary(with),
+            "  mcp messages 7, denied by policy 2, tool calls 5, tools hidden 4 (audit log: journalctl -u mcp-tunnel TARGET=mcp_audit)\n"
         );
     }
 }

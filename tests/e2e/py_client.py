@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """MCP client on the Python SDK (mcp 2.x, httpx2), for the end-to-end tests.
 
-usage: py_client.py URL [--label NAME] [--ca CA_PEM] [--http2]
+usage: py_client.py URL [--label NAME] [--ca CA_PEM] [--http2] [--deny TOOL] [--skip-progress]
 
 The same checks as ts_client.mjs, each printed as a PASS/FAIL line:
-  initialize, tools/list, tools/call echo, progress streaming (steps=5, duration=2:
-  progress notifications one by one, strictly increasing, spread in time, all before the
-  result), session DELETE (answered 200/204 when the client closes).
+  initialize, tools/list (also printed as "TOOLS name,name,..."), with --deny TOOL: TOOL is
+  not listed and calling it gets the tunnel's JSON-RPC error (-32602), tools/call echo,
+  progress streaming (steps=5, duration=2: progress notifications one by one, strictly
+  increasing, spread in time, all before the result; skipped with --skip-progress),
+  session DELETE (answered 200/204 when the client closes).
 With --http2 the client offers only h2 over TLS (ALPN) and asserts that every exchange
 used HTTP/2; otherwise it asserts HTTP/1.1.
 --ca makes the client trust only that CA (the default is the system store).
@@ -25,6 +27,7 @@ import anyio
 import httpx2
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 STEPS = 5
 DURATION = 2.0  # seconds
@@ -49,8 +52,12 @@ def text_of(result: Any) -> str | None:
 
 
 class Run:
-    def __init__(self, url: str, label: str, ca: str | None, http2: bool) -> None:
+    def __init__(
+        self, url: str, label: str, ca: str | None, http2: bool, deny: str | None = None, skip_progress: bool = False
+    ) -> None:
         self.url = url
+        self.deny = deny
+        self.skip_progress = skip_progress
         self.prefix = f"py-client[{label}]"
         self.ca = ca
         self.http2 = http2
@@ -109,6 +116,19 @@ class Run:
         for wanted in ("echo", "trigger-long-running-operation"):
             check(wanted in names, f"tool {wanted} missing; got {names}")
         self.ok(f"{len(names)} tools")
+        print(f"TOOLS {','.join(sorted(names))}", flush=True)
+
+        if self.deny:
+            self.current = f"denied tool {self.deny}"
+            check(self.deny not in names, f"{self.deny} is listed: {names}")
+            try:
+                result = await session.call_tool(self.deny, {})
+            except MCPError as err:
+                check(err.code == -32602, f"expected JSON-RPC error -32602, got {err.code}: {err.message}")
+                check("denied by the tunnel's policy" in err.message, f"unexpected error message: {err.message}")
+                self.ok(f"not listed; call refused with {err.code}: {err.message}")
+            else:
+                raise CheckFailed(f"calling {self.deny} succeeded: {result}")
 
         self.current = "tools/call echo"
         message = f"hello through the tunnel {time.time_ns()} ünïcødé ✓"
@@ -117,6 +137,10 @@ class Run:
         check(text_of(echoed) == f"Echo: {message}", f"echo text {text_of(echoed)!r} != {'Echo: ' + message!r}")
         self.ok()
 
+        if self.skip_progress:
+            self.current = "progress streaming"
+            self.ok("skipped (--skip-progress)")
+            return
         self.current = "progress streaming"
         events: list[tuple[str, float, float]] = []  # (kind, progress, t)
         t0 = time.monotonic()
@@ -177,7 +201,7 @@ def describe(exc: BaseException) -> str:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    run = Run(args.url, args.label or args.url, args.ca, args.http2)
+    run = Run(args.url, args.label or args.url, args.ca, args.http2, args.deny, args.skip_progress)
     try:
         with anyio.fail_after(OVERALL_TIMEOUT):
             await run.run()
@@ -199,6 +223,8 @@ def main() -> None:
     parser.add_argument("--label")
     parser.add_argument("--ca", help="PEM file of the only CA to trust")
     parser.add_argument("--http2", action="store_true", help="offer only h2 and require HTTP/2")
+    parser.add_argument("--deny", help="a tool the tunnel's policy must hide and refuse")
+    parser.add_argument("--skip-progress", action="store_true", help="skip the progress streaming check")
     args = parser.parse_args()
     sys.exit(anyio.run(amain, args))
 

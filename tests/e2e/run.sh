@@ -21,7 +21,12 @@
 # Peers: server-everything (TypeScript SDK), py_server.py (Python SDK); clients: ts_client.mjs
 # (TypeScript SDK), py_client.py (Python SDK, HTTP/1.1 and h2). Transparency: the MCP
 # conformance suite run against server-everything and py_server.py directly and through the
-# tunnel, compared scenario by scenario.
+# tunnel, compared scenario by scenario (the everything route with MCP inspection on, the
+# pyserver route plain). MCP boundary: the audit log and metrics of those runs, then a live
+# reload gives both routes a tool policy denying get-env (pyserver now a py_server.py
+# answering with JSON bodies instead of SSE), and both SDK clients must not see it in
+# tools/list, get the tunnel's JSON-RPC error when they call it anyway, and still use the
+# other tools.
 #
 # Environment:
 #   MCP_TUNNEL_BIN   the binary (default target/debug/mcp-tunnel, relative to the repo root)
@@ -237,9 +242,9 @@ fi
 
 WORK="$(mktemp -d /tmp/mcp-tunnel-e2e.XXXXXX)"
 log "work folder $WORK, binary $BIN"
-read -r EV_PORT PY_PORT PROXY_PORT BRIDGE_PORT < <(free_ports 4)
-# E2E_VIA=cloudflared: the header-capture upstream, the admin endpoint, fake-edge's ports.
-[[ "$VIA" == cloudflared ]] && read -r CAP_PORT ADMIN_PORT EYEBALL_PORT CONTROL_PORT < <(free_ports 4)
+read -r EV_PORT PY_PORT PROXY_PORT BRIDGE_PORT PYJ_PORT ADMIN_PORT < <(free_ports 6)
+# E2E_VIA=cloudflared: the header-capture upstream and fake-edge's ports.
+[[ "$VIA" == cloudflared ]] && read -r CAP_PORT EYEBALL_PORT CONTROL_PORT < <(free_ports 3)
 
 # ---------------------------------------------------------------------------- certificates
 CERTS="$WORK/certs"
@@ -286,7 +291,17 @@ check_certs() {
 run_check "certs: tls.crt chains to ca.crt with SAN $TUNNEL_DOMAIN, *.$TUNNEL_DOMAIN" check_certs
 
 # ---------------------------------------------------------------------------- processes
-cat >"$WORK/mcp-tunnel.toml" <<EOF
+# write_config [policy]: the proxy's config; with "policy", both routes deny the get-env tool
+# and pyserver points at the JSON-answering py_server.py. Written to a temporary file and
+# renamed, so that the proxy's file watcher never reads half a file.
+write_config() {
+  local everything="{ upstream = \"http://127.0.0.1:$EV_PORT\", inspect = true, log_argument_names = true }"
+  local pyserver="\"http://127.0.0.1:$PY_PORT\""
+  if [[ "${1:-}" == policy ]]; then
+    everything="{ upstream = \"http://127.0.0.1:$EV_PORT\", tools_deny = [\"get-env\"], log_argument_names = true }"
+    pyserver="{ upstream = \"http://127.0.0.1:$PYJ_PORT\", tools_deny = [\"get-env\"] }"
+  fi
+  cat >"$WORK/mcp-tunnel.toml.new" <<EOF
 listen_addr = "127.0.0.1:$PROXY_PORT"
 tunnel_domain = "$TUNNEL_DOMAIN"
 log_level = "info"
@@ -296,8 +311,8 @@ cert_file = "$CERTS/tls.crt"
 key_file = "$CERTS/tls.key"
 
 [routes]
-everything = "http://127.0.0.1:$EV_PORT"
-pyserver = "http://127.0.0.1:$PY_PORT"
+everything = $everything
+pyserver = $pyserver
 $([[ "$VIA" == cloudflared ]] && echo "capture = \"http://127.0.0.1:$CAP_PORT\"")
 
 [upstream]
@@ -310,13 +325,14 @@ sse_keepalive_interval = "200ms"
 ws_ping_interval = "1s"
 EOF
 if [[ "$VIA" == bridge ]]; then
-  cat >>"$WORK/mcp-tunnel.toml" <<EOF
+  cat >>"$WORK/mcp-tunnel.toml.new" <<EOF
 
 [cloudflared]
 enabled = false
 
 [admin]
-enabled = false
+enabled = true
+listen_addr = "127.0.0.1:$ADMIN_PORT"
 EOF
 else
   # The real cloudflared, spawned by `run` with its argv as shipped; only [cloudflared.env]
@@ -325,7 +341,7 @@ else
   chmod 600 "$WORK/tunnel-token"
   # fake-edge's four TLS listeners (one per HA connection), on this namespace's own lo.
   EDGE_ADDRS=127.0.0.1:7844,127.0.0.1:7845,127.0.0.1:7846,127.0.0.1:7847
-  cat >>"$WORK/mcp-tunnel.toml" <<EOF
+  cat >>"$WORK/mcp-tunnel.toml.new" <<EOF
 
 [cloudflared]
 enabled = true
@@ -358,6 +374,9 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
 fi
+  mv "$WORK/mcp-tunnel.toml.new" "$WORK/mcp-tunnel.toml"
+}
+write_config
 
 start everything env PORT="$EV_PORT" node "$EVERYTHING_JS" streamableHttp
 start pyserver "$PYTHON" "$E2E_DIR/py_server.py" "$PY_PORT"
@@ -461,14 +480,16 @@ run_check "no route: 20 POSTs over h2 get 502 (no stream reset)" no_route --http
 
 # ---------------------------------------------------------------------------- MCP clients
 # Direct runs (plain HTTP, no tunnel) first: they separate a broken peer from a broken proxy.
-if [[ "$VIA" == cloudflared && "${E2E_DIRECT:-0}" != 1 ]]; then
-  log "NOTE: direct-only client runs skipped in E2E_VIA=cloudflared mode (they test the peers, not the path; the bridge-mode run does them; E2E_DIRECT=1 runs them here too)"
-else
-  for route in "${ROUTES[@]}"; do
-    run_check "ts-client direct $route" timeout 90 node ts_client.mjs "$(url_direct "$route")" "$route-direct"
-    run_check "py-client direct $route" timeout 90 "$PYTHON" py_client.py "$(url_direct "$route")" --label "$route-direct"
-  done
-fi
+# tee_run NAME CMD...: runs CMD with its output shown and kept in $WORK/NAME.out.
+tee_run() {
+  local name="$1"; shift
+  "$@" 2>&1 | tee "$WORK/$name.out"
+  return "${PIPESTATUS[0]}"
+}
+for route in "${ROUTES[@]}"; do
+  run_check "ts-client direct $route" tee_run "ts-direct-$route" timeout 90 node ts_client.mjs "$(url_direct "$route")" "$route-direct"
+  run_check "py-client direct $route" tee_run "py-direct-$route" timeout 90 "$PYTHON" py_client.py "$(url_direct "$route")" --label "$route-direct"
+done
 for route in "${ROUTES[@]}"; do
   run_check "ts-client via tunnel $route" \
     env NODE_EXTRA_CA_CERTS="$CERTS/ca.crt" timeout 90 node ts_client.mjs "$(url_tunnel "$route")" "$route-tunnel"
@@ -592,6 +613,133 @@ PY
   }
   run_check "real connector: fake-edge relayed every session's WebSocket upgrade through cloudflared, over all 4 connections, none failed" edge_relayed
 fi
+# ---------------------------------------------------------------------------- MCP boundary
+metrics() { curl -sS --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics"; }
+# sample TEXT SERIES: the value of one series in the metrics text (0 when absent).
+sample() { awk -v s="$2" '$1 == s { print $2; found = 1 } END { if (!found) print 0 }' <<<"$1"; }
+
+# audit_has COUNT PATTERN: at least COUNT audit lines of the proxy log match PATTERN (ERE).
+audit_has() {
+  local n
+  n="$(grep -cE "mcp message $2" "$WORK/proxy.log" || true)"
+  if (( n < $1 )); then
+    echo "  expected >= $1 audit lines matching: $2 (found $n)"
+    grep 'mcp message' "$WORK/proxy.log" | tail -n 20 | sed 's/^/  | /'
+    return 1
+  fi
+  echo "  $n x $2"
+}
+
+audit_inspected() {
+  local ok=0
+  # ts-client and py-client (HTTP/1.1 and h2) through the everything route: 3 sessions.
+  audit_has 3 'route=everything session_id="[^"]+" method=initialize rpc_id=.* outcome="ok" http_status=200 .*caller=127\.0\.0\.1 protocol_version="[0-9-]+"' || ok=1
+  audit_has 3 'route=everything .*method=notifications/initialized .*outcome="accepted" http_status=202' || ok=1
+  audit_has 3 'route=everything .*method=tools/list rpc_id=.* outcome="ok"' || ok=1
+  audit_has 3 'route=everything .*method=tools/call tool="echo" rpc_id=.* outcome="ok" .*arguments="message"' || ok=1
+  audit_has 3 'route=everything .*method=tools/call tool="trigger-long-running-operation" rpc_id=.* outcome="ok" .*arguments="duration,steps"' || ok=1
+  if grep -q 'hello through the tunnel' "$WORK/proxy.log"; then
+    echo "  an argument value reached the log"; ok=1
+  fi
+  if grep -q 'mcp message route=pyserver' "$WORK/proxy.log"; then
+    echo "  the pyserver route has no inspection, yet it has audit lines"; ok=1
+  fi
+  return "$ok"
+}
+run_check "audit log: each call through the inspected route with its method, tool and outcome" audit_inspected
+
+# at_least TEXT SERIES MIN: prints the series and fails when it is below MIN.
+at_least() {
+  local got
+  got="$(sample "$1" "$2")"
+  if awk -v g="$got" -v w="$3" 'BEGIN { exit !(g + 0 >= w + 0) }'; then
+    echo "  $2 = $got"
+  else
+    echo "  $2 = $got, expected >= $3"; return 1
+  fi
+}
+
+metrics_inspected() {
+  local m ok=0
+  m="$(metrics)" || { echo "  admin endpoint did not answer"; return 1; }
+  at_least "$m" 'mcp_tunnel_mcp_tool_calls_total{route="everything",tool="echo",outcome="ok"}' 3 || ok=1
+  at_least "$m" 'mcp_tunnel_mcp_tool_calls_total{route="everything",tool="trigger-long-running-operation",outcome="ok"}' 3 || ok=1
+  at_least "$m" 'mcp_tunnel_mcp_messages_total{route="everything",method="initialize",outcome="ok"}' 3 || ok=1
+  at_least "$m" 'mcp_tunnel_mcp_request_duration_seconds_count{route="everything",method="tools/call"}' 6 || ok=1
+  if grep -q 'route="pyserver",method=' <<<"$m"; then echo "  metrics for the plain pyserver route"; ok=1; fi
+  return "$ok"
+}
+run_check "metrics: calls counted per method, tool and outcome" metrics_inspected
+
+# A live reload gives both routes a tool policy (pyserver now answers with JSON bodies).
+start pyjson "$PYTHON" "$E2E_DIR/py_server.py" "$PYJ_PORT" --json
+wait_port pyjson "$PYJ_PORT"
+policy_reload() {
+  local before gen
+  before="$(sample "$(metrics)" mcp_tunnel_config_generation)"
+  write_config policy
+  kill -HUP "$PID_proxy"
+  for _ in $(seq 1 100); do
+    gen="$(sample "$(metrics)" mcp_tunnel_config_generation)"
+    if (( gen > before )); then
+      echo "  config generation $before -> $gen"
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "  the policy reload was not applied within 10 s"; show_log proxy 20
+  return 1
+}
+run_check "policy: live reload gives both routes tools_deny = [\"get-env\"]" policy_reload
+
+for route in "${ROUTES[@]}"; do
+  skip=(); kind="SSE answers"
+  if [[ "$route" == pyserver ]]; then skip=(--skip-progress); kind="JSON answers"; fi
+  run_check "policy: ts-client via tunnel $route ($kind): get-env hidden and refused, other tools work" \
+    tee_run "ts-policy-$route" env NODE_EXTRA_CA_CERTS="$CERTS/ca.crt" timeout 90 node ts_client.mjs "$(url_tunnel "$route")" "$route-policy" --deny get-env "${skip[@]}"
+  run_check "policy: py-client via tunnel $route ($kind, h2): get-env hidden and refused, other tools work" \
+    tee_run "py-policy-$route" timeout 90 "$PYTHON" py_client.py "$(url_tunnel "$route")" --label "$route-policy" --ca "$CERTS/ca.crt" --http2 --deny get-env "${skip[@]}"
+done
+
+# tools/list through the policy is the direct list without get-env, for both SDKs.
+tools_of() { grep -m1 '^TOOLS ' "$WORK/$1.out" | cut -d' ' -f2; }
+policy_lists() {
+  local route direct want got ok=0 client
+  for route in "${ROUTES[@]}"; do
+    direct="$(tools_of "ts-direct-$route")"
+    [[ ",$direct," == *,get-env,* ]] || { echo "  $route lists no get-env directly: $direct"; ok=1; }
+    want="$(tr ',' '\n' <<<"$direct" | grep -vx get-env | paste -sd, -)"
+    for client in ts py; do
+      got="$(tools_of "$client-policy-$route")"
+      if [[ "$got" != "$want" ]]; then
+        echo "  $client via $route: got $got, want $want"; ok=1
+      else
+        echo "  $client via $route: $(tr ',' '\n' <<<"$got" | grep -c .) tools, the direct list without get-env"
+      fi
+    done
+  done
+  return "$ok"
+}
+run_check "policy: tools/list is the direct list without the denied tool (both routes, both SDKs)" policy_lists
+
+audit_policy() {
+  local ok=0 route m
+  for route in "${ROUTES[@]}"; do
+    audit_has 2 "route=$route .*method=tools/call tool=\"get-env\" rpc_id=.* outcome=\"denied\" error_code=-32602 http_status=200 .*reason=\"tool_denied\"" || ok=1
+    audit_has 2 "route=$route .*method=tools/call tool=\"echo\" rpc_id=.* outcome=\"ok\"" || ok=1
+    audit_has 2 "route=$route .*method=tools/list rpc_id=.* outcome=\"ok\"" || ok=1
+  done
+  m="$(metrics)" || return 1
+  for route in "${ROUTES[@]}"; do
+    at_least "$m" "mcp_tunnel_mcp_tool_calls_total{route=\"$route\",tool=\"get-env\",outcome=\"denied\"}" 2 || ok=1
+    at_least "$m" "mcp_tunnel_mcp_tools_hidden_total{route=\"$route\"}" 2 || ok=1
+  done
+  if grep -q 'MCP_TUNNEL_E2E=1' "$WORK"/ts-policy-* "$WORK"/py-policy-*; then
+    echo "  a get-env result reached a client"; ok=1
+  fi
+  return "$ok"
+}
+run_check "policy: audit log and metrics show the refused calls" audit_policy
 
 # ---------------------------------------------------------------------------- shutdown
 # bridge and proxy must stop by themselves on SIGTERM, with status 0.
@@ -624,7 +772,7 @@ fi
 
 # ---------------------------------------------------------------------------- summary
 if [[ "$FAILED" != 0 ]]; then
-  for name in proxy bridge everything pyserver fake-edge; do show_log "$name" 30; done
+  for name in proxy bridge everything pyserver pyjson fake-edge; do show_log "$name" 30; done
   printf 'failed checks:\n'; printf '  %s\n' "${FAILED_NAMES[@]}"
 fi
 log "total time $(( $(date +%s) - T_START )) s"

@@ -1,17 +1,22 @@
 #!/usr/bin/env node
 // MCP client on the TypeScript SDK (StreamableHTTPClientTransport), for the end-to-end tests.
 //
-// usage: node ts_client.mjs URL [LABEL]
+// usage: node ts_client.mjs URL [LABEL] [--deny TOOL] [--skip-progress]
 //
 // Checks, each printed as a PASS/FAIL line:
 //   initialize                 the session opens and the server names itself
-//   tools/list                 echo and trigger-long-running-operation are listed
+//   tools/list                 echo and trigger-long-running-operation are listed (it also
+//                              prints "TOOLS name,name,..." for run.sh to compare)
+//   denied tool (--deny TOOL)  TOOL is not listed, and calling it anyway gets the tunnel's
+//                              JSON-RPC error (-32602, "denied by the tunnel's policy")
 //   tools/call echo            the text comes back as "Echo: <message>"
 //   progress streaming         trigger-long-running-operation (steps=5, duration=2) sends its
 //                              progress notifications one by one, before the final result,
 //                              with values strictly increasing 1..steps and spread in time
 //                              (a proxy that buffers the SSE response would deliver them all
 //                              at once with the result)
+//                              (skipped with --skip-progress: a server answering POSTs as
+//                              JSON sends no progress in the answer)
 //   session DELETE             the session is terminated with DELETE
 // Exits 1 on the first failure, 2 on bad usage.
 //
@@ -25,10 +30,19 @@ const STEPS = 5;
 const DURATION = 2; // seconds
 const REQUEST_TIMEOUT_MS = 30_000;
 
-const url = process.argv[2];
-const label = process.argv[3] || url;
-if (!url) {
-  console.error("usage: node ts_client.mjs URL [LABEL]");
+const positional = [];
+let deny = null;
+let skipProgress = false;
+for (let i = 2; i < process.argv.length; i++) {
+  const a = process.argv[i];
+  if (a === "--deny") deny = process.argv[++i];
+  else if (a === "--skip-progress") skipProgress = true;
+  else positional.push(a);
+}
+const url = positional[0];
+const label = positional[1] || url;
+if (!url || (deny !== null && !deny)) {
+  console.error("usage: node ts_client.mjs URL [LABEL] [--deny TOOL] [--skip-progress]");
   process.exit(2);
 }
 
@@ -73,6 +87,23 @@ async function main() {
     assert(names.includes(wanted), `tool ${wanted} missing; got ${JSON.stringify(names)}`);
   }
   pass(current, `${names.length} tools`);
+  console.log(`TOOLS ${[...names].sort().join(",")}`);
+
+  if (deny) {
+    current = `denied tool ${deny}`;
+    assert(!names.includes(deny), `${deny} is listed: ${JSON.stringify(names)}`);
+    let refused = null;
+    try {
+      const r = await client.callTool({ name: deny, arguments: {} }, undefined, { timeout: REQUEST_TIMEOUT_MS });
+      fail(`calling ${deny} succeeded: ${JSON.stringify(r)}`);
+    } catch (err) {
+      if (err instanceof CheckFailed) throw err;
+      refused = err;
+    }
+    assert(refused.code === -32602, `expected JSON-RPC error -32602, got ${refused.code}: ${refused.message}`);
+    assert(/denied by the tunnel's policy/.test(refused.message), `unexpected error message: ${refused.message}`);
+    pass(current, `not listed; call refused with ${refused.code}: ${refused.message}`);
+  }
 
   current = "tools/call echo";
   const message = `hello through the tunnel ${Date.now()} ünïcødé ✓`;
@@ -88,21 +119,25 @@ async function main() {
   );
   pass(current);
 
-  current = "progress streaming";
-  const events = []; // {kind: "progress"|"result", progress?, t}
-  const t0 = performance.now();
-  const result = await client.callTool(
-    { name: "trigger-long-running-operation", arguments: { duration: DURATION, steps: STEPS } },
-    undefined,
-    {
-      timeout: REQUEST_TIMEOUT_MS,
-      onprogress: (p) => {
-        events.push({ kind: "progress", progress: p.progress, total: p.total, t: performance.now() - t0 });
+  if (skipProgress) {
+    pass("progress streaming", "skipped (--skip-progress)");
+  } else {
+    current = "progress streaming";
+    const events = []; // {kind: "progress"|"result", progress?, t}
+    const t0 = performance.now();
+    const result = await client.callTool(
+      { name: "trigger-long-running-operation", arguments: { duration: DURATION, steps: STEPS } },
+      undefined,
+      {
+        timeout: REQUEST_TIMEOUT_MS,
+        onprogress: (p) => {
+          events.push({ kind: "progress", progress: p.progress, total: p.total, t: performance.now() - t0 });
+        },
       },
-    },
-  );
-  events.push({ kind: "result", t: performance.now() - t0 });
-  checkProgress(events, result);
+    );
+    events.push({ kind: "result", t: performance.now() - t0 });
+    checkProgress(events, result);
+  }
 
   current = "session DELETE";
   await transport.terminateSession();
