@@ -24,6 +24,8 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 step "cargo test"
 cargo test --locked
+step "monitoring: promtool check/test rules, dashboard queries (packaging/monitoring/check.sh)"
+packaging/monitoring/check.sh
 step "end-to-end: real MCP peers through bridge -> WebSocket -> inner TLS -> proxy"
 MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/e2e/run.sh
 step "packages: build .deb/.rpm (plain and bundled), lintian, rpmlint, file lists, unit checks, rpm --root"

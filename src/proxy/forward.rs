@@ -17,7 +17,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{info, warn};
 
-use super::metrics::{LimitHit, Refusal};
+use super::metrics::{LimitHit, Refusal, UpstreamOutcome};
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
@@ -262,6 +262,10 @@ impl Session {
                 "Route removed or no longer allowed\n",
             ),
             Some(Ok(Ok(mut resp))) => {
+                metrics.upstream(
+                    &route.name,
+                    UpstreamOutcome::Answered(resp.status().as_u16()),
+                );
                 strip_hop_by_hop(resp.headers_mut());
                 resp.map(|inner| {
                     Either::Left(LeasedBody {
@@ -282,10 +286,15 @@ impl Session {
             Some(Ok(Err(e))) => {
                 let (resp, why) = error_response(&route, &e);
                 metrics.refusal(why);
+                metrics.upstream(&route.name, UpstreamOutcome::Failed(why));
                 resp
             }
             Some(Err(_)) => {
                 metrics.refusal(Refusal::ResponseTimeout);
+                metrics.upstream(
+                    &route.name,
+                    UpstreamOutcome::Failed(Refusal::ResponseTimeout),
+                );
                 warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
                 own(
                     StatusCode::GATEWAY_TIMEOUT,

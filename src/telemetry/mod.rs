@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod metrics;
+pub mod page;
 pub mod status;
 
 use std::io::IsTerminal;
