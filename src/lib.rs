@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cloudflared;
 pub mod config;
 pub mod demo;
+pub mod import;
 pub mod lifecycle;
 pub mod provision;
 pub mod proxy;

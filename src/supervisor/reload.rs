@@ -248,6 +248,10 @@ impl Reloader {
             next.limits = cur.config.limits.clone();
             next.admin = cur.config.admin.clone();
         }
+        if next.log_format != cur.config.log_format {
+            warn!("log_format changes need a restart to apply; keeping the running format");
+            next.log_format = cur.config.log_format;
+        }
         if next.cloudflared != cur.config.cloudflared {
             warn!("[cloudflared] changes need a restart to apply; keeping the running values");
             next.cloudflared = cur.config.cloudflared.clone();
