@@ -26,6 +26,8 @@ step "cargo test"
 cargo test --locked
 step "monitoring: promtool check/test rules, dashboard queries (packaging/monitoring/check.sh)"
 packaging/monitoring/check.sh
+step "status page: the admin endpoint's / in headless Chromium (tests/status_page.sh)"
+tests/status_page.sh
 step "end-to-end: real MCP peers through bridge -> WebSocket -> inner TLS -> proxy"
 MCP_TUNNEL_BIN=target/debug/mcp-tunnel bash tests/e2e/run.sh
 step "packages: build .deb/.rpm (plain and bundled), lintian, rpmlint, file lists, unit checks, rpm --root"

@@ -81,7 +81,7 @@ h1{font-size:1.5em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}\
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3em .6em;border-bottom:1px solid #ddd;vertical-align:top}\
 th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}\
 .ok{color:#0a6b2d;font-weight:600}.bad{color:#b00020;font-weight:600}.muted{color:#666}\
-code{font-size:.95em}";
+code{font-size:.95em}#cloudflared th,#config th{width:15em}";
 
 /// The page at `now` (Unix seconds).
 pub fn render(s: &AppState, now: i64) -> String {
