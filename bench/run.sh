@@ -57,7 +57,7 @@ NGINX=$(command -v nginx)
 
 step "building binaries (profile $PROFILE)"
 T_BUILD=$(date +%s)
-cargo build --profile "$PROFILE" --locked --bin mcp-tunnel --bin mcp-tunnel-bench >&2
+cargo build --profile "$PROFILE" --locked -p mcp-tunnel -p mcp-tunnel-bench >&2
 BUILD_SECS=$(($(date +%s) - T_BUILD))
 BIN_DIR=$ROOT/target/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")
 TUNNEL=$BIN_DIR/mcp-tunnel

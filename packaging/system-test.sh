@@ -53,7 +53,7 @@ trap cleanup EXIT
 
 if [[ -z "$deb" ]]; then
   step "build the .deb with the cloudflared stand-in bundled"
-  cargo build --release --locked --bin cloudflared-standin
+  cargo build --release --locked -p cloudflared-standin
   packaging/build-packages.sh --cloudflared target/release/cloudflared-standin --out "$work/pkg"
   deb="$(echo "$work"/pkg/*.deb)"
 fi

@@ -37,7 +37,8 @@ trap cleanup EXIT
 step "build without a bundled cloudflared"
 packaging/build-packages.sh --out "$work/plain"
 standin="target/release/cloudflared-standin"
-[[ -x "$standin" ]] || fail "$standin missing: it is built by cargo build --release (src/bin/cloudflared-standin.rs, issue 3)"
+cargo build --release --locked -p cloudflared-standin
+[[ -x "$standin" ]] || fail "$standin missing after cargo build --release -p cloudflared-standin (standin/src/main.rs, issue 3)"
 
 step "build-packages.sh refuses binaries that are not cloudflared"
 for bogus in /bin/true target/release/mcp-tunnel /nonexistent; do

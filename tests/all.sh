@@ -20,10 +20,10 @@ fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --locked --all-targets -- -D warnings
-step "cargo test"
-cargo test --locked
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+step "cargo test --workspace"
+cargo test --locked --workspace
 step "monitoring: promtool check/test rules, dashboard queries (packaging/monitoring/check.sh)"
 packaging/monitoring/check.sh
 step "status page: the admin endpoint's / in headless Chromium (tests/status_page.sh)"

@@ -18,7 +18,8 @@ use hyper_util::rt::TokioIo;
 use mcp_tunnel::proxy::edge::WsTarget;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
-const STANDIN: &str = env!("CARGO_BIN_EXE_cloudflared-standin");
+#[path = "common/standin.rs"]
+mod standin_bin;
 const DOMAIN: &str = "abcd1234.tunnel.anthropic.com";
 const TUNNEL: &str = "2f1e8a4c-1111-4222-8333-944455556666";
 
@@ -146,7 +147,7 @@ fn path_with_cloudflared(dir: &Path) -> std::ffi::OsString {
     std::fs::create_dir_all(&bin).unwrap();
     let link = bin.join("cloudflared");
     if !link.exists() {
-        std::os::unix::fs::symlink(STANDIN, &link).unwrap();
+        std::os::unix::fs::symlink(standin_bin::path(), &link).unwrap();
     }
     let mut paths = vec![bin];
     paths.extend(std::env::split_paths(

@@ -30,7 +30,7 @@ if [[ -z "${STATUS_PAGE_IN_NETNS:-}" ]]; then
     command -v "$tool" >/dev/null || fail "$tool not found (tests/install-deps.sh installs it)"
   done
   # Build outside the namespace (cargo may need the registry).
-  cargo build --locked --bin mcp-tunnel --bin cloudflared-standin
+  cargo build --locked -p mcp-tunnel -p cloudflared-standin
   exec unshare -n env STATUS_PAGE_IN_NETNS=1 bash -c 'ip link set lo up && exec "$0"' "$0"
 fi
 
