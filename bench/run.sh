@@ -88,7 +88,7 @@ NGINX=$(command -v nginx)
 if [[ ${BENCH_IN_NETNS:-} != 1 ]]; then
   step "building binaries (profile $PROFILE)"
   T_BUILD=$(date +%s)
-  cargo build --profile "$PROFILE" --locked --bin mcp-tunnel --bin mcp-tunnel-bench >&2
+  cargo build --profile "$PROFILE" --locked -p mcp-tunnel -p mcp-tunnel-bench >&2
   BUILD_SECS=$(($(date +%s) - T_BUILD))
   # --- everything else in a loopback-only network namespace ------------------------------
   step "re-running in a new loopback-only network namespace (unshare -n)"

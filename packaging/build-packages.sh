@@ -48,8 +48,8 @@ if [[ -n "$cloudflared" ]]; then
   variant=(--variant bundled)
 fi
 
-echo "build-packages: cargo build --release --locked"
-cargo build --release --locked
+echo "build-packages: cargo build --release --locked -p mcp-tunnel"
+cargo build --release --locked -p mcp-tunnel
 
 # Reproducible timestamps in the archives (set after the build: ring's build script
 # tracks this variable, so exporting it earlier recompiles the crypto stack).

@@ -109,6 +109,26 @@ pub enum Command {
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Turn a reference Docker Compose deployment folder (config/mcp-proxy.yaml, data/, .env)
+    /// into this appliance's config file and state directory, printing every decision; then
+    /// check the result as `check` does.
+    Import {
+        /// The reference deployment folder (the one holding config/ and data/).
+        #[arg(long)]
+        from: PathBuf,
+        /// Where to write the config file.
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config_out: PathBuf,
+        /// Where to put the certificates, keys and token.
+        #[arg(long, default_value = config::provision::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Replace files that differ (each old one is kept as NAME.before-import-<time>).
+        #[arg(long)]
+        force: bool,
+        /// Owner of the state files [default: mcp-tunnel when it exists and this runs as root]
+        #[arg(long)]
+        owner: Option<String>,
+    },
     /// Internal: the cloudflared launch trampoline (sets the parent-death signal, then execs).
     #[command(name = "__exec-child", hide = true)]
     ExecChild {
@@ -344,7 +364,7 @@ pub fn dispatch(cli: Cli) -> u8 {
                 Ok(c) => c,
                 Err(e) => return fail_config(&e),
             };
-            crate::telemetry::init(config.log_level.as_str());
+            crate::telemetry::init_with(config.log_level.as_str(), config.log_format);
             let rt = match new_runtime() {
                 Ok(rt) => rt,
                 Err(code) => return code,
@@ -406,6 +426,19 @@ pub fn dispatch(cli: Cli) -> u8 {
             })
         }
         Command::Setup { command } => setup(command),
+        Command::Import {
+            from,
+            config_out,
+            state_dir,
+            force,
+            owner,
+        } => import(crate::import::Options {
+            from,
+            config_out,
+            state_dir,
+            force,
+            owner,
+        }),
         Command::GenerateAssets { out } => match crate::assets::generate(&out) {
             Ok(()) => 0,
             Err(e) => {
@@ -425,6 +458,31 @@ pub fn dispatch(cli: Cli) -> u8 {
             renew_before,
             cert_duration,
         } => renew_cert(&dir, cert_duration, renew_before),
+    }
+}
+
+fn import(opts: crate::import::Options) -> u8 {
+    let mut out = std::io::stdout();
+    match crate::import::run(&opts, &mut out) {
+        Ok(config) => {
+            println!("Checking {} as `mcp-tunnel check` does:", config.display());
+            let code = check(&config);
+            if code == 0 {
+                println!(
+                    "Next: systemctl restart mcp-tunnel (or enable --now). The Compose stack may keep running meanwhile: both are connectors of the same tunnel; stop it with `docker compose down` once this one serves."
+                );
+            }
+            code
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            if matches!(e, crate::import::ImportError::Io(_)) {
+                eprintln!("the import stopped there: the files listed above as written stay");
+            } else {
+                eprintln!("nothing was written");
+            }
+            e.exit_code()
+        }
     }
 }
 

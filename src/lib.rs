@@ -11,6 +11,7 @@ pub mod cloudflared;
 pub mod config;
 pub mod demo;
 pub mod doctor;
+pub mod import;
 pub mod lifecycle;
 pub mod mcp;
 pub mod provision;

@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests, and the end-to-end
 # tests with real MCP peers (npm and PyPI packages are installed into tests/e2e by run.sh).
-# Needs node + npm, python3 with venv, curl, openssl and nginx (benchmark smoke run), and for
-# the packaging and system tests root, lintian, rpm, rpmlint, debootstrap, systemd-container,
-# binutils, cargo-deb and cargo-generate-rpm; `.ci/run` installs them all.
+# Run it as root on Debian 12 with Rust: it first installs what is missing (Debian packages,
+# rustup components, cargo tools: the lists are in tests/install-deps.sh). Without root it
+# prints what to install and stops (the packaging, system and namespace tests need root).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-for tool in node npm python3 curl openssl nginx lintian rpmlint rpm debootstrap systemd-nspawn strip cargo-deb cargo-generate-rpm; do
-  command -v "$tool" >/dev/null || { echo "tests/all.sh: $tool is missing (run .ci/run, which installs it)" >&2; exit 1; }
-done
+step "dependencies (tests/install-deps.sh)"
+if [[ $EUID -eq 0 ]]; then
+  tests/install-deps.sh
+else
+  tests/install-deps.sh --check || true
+  echo "tests/all.sh: run it as root (it installs what is missing; the packaging, system and namespace tests need root). Without root: cargo test (see README)" >&2
+  exit 1
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --locked --all-targets -- -D warnings
-step "cargo test"
-cargo test --locked
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+step "cargo test --workspace"
+cargo test --locked --workspace
+step "monitoring: promtool check/test rules, dashboard queries (packaging/monitoring/check.sh)"
+packaging/monitoring/check.sh
+step "status page: the admin endpoint's / in headless Chromium (tests/status_page.sh)"
+tests/status_page.sh
 step "doctor and status against run + the real cloudflared + fake-edge (unshare -n)"
 tests/doctor-cloudflared.sh
 step "real cloudflared 2026.8.2 + fake-edge: supervision tests in a loopback-only netns"

@@ -373,6 +373,10 @@ fn the_documented_example_config_parses() {
         (config.shutdown_timeout, config.log_level),
         (minimal.shutdown_timeout, minimal.log_level)
     );
+    assert_eq!(
+        config.log_format, minimal.log_format,
+        "documented log_format is the default"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

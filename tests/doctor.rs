@@ -21,7 +21,8 @@ use mcp_tunnel::lifecycle::Shutdown;
 use mcp_tunnel::proxy::upstream::{BoxFuture, Resolve};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
-const STANDIN: &str = env!("CARGO_BIN_EXE_cloudflared-standin");
+#[path = "common/standin.rs"]
+mod standin_bin;
 const LOOPBACK: &str = "allowed_ips = [\"127.0.0.0/8\"]";
 
 fn options(pki: &TestPki) -> Options {
@@ -720,13 +721,20 @@ async fn cloudflared_binary_version_and_flags_are_checked_by_running_it() {
         &pki,
         up,
         &format!(
-            "binary = \"{STANDIN}\"\ntoken_file = \"{}\"",
+            "binary = \"{}\"\ntoken_file = \"{}\"",
+            standin_bin::path(),
             token.display()
         ),
         "[admin]\nenabled = false",
     );
     let r = doctor(&pki, &text).await;
-    expect(&r, "cloudflared.binary", Verdict::Ok, &[STANDIN], &[]);
+    expect(
+        &r,
+        "cloudflared.binary",
+        Verdict::Ok,
+        &[standin_bin::path()],
+        &[],
+    );
     expect(
         &r,
         "cloudflared.version",
@@ -822,7 +830,8 @@ async fn running_service_is_inspected_through_its_admin_endpoint() {
         &pki,
         up,
         &format!(
-            "binary = \"{STANDIN}\"\ntoken_file = \"{}\"\nhealth_interval = \"100ms\"",
+            "binary = \"{}\"\ntoken_file = \"{}\"\nhealth_interval = \"100ms\"",
+            standin_bin::path(),
             token.display()
         ),
         &format!("[admin]\nlisten_addr = \"{admin}\""),

@@ -24,7 +24,8 @@ use tokio::net::{TcpListener, TcpStream, UnixDatagram};
 use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
-const STANDIN: &str = env!("CARGO_BIN_EXE_cloudflared-standin");
+#[path = "common/standin.rs"]
+mod standin_bin;
 
 fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -108,8 +109,9 @@ impl Env {
             .fake
             .with(|s| (s.federation_rule_id.clone(), s.organization_id.clone()));
         let cloudflared = if cloudflared {
+            let standin = standin_bin::path();
             format!(
-                "binary = \"{STANDIN}\"\nhealth_interval = \"100ms\"\nrestart_backoff_min = \"100ms\"\ngrace_period = \"2s\"\n[cloudflared.env]\nSTANDIN_EVENTS = \"{d}/events.jsonl\"\nSTANDIN_FORWARD = \"{}\"\n",
+                "binary = \"{standin}\"\nhealth_interval = \"100ms\"\nrestart_backoff_min = \"100ms\"\ngrace_period = \"2s\"\n[cloudflared.env]\nSTANDIN_EVENTS = \"{d}/events.jsonl\"\nSTANDIN_FORWARD = \"{}\"\n",
                 self.forward
             )
         } else {

@@ -20,7 +20,8 @@ use tokio::process::{Child, Command};
 
 const DOMAIN: &str = "t.test";
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
-const STANDIN: &str = env!("CARGO_BIN_EXE_cloudflared-standin");
+#[path = "common/standin.rs"]
+mod standin_bin;
 const SECRET: &str = "c3VwZXItc2VjcmV0LXR1bm5lbC1zZWNyZXQ=";
 
 /// Writes a secret the way an operator must: owner-only (the supervisor refuses 0644).
@@ -108,7 +109,7 @@ allowed_ips = ["127.0.0.0/8"]
 [admin]
 {admin}
 [cloudflared]
-binary = "{STANDIN}"
+binary = "{standin}"
 token_file = "{d}/tunnel-token"
 health_interval = "100ms"
 restart_backoff_min = "100ms"
@@ -116,7 +117,8 @@ restart_backoff_max = "2s"
 {extra}
 [cloudflared.env]
 {env}"#,
-            up = self.upstream
+            up = self.upstream,
+            standin = standin_bin::path()
         );
         let p = self.path("mcp-tunnel.toml");
         std::fs::write(&p, text).unwrap();
@@ -732,7 +734,7 @@ async fn missing_binary_is_a_config_error() {
     let cfg = env.config(None, "", &[]);
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace(STANDIN, "/nonexistent/cloudflared");
+        .replace(standin_bin::path(), "/nonexistent/cloudflared");
     std::fs::write(&cfg, text).unwrap();
     let out = Command::new(BIN)
         .args(["check", "--config"])

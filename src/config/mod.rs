@@ -54,6 +54,18 @@ impl LogLevel {
     }
 }
 
+/// Where and how logs are written. `auto`: to the journal with structured fields when stderr
+/// is the journal, else human-readable text on stderr; `text`: always text on stderr; `json`:
+/// one JSON object per line on stderr, with the journal's field names (for collectors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Text,
+    Json,
+}
+
 /// A validated configuration. Paths are absolute (relative ones resolve against the
 /// config file's directory).
 #[derive(Debug, Clone)]
@@ -61,6 +73,7 @@ pub struct Config {
     pub path: PathBuf,
     pub listen_addr: SocketAddr,
     pub log_level: LogLevel,
+    pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
     pub tunnel_domain: Option<String>,
     pub tls: TlsFiles,
@@ -143,6 +156,7 @@ impl ConfigError {
 struct RawConfig {
     listen_addr: Option<String>,
     log_level: Option<LogLevel>,
+    log_format: Option<LogFormat>,
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     shutdown_timeout: Option<Duration>,
     tunnel_domain: Option<String>,
@@ -387,6 +401,7 @@ impl Config {
             path: path.to_path_buf(),
             listen_addr,
             log_level: raw.log_level.unwrap_or_default(),
+            log_format: raw.log_format.unwrap_or_default(),
             shutdown_timeout: raw.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
             tunnel_domain,
             tls: tls.unwrap_or_else(|| TlsFiles {

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::keepalive::SseKeepalive;
 use super::mcp::{self, Exchange, Inspected, ResponseInspector};
-use super::metrics::{LimitHit, Refusal};
+use super::metrics::{LimitHit, Refusal, UpstreamOutcome};
 use super::state::Snapshot;
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
@@ -418,6 +418,10 @@ impl Session {
                 "Route removed or no longer allowed\n",
             ),
             Some(Ok(Ok(mut resp))) => {
+                metrics.upstream(
+                    &route.name,
+                    UpstreamOutcome::Answered(resp.status().as_u16()),
+                );
                 strip_hop_by_hop(resp.headers_mut());
                 let status = resp.status();
                 let inspector = exchange.and_then(|ex| {
@@ -450,10 +454,15 @@ impl Session {
             Some(Ok(Err(e))) => {
                 let (resp, why) = error_response(route, &e);
                 metrics.refusal(why);
+                metrics.upstream(&route.name, UpstreamOutcome::Failed(why));
                 resp
             }
             Some(Err(_)) => {
                 metrics.refusal(Refusal::ResponseTimeout);
+                metrics.upstream(
+                    &route.name,
+                    UpstreamOutcome::Failed(Refusal::ResponseTimeout),
+                );
                 warn!(route = %route.name, upstream = %route.upstream, after = ?snapshot.response_header_timeout, "upstream response header timeout");
                 own(
                     StatusCode::GATEWAY_TIMEOUT,

@@ -105,10 +105,28 @@ impl PeerRefusal {
     }
 }
 
+/// What a route's upstream did with the last request forwarded to it (the status page's
+/// "upstream verdict": an operator sees at a glance which upstream refuses or times out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    /// The upstream answered with this status.
+    Answered(u16),
+    /// The proxy could not get an answer (not allowed, refused, timed out).
+    Failed(Refusal),
+}
+
+/// The last upstream outcome of a route, and when (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamVerdict {
+    pub outcome: UpstreamOutcome,
+    pub at: i64,
+}
+
 /// The proxy's counters and gauges.
 #[derive(Default)]
 pub struct ProxyMetrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
+    upstreams: Mutex<BTreeMap<String, UpstreamVerdict>>,
     refusals: [AtomicU64; 8],
     limits: [AtomicU64; 8],
     peer_refusals: [AtomicU64; 2],
@@ -138,6 +156,29 @@ impl ProxyMetrics {
     pub fn request(&self, route: &str, status: u16) {
         let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry((route.to_string(), status)).or_default() += 1;
+    }
+
+    /// What the upstream of `route` did with a forwarded request.
+    pub fn upstream(&self, route: &str, outcome: UpstreamOutcome) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        let verdict = UpstreamVerdict { outcome, at };
+        match m.get_mut(route) {
+            Some(v) => *v = verdict,
+            None => {
+                m.insert(route.to_string(), verdict);
+            }
+        }
+    }
+
+    /// The last upstream outcome per route (routes never forwarded to are absent).
+    pub fn upstreams_snapshot(&self) -> BTreeMap<String, UpstreamVerdict> {
+        self.upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn limit(&self, l: LimitHit) {

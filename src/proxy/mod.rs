@@ -156,6 +156,13 @@ impl Proxy {
         Ok(report)
     }
 
+    /// The routes served now (after the last applied reload), for the status page.
+    pub fn routes(&self) -> Vec<Arc<crate::config::Route>> {
+        let mut routes: Vec<_> = self.snapshot.load().routes.iter().cloned().collect();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        routes
+    }
+
     /// Request, refusal and session counters (for `/metrics` and the watchdog).
     pub fn metrics(&self) -> &Arc<metrics::ProxyMetrics> {
         &self.metrics

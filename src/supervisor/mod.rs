@@ -158,6 +158,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .store(facts.not_after, Ordering::Relaxed);
     state.config_generation.store(1, Ordering::Relaxed);
     let _ = state.peer_check.set(peer_check_status(&config, &proxy));
+    state
+        .max_sessions
+        .store(config.limits.max_sessions, Ordering::Relaxed);
+    *state.route_list.lock().unwrap_or_else(|e| e.into_inner()) = proxy.routes();
     let listener = Proxy::bind(&config).await?;
     let addr = listener.local_addr().map_err(RunError::Signals)?;
     state.listener_bound.store(true, Ordering::Relaxed);
@@ -194,6 +198,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let hooks = Arc::new(SupervisorHooks {
         notifier,
         state: state.clone(),
+        proxy: proxy.clone(),
     });
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(reload::run_loop(
@@ -408,6 +413,7 @@ fn peer_check_status(config: &Config, proxy: &Proxy) -> metrics::PeerCheckStatus
 struct SupervisorHooks {
     notifier: Notifier,
     state: Arc<AppState>,
+    proxy: Arc<Proxy>,
 }
 
 impl reload::ReloadHooks for SupervisorHooks {
@@ -430,7 +436,16 @@ impl reload::ReloadHooks for SupervisorHooks {
             .state
             .last_reload_error
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = last_error;
+            .unwrap_or_else(|e| e.into_inner()) = last_error.clone();
+        let last_error_for_page = result.as_ref().err().map(|e| e.to_string());
+        *self
+            .state
+            .last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(metrics::LastReload {
+            at: now(),
+            error: last_error_for_page,
+        });
         self.notifier
             .reloaded(&metrics::status_line(&self.state, now()));
     }
@@ -440,9 +455,20 @@ impl reload::ReloadHooks for SupervisorHooks {
             .config_generation
             .store(generation, Ordering::Relaxed);
         self.state.routes.store(routes, Ordering::Relaxed);
+        *self
+            .state
+            .route_list
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.proxy.routes();
         self.state
             .cert_not_after
             .store(cert_not_after, Ordering::Relaxed);
+    }
+
+    fn renewal_failed(&self) {
+        self.state
+            .cert_renewal_failures
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn cert_expiry_warning(&self, days_left: i64, _not_after: i64) {

@@ -100,6 +100,8 @@ pub trait ReloadHooks: Send + Sync {
     /// After every successful reload: config generation, route count, certificate expiry.
     fn applied(&self, _generation: u64, _routes: usize, _cert_not_after: i64) {}
     fn cert_expiry_warning(&self, _days_left: i64, _not_after: i64) {}
+    /// A renewal from the local CA failed (it is retried at the next check).
+    fn renewal_failed(&self) {}
 }
 
 /// Hooks that do nothing.
@@ -259,6 +261,10 @@ impl Reloader {
             warn!("[peer_check] changes need a restart to apply; keeping the running values");
             next.peer_check = cur.config.peer_check;
         }
+        if next.log_format != cur.config.log_format {
+            warn!("log_format changes need a restart to apply; keeping the running format");
+            next.log_format = cur.config.log_format;
+        }
         if next.cloudflared != cur.config.cloudflared {
             match self.cloudflared.get() {
                 _ if next.cloudflared.enabled != cur.config.cloudflared.enabled => {
@@ -366,12 +372,15 @@ impl Reloader {
         );
         if let Err(e) = issued {
             error!(error = %e, "certificate renewal failed; will retry at the next check");
+            hooks.renewal_failed();
             return None;
         }
-        self.reload_notified(now, hooks)
-            .await
-            .ok()
-            .and_then(|r| r.new_cert_serial)
+        let reloaded = self.reload_notified(now, hooks).await.ok()?;
+        if reloaded.cert_refused.is_some() {
+            // Written, but refused by the preflight: the old pair still serves.
+            hooks.renewal_failed();
+        }
+        reloaded.new_cert_serial
     }
 
     /// `reload`, bracketed by the hooks: `reloading`, then `applied` (on success) and

@@ -1,6 +1,7 @@
-//! The admin endpoint (`[admin] listen_addr`, loopback by default): `/healthz` (the process
-//! answers), `/readyz` (JSON per component, 200/503), `/metrics` (Prometheus text), `/status`
-//! (JSON: readiness plus the facts `mcp-tunnel status` and `doctor` print).
+//! The admin endpoint (`[admin] listen_addr`, loopback by default): `/` (the status page for a
+//! browser), `/healthz` (the process answers), `/readyz` (JSON per component, 200/503),
+//! `/metrics` (Prometheus text), `/status` (JSON: readiness plus the facts `mcp-tunnel status`
+//! and `doctor` print).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::metrics::{self, AppState};
+use super::page;
 
 /// Binds the admin listener.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
@@ -29,6 +31,11 @@ fn now() -> i64 {
 
 fn respond(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method().as_str(), req.uri().path()) {
+        ("GET" | "HEAD", "/") => (
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            page::render(state, now()),
+        ),
         ("GET" | "HEAD", "/healthz") => (
             StatusCode::OK,
             "text/plain; charset=utf-8",
@@ -60,13 +67,22 @@ fn respond(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found: try /healthz, /readyz, /status or /metrics\n".to_string(),
+            "not found: try /, /healthz, /readyz, /status or /metrics\n".to_string(),
         ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    // The page loads nothing and runs nothing: say so to the browser.
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 

@@ -35,6 +35,14 @@ pub struct AppState {
     pub listen_addr: OnceLock<std::net::SocketAddr>,
     /// Who may connect to the listener (`[peer_check]`), set once at start.
     pub peer_check: OnceLock<PeerCheckStatus>,
+    /// `limits.max_sessions` (fixed at start), so that alerts can compare `sessions_open`.
+    pub max_sessions: AtomicUsize,
+    /// Failed renewals of the server certificate from the local CA (`[certs] ca_key_file`).
+    pub cert_renewal_failures: AtomicU64,
+    /// The last reload attempt; `None` until the first one.
+    pub last_reload: std::sync::Mutex<Option<LastReload>>,
+    /// The routes served now, for the status page.
+    pub route_list: std::sync::Mutex<Vec<Arc<crate::config::Route>>>,
 }
 
 /// The listener's peer check as `/readyz` and `/metrics` show it.
@@ -43,6 +51,15 @@ pub struct PeerCheckStatus {
     pub on: bool,
     /// E.g. `on: uid 998 (mcp-tunnel) only`, or `off: ...` with the reason.
     pub state: String,
+}
+
+/// When the last reload happened and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastReload {
+    /// Unix seconds.
+    pub at: i64,
+    /// `None` when applied; the refusal otherwise (the running config stayed).
+    pub error: Option<String>,
 }
 
 impl AppState {
@@ -63,10 +80,22 @@ impl AppState {
             watchdog_usec: AtomicU64::new(0),
             listen_addr: OnceLock::new(),
             peer_check: OnceLock::new(),
+            max_sessions: AtomicUsize::new(0),
+            cert_renewal_failures: AtomicU64::new(0),
+            last_reload: std::sync::Mutex::new(None),
+            route_list: std::sync::Mutex::new(Vec::new()),
         })
     }
 
-    pub fn cloudflared_health(&self) -> Health {
+    /// The last reload attempt, if any.
+    pub fn last_reload(&self) -> Option<LastReload> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn cloudflared_health(&self) -> Health {
         match self.cloudflared.get() {
             Some(s) => s.health(),
             None if self.cloudflared_enabled => Health::Stopped,
@@ -434,6 +463,42 @@ pub fn render(s: &AppState, now: i64) -> String {
         "counter",
         "Failed provisioning checks ([provision]: CA rotation, server certificate renewal, token rotation); each is retried.",
         &(s.provision_failures.load(Ordering::Relaxed)),
+    );
+    scalar(
+        &mut o,
+        "mcp_tunnel_cloudflared_enabled",
+        "gauge",
+        "1 when the appliance supervises cloudflared ([cloudflared] enabled).",
+        &(u8::from(s.cloudflared_enabled)),
+    );
+    scalar(
+        &mut o,
+        "mcp_tunnel_max_sessions",
+        "gauge",
+        "limits.max_sessions: tunnel sessions beyond it are refused with 503.",
+        &(s.max_sessions.load(Ordering::Relaxed)),
+    );
+    scalar(
+        &mut o,
+        "mcp_tunnel_cert_renewal_failures_total",
+        "counter",
+        "Failed renewals of the server certificate from the local CA ([certs] ca_key_file); each is retried at the next check.",
+        &(s.cert_renewal_failures.load(Ordering::Relaxed)),
+    );
+    let last = s.last_reload();
+    scalar(
+        &mut o,
+        "mcp_tunnel_config_last_reload_timestamp_seconds",
+        "gauge",
+        "When the last reload was attempted, Unix seconds (0: none since start).",
+        &(last.as_ref().map_or(0, |l| l.at)),
+    );
+    scalar(
+        &mut o,
+        "mcp_tunnel_config_last_reload_success",
+        "gauge",
+        "0 when the last reload was refused (the running config is older than the file), else 1.",
+        &(u8::from(last.is_none_or(|l| l.error.is_none()))),
     );
     scalar(
         &mut o,

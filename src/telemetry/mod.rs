@@ -1,11 +1,15 @@
 //! Logging, metrics and the admin endpoint.
 //!
-//! Logs go to journald with structured fields when stderr is the journal (systemd sets
-//! `JOURNAL_STREAM` to stderr's device:inode), otherwise human-readable to stderr. The level
-//! comes from `log_level`; `RUST_LOG` refines it.
+//! Logs (`log_format = "auto"`, the default) go to journald with structured fields when stderr
+//! is the journal (systemd sets `JOURNAL_STREAM` to stderr's device:inode), otherwise
+//! human-readable to stderr; `"text"` forces the latter, `"json"` writes one JSON object per
+//! line to stderr with the journal's field names ([`json`]). The level comes from
+//! `log_level`; `RUST_LOG` refines it.
 
 pub mod admin;
+pub mod json;
 pub mod metrics;
+pub mod page;
 pub mod restart_connector;
 pub mod status;
 
@@ -13,12 +17,29 @@ use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
 
 use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
 use tracing_subscriber::prelude::*;
 
-/// Installs the global subscriber; a second call is a no-op (tests start several proxies).
+/// Installs the global subscriber (`log_format = "auto"`); a second call is a no-op (tests
+/// start several proxies).
 pub fn init(level: &str) {
+    init_with(level, LogFormat::Auto);
+}
+
+/// As [`init`], in the configured format.
+pub fn init_with(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    if stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref())
+    if format == LogFormat::Json {
+        let layer = json::JsonLayer::new(|| Box::new(std::io::stderr()) as Box<dyn std::io::Write>);
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .try_init();
+        return;
+    }
+    if format == LogFormat::Auto
+        && stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref())
         && let Ok(journald) = tracing_journald::layer()
     {
         let _ = tracing_subscriber::registry()
