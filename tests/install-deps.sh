@@ -31,6 +31,7 @@ APT_PACKAGES=(
   "systemd-container|systemd-nspawn"          # packaging/system-test.sh
   "prometheus|promtool"                       # packaging/monitoring/check.sh: promtool
   "chromium|chromium"                         # tests/status_page.sh: headless browser
+  "iproute2|ip"                               # tests/status_page.sh: lo up in its namespace
 )
 
 # rustup components (cargo fmt, cargo clippy).
