@@ -32,7 +32,7 @@ APT_PACKAGES=(
   "prometheus|promtool"                       # packaging/monitoring/check.sh: promtool
   "chromium|chromium"                         # tests/status_page.sh: headless browser
   "util-linux|unshare"                        # loopback-only namespaces of the real-cloudflared steps
-  "iproute2|ip"                               # same: ip link set lo up, interface checks
+  "iproute2|ip"                               # namespaces: ip link set lo up, interface checks
   "procps|pgrep"                              # bench/run.sh (f): cloudflared's PID
 )
 

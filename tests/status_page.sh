@@ -54,6 +54,11 @@ chmod 600 "$WORK/tunnel-token"
 mkdir -p "$WORK/www" && echo "hello from the upstream" >"$WORK/www/index.html"
 python3 -m http.server --bind 127.0.0.1 --directory "$WORK/www" "$UP" >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)
+for _ in $(seq 1 100); do
+  curl -sf -o /dev/null "http://127.0.0.1:$UP/" && break
+  sleep 0.1
+done
+curl -sf -o /dev/null "http://127.0.0.1:$UP/" || fail "the upstream (python3 -m http.server) did not start"
 
 write_config() { # write_config EXTRA_ROUTE_LINE
   cat >"$WORK/mcp-tunnel.toml.new" <<EOF
