@@ -89,6 +89,8 @@ if [[ ${BENCH_IN_NETNS:-} != 1 ]]; then
   step "building binaries (profile $PROFILE)"
   T_BUILD=$(date +%s)
   cargo build --profile "$PROFILE" --locked -p mcp-tunnel -p mcp-tunnel-bench >&2
+  # (h) runs the three-host test of tests/real_cloudflared.rs; build it on the host network.
+  [[ $MODE == full ]] && cargo test --locked --test real_cloudflared --no-run >&2
   BUILD_SECS=$(($(date +%s) - T_BUILD))
   # --- everything else in a loopback-only network namespace ------------------------------
   step "re-running in a new loopback-only network namespace (unshare -n)"
@@ -505,4 +507,23 @@ footer=()
 [[ -f $ROOT/bench/NOTES.md && $MODE == full ]] && footer=(--footer "$ROOT/bench/NOTES.md")
 cp "$RESULTS" "$ROOT/target/bench-results-$MODE.jsonl"
 "$BENCH" report --results "$RESULTS" --header "$WORK/header.md" "${footer[@]}" --out "$OUT"
+# (h) three appliance hosts, one tunnel: the CI test (tests/real-cloudflared.sh runs it with
+# 0.5 s holds) with 5 s of steady load between steps; its per-step table goes in as printed.
+if [[ $MODE == full ]]; then
+  step "(h) three hosts, one tunnel: rolling changes and a killed host (5 s holds)"
+  table=$(cd "$ROOT" && MCP_TUNNEL_SHARED="$SHARED" MCP_TUNNEL_MULTIHOST_HOLD_MS=5000 \
+    cargo test --locked --offline --test real_cloudflared three_hosts -- --ignored --nocapture 2>&1 |
+    sed -n '/^three hosts/,/^requests in all/p')
+  [[ -n $table ]] || { echo "(h): the three-host test printed no table" >&2; exit 1; }
+  {
+    echo
+    echo "## (h) three hosts, one tunnel: rolling changes and a killed host"
+    echo
+    echo "Three \`mcp-tunnel run\` instances, each with its own real cloudflared, registered with one fake-edge"
+    echo "as connectors of one tunnel; load throughout; 5 s of steady load between steps"
+    echo "(\`tests/real_cloudflared.rs\`, \`three_hosts_one_tunnel_roll_changes_and_survive_a_killed_host\`)."
+    echo
+    echo "$table"
+  } >>"$OUT"
+fi
 step "done in ${TOTAL_SECS} s: $OUT"
