@@ -110,8 +110,11 @@ impl Env {
             .with(|s| (s.federation_rule_id.clone(), s.organization_id.clone()));
         let cloudflared = if cloudflared {
             let standin = standin_bin::path();
+            // The stand-in's forward port is fixed, so two stand-ins cannot overlap: these
+            // tests replace cloudflared by stop-then-start (overlap is tested on the real
+            // cloudflared in tests/real_cloudflared.rs).
             format!(
-                "binary = \"{standin}\"\nhealth_interval = \"100ms\"\nrestart_backoff_min = \"100ms\"\ngrace_period = \"2s\"\n[cloudflared.env]\nSTANDIN_EVENTS = \"{d}/events.jsonl\"\nSTANDIN_FORWARD = \"{}\"\n",
+                "binary = \"{standin}\"\nhealth_interval = \"100ms\"\nrestart_backoff_min = \"100ms\"\ngrace_period = \"2s\"\nreplacement = \"restart\"\n[cloudflared.env]\nSTANDIN_EVENTS = \"{d}/events.jsonl\"\nSTANDIN_FORWARD = \"{}\"\n",
                 self.forward
             )
         } else {
@@ -511,12 +514,18 @@ async fn scheduled_token_rotation_restarts_cloudflared_with_the_new_token() {
         std::fs::read_to_string(env.state("tunnel-token")).unwrap(),
         new_token
     );
-    assert!(
-        env.events("sigterm")
-            .iter()
-            .any(|e| e["pid"].as_u64() == Some(first)),
-        "the old cloudflared was stopped gracefully"
-    );
+    // The new connector starts beside the old one, which is stopped (SIGTERM) once the new
+    // one is ready: an overlap, not a gap.
+    env.wait(
+        "the old cloudflared stopped gracefully",
+        Duration::from_secs(20),
+        || {
+            env.events("sigterm")
+                .iter()
+                .any(|e| e["pid"].as_u64() == Some(first))
+        },
+    )
+    .await;
     assert!(environ(second).contains(&format!("TUNNEL_TOKEN={new_token}")));
     // Not due again (the file's mtime moved): one rotation only.
     tokio::time::sleep(Duration::from_millis(600)).await;

@@ -1486,3 +1486,50 @@ async fn three_hosts_one_tunnel_roll_changes_and_survive_a_killed_host() {
         assert_eq!(exit_code(&mut s, Duration::from_secs(30), h).await, 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
+async fn a_replacement_that_cannot_register_keeps_the_old_connector_and_is_not_retried_in_a_loop() {
+    let env = Env::new(4, &["-quiet"]).await;
+    let cfg = env.config("grace_period = \"2s\"\nreplace_timeout = \"3s\"");
+    let mut sup = env.start(&cfg);
+    env.wait_state("connected 4/4", Duration::from_secs(30))
+        .await;
+    let old = env.cloudflared_pid(&sup).unwrap();
+    // The edge refuses new registrations: the new connector never registers.
+    env.edge
+        .post("/refuse", "Unauthorized: Failed to get tunnel")
+        .await;
+    rotate_token(&env, "11111111-2222-4333-8444-555555555555");
+    wait_until(
+        "the replacement to fail",
+        Duration::from_secs(20),
+        || async {
+            let (_, m) = http(env.admin(), "GET", "/metrics", "").await;
+            metric(
+                &m,
+                "mcp_tunnel_cloudflared_replacements_total{result=\"failed\"}",
+            ) >= 1.0
+        },
+    )
+    .await;
+    // Reading the token (ours and cloudflared's) is not a change: no retry loop.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let log = env.log();
+    assert_eq!(
+        count(&log, "starting a new cloudflared beside the running one"),
+        1,
+        "{}",
+        env.logs()
+    );
+    assert!(log.contains("did not register 4 edge connection(s) within replace_timeout"));
+    assert_eq!(
+        env.cloudflared_pid(&sup),
+        Some(old),
+        "the old connector stays"
+    );
+    env.wait_state("connected 4/4", Duration::from_secs(5))
+        .await;
+    signal(sup.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(20), &env).await, 0);
+}

@@ -884,7 +884,10 @@ fn watch_token_file(
     let dir = path.parent()?.to_path_buf();
     let name = path.file_name()?.to_owned();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // Only content changes: the supervisor's own reads of the token must not look like
+        // a new token (a failed replacement would be retried in a loop).
         if let Ok(ev) = res
+            && crate::supervisor::watch::is_content_change(&ev.kind)
             && ev
                 .paths
                 .iter()

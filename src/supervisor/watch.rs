@@ -9,6 +9,16 @@ use std::time::Duration;
 
 use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode};
+
+/// Whether a file event can mean new content. Opening and reading a file is not a change, nor
+/// is a metadata event (inotify's IN_ATTRIB also fires for access-time updates): counting them
+/// would make every read of a watched file (each reload's, each token read) trigger the next.
+pub fn is_content_change(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
+    )
+}
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -73,12 +83,7 @@ pub fn watch(set: WatchSet, tx: mpsc::UnboundedSender<()>) -> notify::Result<Fil
             // is a metadata event (inotify's IN_ATTRIB also fires for access-time updates):
             // counting them could make every reload trigger the next. A permissions-only fix
             // is applied with `systemctl reload`.
-            let changes = events.iter().filter(|e| {
-                !matches!(
-                    e.kind,
-                    EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
-                )
-            });
+            let changes = events.iter().filter(|e| is_content_change(&e.kind));
             if changes
                 .into_iter()
                 .any(|e| e.paths.iter().any(|p| filter.matters(p)))
