@@ -161,7 +161,7 @@ key_file = "$WORK/pki/tls.key"
 
 [routes]
 echo = "http://127.0.0.1:$UP_PORT"
-# (f): the same upstream with MCP inspection (audit + metrics), and with a tool policy.
+# (i): the same upstream with MCP inspection (audit + metrics), and with a tool policy.
 inspect = { upstream = "http://127.0.0.1:$UP_PORT", inspect = true }
 policy = { upstream = "http://127.0.0.1:$UP_PORT", tools_deny = ["never-called"] }
 
@@ -292,14 +292,14 @@ for path in /mcp /mcp-sse; do
   done
 done
 
-# --- (f) tools/call with MCP inspection off, on, and with a tool policy ----------------
+# --- (i) tools/call with MCP inspection off, on, and with a tool policy ----------------
 # The same proxy and upstream; routes differ only in their MCP settings (see proxy_config).
 F_ORDERS=("proxy proxy-inspect proxy-policy" "proxy-inspect proxy-policy proxy" "proxy-policy proxy proxy-inspect")
 for path in /mcp /mcp-sse; do
-  step "(f) tools/call $path with MCP inspection off / inspect / policy, 16 sessions, $ROUNDS rounds"
+  step "(i) tools/call $path with MCP inspection off / inspect / policy, 16 sessions, $ROUNDS rounds"
   for round in $(seq 1 "$ROUNDS"); do
     for target in ${F_ORDERS[$(((round - 1) % 3))]}; do
-      load "$target" f "$round" --mode post --path "$path" --sessions 16 \
+      load "$target" i "$round" --mode post --path "$path" --sessions 16 \
         --warmup "$WARMUP" --duration "$DUR"
     done
   done

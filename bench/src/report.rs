@@ -240,10 +240,10 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     md.push_str(&detail);
     md.push_str("\n</details>\n");
 
-    // (f) MCP inspection cost.
+    // (i) MCP inspection cost.
     let _ = writeln!(
         md,
-        "\n## (f) tools/call with MCP inspection: off, `inspect = true`, and a tool policy\n\n\
+        "\n## (i) tools/call with MCP inspection: off, `inspect = true`, and a tool policy\n\n\
          One proxy, one upstream, three routes that differ only in their MCP settings: `echo` \
          (no inspection: the plain path), `inspect` (audit line per message at log level info, \
          per-method/per-tool metrics, request body teed) and `policy` (`tools_deny`: the body is \
@@ -252,7 +252,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
          | reply | sessions | off req/s | inspect req/s (ratio) | policy req/s (ratio) | p99 off / inspect / policy | CPU µs/req off / inspect / policy |\n\
          |---|---:|---:|---:|---:|---|---|"
     );
-    for ((path, sessions), by) in group(&rows, "f") {
+    for ((path, sessions), by) in group(&rows, "i") {
         let agg: BTreeMap<&str, Agg> = ["proxy", "proxy-inspect", "proxy-policy"]
             .iter()
             .filter_map(|t| by.get(*t).map(|r| (*t, aggregate(r))))
