@@ -516,45 +516,6 @@ for route in "${ROUTES[@]}"; do
   run_check "transparency: conformance suite on $route, direct vs via tunnel" conformance "$route"
 done
 
-# ---------------------------------------------------------------------------- doctor
-# `mcp-tunnel doctor` probes each route with MCP initialize through the running listener
-# (WebSocket + inner TLS): server-everything answers over SSE, the Python SDK server with
-# JSON. With preserve_host = true the Python SDK's DNS-rebinding protection answers 421,
-# which doctor must explain (here through an in-process proxy: listen_addr port 0).
-doctor_verdict() { # doctor_verdict JSON CHECK: "verdict|reason|fix"
-  "$PYTHON" -c 'import json,sys
-c=[c for c in json.load(open(sys.argv[1]))["checks"] if c["name"]==sys.argv[2]]
-print("|".join([c[0]["verdict"],c[0]["reason"],c[0].get("fix","")]) if c else "missing||")' "$1" "$2"
-}
-doctor_real_servers() {
-  local out="$WORK/doctor.json" rc=0 v
-  "$BIN" doctor --config "$WORK/mcp-tunnel.toml" --offline --json >"$out" || rc=$?
-  [[ "$rc" == 0 ]] || { echo "  doctor exited $rc"; cat "$out"; return 1; }
-  for route in "${ROUTES[@]}"; do
-    v="$(doctor_verdict "$out" "route.$route.mcp")"
-    echo "  route.$route.mcp: $v"
-    [[ "$v" == ok\|* ]] || return 1
-  done
-  grep -q '"via": "the running listener ws://127.0.0.1:'"$PROXY_PORT"'"' "$out" || { echo "  the probe did not use the running listener"; return 1; }
-  [[ "$(doctor_verdict "$out" route.pyserver.mcp)" == *"server mcp-tunnel-e2e-pyserver 0.0.0"* ]] || return 1
-  [[ "$(doctor_verdict "$out" route.everything.mcp)" == *"server mcp-servers/everything"* ]] || return 1
-}
-doctor_421() {
-  # Outside the directories the running proxy watches.
-  local out="$WORK/doctor/doctor-421.json" rc=0 v
-  mkdir -p "$WORK/doctor"
-  sed -e "s|^listen_addr = .*|listen_addr = \"127.0.0.1:0\"|" \
-      -e "s|^pyserver = \"\(.*\)\"|pyserver = { upstream = \"\1\", preserve_host = true }|" \
-      "$WORK/mcp-tunnel.toml" >"$WORK/doctor/doctor-421.toml"
-  "$BIN" doctor --config "$WORK/doctor/doctor-421.toml" --offline --json >"$out" || rc=$?
-  v="$(doctor_verdict "$out" route.pyserver.mcp)"
-  echo "  exit $rc; route.pyserver.mcp: $v"
-  [[ "$rc" == 1 && "$v" == fail\|*"421 Misdirected Request from the upstream"*"Host: pyserver.$TUNNEL_DOMAIN"* ]] || return 1
-  [[ "$v" == *"remove preserve_host = true from routes.pyserver"* ]] || return 1
-  [[ "$(doctor_verdict "$out" route.everything.mcp)" == ok\|* ]]
-}
-run_check "doctor: initialize through the running listener reaches both real servers" doctor_real_servers
-run_check "doctor: the Python SDK's 421 (preserve_host = true) is explained" doctor_421
 # ---------------------------------------------------------------------------- real connector
 if [[ "$VIA" == cloudflared ]]; then
   # The caller as the edge reports it: fake-edge sets Cf-Connecting-Ip to the eyeball's
@@ -613,6 +574,45 @@ PY
   }
   run_check "real connector: fake-edge relayed every session's WebSocket upgrade through cloudflared, over all 4 connections, none failed" edge_relayed
 fi
+# ---------------------------------------------------------------------------- doctor
+# `mcp-tunnel doctor` probes each route with MCP initialize through the running listener
+# (WebSocket + inner TLS): server-everything answers over SSE, the Python SDK server with
+# JSON. With preserve_host = true the Python SDK's DNS-rebinding protection answers 421,
+# which doctor must explain (here through an in-process proxy: listen_addr port 0).
+doctor_verdict() { # doctor_verdict JSON CHECK: "verdict|reason|fix"
+  "$PYTHON" -c 'import json,sys
+c=[c for c in json.load(open(sys.argv[1]))["checks"] if c["name"]==sys.argv[2]]
+print("|".join([c[0]["verdict"],c[0]["reason"],c[0].get("fix","")]) if c else "missing||")' "$1" "$2"
+}
+doctor_real_servers() {
+  local out="$WORK/doctor.json" rc=0 v
+  "$BIN" doctor --config "$WORK/mcp-tunnel.toml" --offline --json >"$out" || rc=$?
+  [[ "$rc" == 0 ]] || { echo "  doctor exited $rc"; cat "$out"; return 1; }
+  for route in "${ROUTES[@]}"; do
+    v="$(doctor_verdict "$out" "route.$route.mcp")"
+    echo "  route.$route.mcp: $v"
+    [[ "$v" == ok\|* ]] || return 1
+  done
+  grep -q '"via": "the running listener ws://127.0.0.1:'"$PROXY_PORT"'"' "$out" || { echo "  the probe did not use the running listener"; return 1; }
+  [[ "$(doctor_verdict "$out" route.pyserver.mcp)" == *"server mcp-tunnel-e2e-pyserver 0.0.0"* ]] || return 1
+  [[ "$(doctor_verdict "$out" route.everything.mcp)" == *"server mcp-servers/everything"* ]] || return 1
+}
+doctor_421() {
+  # Outside the directories the running proxy watches.
+  local out="$WORK/doctor/doctor-421.json" rc=0 v
+  mkdir -p "$WORK/doctor"
+  sed -e "s|^listen_addr = .*|listen_addr = \"127.0.0.1:0\"|" \
+      -e "s|^pyserver = \"\(.*\)\"|pyserver = { upstream = \"\1\", preserve_host = true }|" \
+      "$WORK/mcp-tunnel.toml" >"$WORK/doctor/doctor-421.toml"
+  "$BIN" doctor --config "$WORK/doctor/doctor-421.toml" --offline --json >"$out" || rc=$?
+  v="$(doctor_verdict "$out" route.pyserver.mcp)"
+  echo "  exit $rc; route.pyserver.mcp: $v"
+  [[ "$rc" == 1 && "$v" == fail\|*"421 Misdirected Request from the upstream"*"Host: pyserver.$TUNNEL_DOMAIN"* ]] || return 1
+  [[ "$v" == *"remove preserve_host = true from routes.pyserver"* ]] || return 1
+  [[ "$(doctor_verdict "$out" route.everything.mcp)" == ok\|* ]]
+}
+run_check "doctor: initialize through the running listener reaches both real servers" doctor_real_servers
+run_check "doctor: the Python SDK's 421 (preserve_host = true) is explained" doctor_421
 # ---------------------------------------------------------------------------- MCP boundary
 metrics() { curl -sS --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics"; }
 # sample TEXT SERIES: the value of one series in the metrics text (0 when absent).
@@ -633,7 +633,10 @@ audit_has() {
 audit_inspected() {
   local ok=0
   # ts-client and py-client (HTTP/1.1 and h2) through the everything route: 3 sessions.
-  audit_has 3 'route=everything session_id="[^"]+" method=initialize rpc_id=.* outcome="ok" http_status=200 .*caller=127\.0\.0\.1 protocol_version="[0-9-]+"' || ok=1
+  # The caller: the bridge's address, or through the real connector the edge's Cf-Connecting-Ip.
+  local caller='127\.0\.0\.1'
+  [[ "$VIA" == cloudflared ]] && caller="${EYEBALL_IP//./\\.}"
+  audit_has 3 'route=everything session_id="[^"]+" method=initialize rpc_id=.* outcome="ok" http_status=200 .*caller='"$caller"' protocol_version="[0-9-]+"' || ok=1
   audit_has 3 'route=everything .*method=notifications/initialized .*outcome="accepted" http_status=202' || ok=1
   audit_has 3 'route=everything .*method=tools/list rpc_id=.* outcome="ok"' || ok=1
   audit_has 3 'route=everything .*method=tools/call tool="echo" rpc_id=.* outcome="ok" .*arguments="message"' || ok=1
