@@ -82,6 +82,18 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in the order of their discriminants.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::ToolError,
+        Outcome::Error,
+        Outcome::Denied,
+        Outcome::Accepted,
+        Outcome::HttpError,
+        Outcome::NoResponse,
+        Outcome::Uninspected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
@@ -136,6 +148,13 @@ mod tests {
         assert_eq!(method_label(&m(r#"{"id":1,"method":"x/y"}"#)), "other");
         assert_eq!(method_label(&m(r#"{"id":1,"result":{}}"#)), "response");
         assert_eq!(method_label(&m(r#"{"id":1}"#)), "other");
+    }
+
+    #[test]
+    fn outcome_indexes_match() {
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i, "{o:?}");
+        }
     }
 
     #[test]

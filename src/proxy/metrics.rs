@@ -283,8 +283,8 @@ impl Histogram {
 pub struct RouteMcpStats {
     /// Client messages by (method label, outcome).
     pub messages: BTreeMap<(&'static str, Outcome), u64>,
-    /// `tools/call` by (tool label, outcome).
-    pub tools: BTreeMap<(String, Outcome), u64>,
+    /// `tools/call` by tool label, then outcome (indexed by `Outcome as usize`).
+    pub tools: BTreeMap<String, [u64; Outcome::ALL.len()]>,
     /// Latency of requests by method label (from the request's arrival to its answer).
     pub latency: BTreeMap<&'static str, Histogram>,
     /// Bodies or events passed on without being read, by reason.
@@ -298,15 +298,27 @@ pub struct RouteMcpStats {
 impl RouteMcpStats {
     /// A tool name earns a label when the server knows it (it listed it, or a call ran it)
     /// while there is room; names a caller makes up stay `other`.
-    fn tool_label(&mut self, tool: &str, known: bool, cap: usize) -> String {
+    fn tool_label<'a>(&mut self, tool: &'a str, known: bool, cap: usize) -> &'a str {
         if self.tool_labels.contains(tool) {
-            return tool.to_owned();
+            return tool;
         }
         if known && self.tool_labels.len() < cap && tool.len() <= MAX_TOOL_LABEL_LEN {
             self.tool_labels.insert(tool.to_owned());
-            return tool.to_owned();
+            return tool;
         }
-        "other".to_owned()
+        "other"
+    }
+
+    fn count_tool(&mut self, tool: &str, outcome: Outcome, cap: usize) {
+        let label = self.tool_label(tool, outcome.tool_known(), cap);
+        match self.tools.get_mut(label) {
+            Some(counts) => counts[outcome as usize] += 1,
+            None => {
+                let mut counts = [0; Outcome::ALL.len()];
+                counts[outcome as usize] = 1;
+                self.tools.insert(label.to_owned(), counts);
+            }
+        }
     }
 }
 
@@ -343,8 +355,7 @@ impl McpMetrics {
                 s.latency.entry(method).or_default().observe(secs);
             }
             if let Some(tool) = tool {
-                let label = s.tool_label(tool, outcome.tool_known(), max_tool_labels);
-                *s.tools.entry((label, outcome)).or_default() += 1;
+                s.count_tool(tool, outcome, max_tool_labels);
             }
         });
     }
@@ -420,10 +431,10 @@ mod tests {
         );
         let snap = m.snapshot();
         let stats = &snap[0].1;
-        let labels: HashSet<&str> = stats.tools.keys().map(|(t, _)| t.as_str()).collect();
+        let labels: HashSet<&str> = stats.tools.keys().map(String::as_str).collect();
         assert_eq!(labels, HashSet::from(["echo", "ran-once", "other"]));
-        assert_eq!(stats.tools[&("other".to_string(), Outcome::Error)], 5000);
-        assert_eq!(stats.tools[&("other".to_string(), Outcome::Ok)], 1);
+        assert_eq!(stats.tools["other"][Outcome::Error as usize], 5000);
+        assert_eq!(stats.tools["other"][Outcome::Ok as usize], 1);
         assert_eq!(stats.messages[&("tools/call", Outcome::Error)], 5000);
         assert_eq!(stats.latency["tools/call"].count, 5003);
     }

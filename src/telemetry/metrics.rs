@@ -541,14 +541,18 @@ fn render_mcp(o: &mut String, mcp: &crate::proxy::metrics::McpMetrics) {
         "tools/call by route, tool (a name the server does not know, or beyond [mcp] max_tool_labels: other) and outcome.",
     );
     for (route, st) in &snap {
-        for ((tool, outcome), n) in &st.tools {
-            let _ = writeln!(
-                o,
-                "mcp_tunnel_mcp_tool_calls_total{{route=\"{}\",tool=\"{}\",outcome=\"{}\"}} {n}",
-                label(route),
-                label(tool),
-                outcome.as_str()
-            );
+        for (tool, counts) in &st.tools {
+            for (outcome, n) in crate::mcp::Outcome::ALL.iter().zip(counts) {
+                if *n > 0 {
+                    let _ = writeln!(
+                        o,
+                        "mcp_tunnel_mcp_tool_calls_total{{route=\"{}\",tool=\"{}\",outcome=\"{}\"}} {n}",
+                        label(route),
+                        label(tool),
+                        outcome.as_str()
+                    );
+                }
+            }
         }
     }
     head(
