@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::status::get;
-use crate::config::{Config, admin::DEFAULT_ADMIN_ADDR};
+use super::status::{admin_addr, client_runtime, get};
 
 const OK: &str = "mcp_tunnel_cloudflared_replacements_total{result=\"ok\"}";
 const FAILED: &str = "mcp_tunnel_cloudflared_replacements_total{result=\"failed\"}";
@@ -21,19 +20,9 @@ const FAILED: &str = "mcp_tunnel_cloudflared_replacements_total{result=\"failed\
 /// Exit 0 when the replacement completed, 1 when it failed or timed out, 2 when the service
 /// cannot be reached or signalled.
 pub fn run(admin: Option<SocketAddr>, config: &Path, timeout: Duration) -> u8 {
-    let addr = admin.unwrap_or_else(|| match Config::load(config) {
-        Ok(c) => c.admin.listen_addr,
-        Err(_) => DEFAULT_ADMIN_ADDR.parse().expect("valid default"),
-    });
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
+    let addr = admin_addr(admin, config);
+    let Some(rt) = client_runtime() else {
+        return 2;
     };
     match rt.block_on(replace(addr, timeout)) {
         Ok(msg) => {

@@ -190,21 +190,29 @@ fn mcp_summary(metrics: &str) -> String {
     )
 }
 
-/// Exit status: 0 ready, 1 not ready, 2 unreachable.
-pub fn print(admin: Option<SocketAddr>, config: &Path) -> u8 {
-    let addr = admin.unwrap_or_else(|| match Config::load(config) {
+/// The admin endpoint a client command talks to: `--admin`, else the config's
+/// `[admin] listen_addr`, else the default.
+pub(crate) fn admin_addr(admin: Option<SocketAddr>, config: &Path) -> SocketAddr {
+    admin.unwrap_or_else(|| match Config::load(config) {
         Ok(c) => c.admin.listen_addr,
         Err(_) => DEFAULT_ADMIN_ADDR.parse().expect("valid default"),
-    });
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    })
+}
+
+/// A small runtime for a client command; `None` (reported) if it cannot start.
+pub(crate) fn client_runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
+        .map_err(|e| eprintln!("error: {e}"))
+        .ok()
+}
+
+/// Exit status: 0 ready, 1 not ready, 2 unreachable.
+pub fn print(admin: Option<SocketAddr>, config: &Path) -> u8 {
+    let addr = admin_addr(admin, config);
+    let Some(rt) = client_runtime() else {
+        return 2;
     };
     match rt.block_on(get(addr, "/status")) {
         Ok((code, body)) => {
