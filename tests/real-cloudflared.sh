@@ -25,5 +25,5 @@ exec unshare -n bash -c '
   if ip -o link show | grep -qv ": lo:"; then
     echo "refusing to run: this namespace has interfaces other than lo" >&2; exit 1
   fi
-  cargo test --locked --offline --test real_cloudflared -- --ignored --test-threads 8 "$@"
+  cargo test --locked --offline --test real_cloudflared -- --ignored --test-threads 4 "$@"
 ' real-cloudflared "$@"

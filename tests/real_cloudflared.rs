@@ -580,6 +580,22 @@ fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
 
+/// cloudflared splices JSON events written at the same instant (four connections dropped at
+/// once). No piece of one may come out as a plain line that lost its level: every line with
+/// JSON in it is either a parsed event or marked `spliced=true`.
+fn assert_no_lost_json(log: &str) {
+    let lost: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stream=\"stderr\"") && l.contains("\"level\":\""))
+        .filter(|l| !l.contains("spliced=true"))
+        .collect();
+    assert_eq!(
+        lost,
+        Vec::<&str>::new(),
+        "JSON fragments passed on as plain lines"
+    );
+}
+
 /// Lines the supervisor re-emitted from cloudflared at ERROR level with this message.
 fn error_lines(log: &str, message: &str) -> Vec<String> {
     log.lines()
@@ -741,6 +757,7 @@ async fn registers_serves_the_caller_and_stops_after_the_stream_drains() {
     ] {
         assert_eq!(error_lines(&log, m), Vec::<String>::new(), "{m}");
     }
+    assert_no_lost_json(&log);
     assert!(!log.contains(TOKEN), "token in the log");
 }
 
@@ -789,6 +806,7 @@ async fn degraded_disconnected_recovered_and_a_fast_stop_while_reconnecting() {
         Vec::<String>::new(),
         "a lost connection that cloudflared re-establishes is a warning"
     );
+    assert_no_lost_json(&log);
 
     // Revoked while connected: the edge refuses and drops. While cloudflared reconnects it
     // would sit out its whole 30 s grace period on SIGTERM: the supervisor does not wait.
@@ -813,12 +831,14 @@ async fn degraded_disconnected_recovered_and_a_fast_stop_while_reconnecting() {
 #[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
 async fn refused_token_is_retried_then_given_up_and_revocation_after_the_window() {
     let env = Env::new(4, &["-refuse", "Unauthorized: Failed to get tunnel"]).await;
-    let cfg = env.config("token_refused_timeout = \"20s\"\ngrace_period = \"2s\"");
+    // Long enough that the edge accepting again, after cloudflared's random backoff (up to
+    // 16 s here), always comes inside the window.
+    let cfg = env.config("token_refused_timeout = \"45s\"\ngrace_period = \"2s\"");
     let mut sup = env.start(&cfg);
 
     // cloudflared retries refusals; many lines in the first seconds are not a verdict.
-    wait_until("4 refusals", Duration::from_secs(30), || async {
-        count(&env.edge.log(), "registration refused") >= 4
+    wait_until("3 refusals", Duration::from_secs(30), || async {
+        count(&env.edge.log(), "registration refused") >= 3
     })
     .await;
     assert!(
@@ -844,9 +864,12 @@ async fn refused_token_is_retried_then_given_up_and_revocation_after_the_window(
         .await;
     env.edge.post("/drop", "").await;
     let revoked = Instant::now();
-    assert_eq!(exit_code(&mut sup, Duration::from_secs(90), &env).await, 78);
+    assert_eq!(
+        exit_code(&mut sup, Duration::from_secs(120), &env).await,
+        78
+    );
     assert!(
-        revoked.elapsed() >= Duration::from_secs(20),
+        revoked.elapsed() >= Duration::from_secs(45),
         "gave up {:?} after the revocation, before token_refused_timeout",
         revoked.elapsed()
     );
@@ -1173,6 +1196,7 @@ async fn planned_replacements_under_load_fail_nothing_and_restarts_did() {
     assert_eq!(exit_code(&mut sup, Duration::from_secs(30), &env).await, 0);
     env.wait_notify("EXTEND_TIMEOUT_USEC=", Duration::from_secs(1))
         .await;
+    assert_no_lost_json(&env.log());
 
     // The same token rotation with replacement = "restart" (stop, then start).
     let env2 = Arc::new(Env::new(4, &["-quiet"]).await);
