@@ -25,5 +25,13 @@ exec unshare -n bash -c '
   if ip -o link show | grep -qv ": lo:"; then
     echo "refusing to run: this namespace has interfaces other than lo" >&2; exit 1
   fi
-  cargo test --locked --offline --test real_cloudflared -- --ignored --test-threads 4 "$@"
+  run() { cargo test --locked --offline --test real_cloudflared -- --ignored "$@"; }
+  if (($#)); then
+    run --test-threads 4 "$@"
+  else
+    # The three-host run (three appliances, six cloudflared at times, 18 load clients) gets the
+    # machine to itself: beside the other tests on 2 cores its replacements missed 60 s.
+    run --test-threads 4 --skip three_hosts
+    run --exact three_hosts_one_tunnel_roll_changes_and_survive_a_killed_host
+  fi
 ' real-cloudflared "$@"

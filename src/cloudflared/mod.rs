@@ -317,6 +317,7 @@ impl Run {
                 Ok(c) => c,
                 Err(why) => return self.give_up(why),
             };
+            self.status.pid.store(cur.pid, Ordering::SeqCst);
             self.status.set_health(Health::Starting);
             let mut tick = tokio::time::interval(cfg.health_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -551,7 +552,6 @@ impl Run {
             .await
             .map_err(|e| e.to_string())?;
         let pid = child.id().unwrap_or(0);
-        self.status.pid.store(pid, Ordering::SeqCst);
         info!(pid, metrics = %metrics, url = %args.last().map(String::as_str).unwrap_or(""), "cloudflared started");
         let (events_tx, events) = mpsc::channel(64);
         forward_logs(&mut child, events_tx);
@@ -594,10 +594,8 @@ impl Run {
         token: &Token,
         why: &'static str,
     ) -> Result<Connector, String> {
-        let before = self.status.pid.load(Ordering::SeqCst);
+        // The running connector's PID stays current until the swap.
         let mut next = self.launch(cfg, binary, token).await?;
-        // `launch` records the newest PID; the running one stays current until the swap.
-        self.status.pid.store(before, Ordering::SeqCst);
         let want = cfg
             .replace_connections
             .min(self.status.health().connections())
