@@ -364,7 +364,7 @@ pub fn dispatch(cli: Cli) -> u8 {
                 Ok(c) => c,
                 Err(e) => return fail_config(&e),
             };
-            crate::telemetry::init_with(config.log_level.as_str(), config.log_format);
+            let _log = crate::telemetry::init_with(config.log_level.as_str(), config.log_format);
             let rt = match new_runtime() {
                 Ok(rt) => rt,
                 Err(code) => return code,

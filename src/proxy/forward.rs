@@ -15,7 +15,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio_util::sync::WaitForCancellationFutureOwned;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::keepalive::SseKeepalive;
 use super::mcp::{self, Exchange, Inspected, ResponseInspector};
@@ -70,6 +70,43 @@ pub struct LeasedBody {
     mcp: Option<Box<ResponseInspector>>,
     /// Keeps the session busy (never idle-closed) while the response streams.
     _active: ActiveGuard,
+    /// The request's access-log line, written when the body is done with.
+    access: Option<Access>,
+    /// Body bytes passed on so far, and whether the body reached its end.
+    bytes: u64,
+    ended: bool,
+}
+
+/// What the one access-log line per request says: written when the response is done with
+/// (its body ended, failed or was dropped), so an SSE stream's line carries its whole
+/// duration and size.
+pub struct Access {
+    route: Arc<Route>,
+    method: Method,
+    path: String,
+    caller: IpAddr,
+    status: StatusCode,
+    start: Instant,
+}
+
+impl Access {
+    fn write(&self, bytes: u64, complete: bool) {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        if complete {
+            info!(route = %self.route.name, method = %self.method, path = %self.path, caller = %self.caller, status = self.status.as_u16(), duration_ms, bytes, "request completed");
+        } else {
+            info!(route = %self.route.name, method = %self.method, path = %self.path, caller = %self.caller, status = self.status.as_u16(), duration_ms, bytes, aborted = true, "request completed");
+        }
+    }
+}
+
+impl Drop for LeasedBody {
+    fn drop(&mut self) {
+        if let Some(a) = self.access.take() {
+            let complete = self.ended || self.is_end_stream();
+            a.write(self.bytes, complete);
+        }
+    }
 }
 
 /// A request body as received, or capped at `max_request_body_bytes`.
@@ -201,10 +238,17 @@ impl Body for LeasedBody {
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(k), Some(data)) = (this.keepalive.as_mut(), frame.data_ref()) {
-                    k.observe(data);
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                    if let Some(k) = this.keepalive.as_mut() {
+                        k.observe(data);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
             }
             Poll::Ready(other) => Poll::Ready(other),
             Poll::Pending => match this.keepalive.as_mut() {
@@ -343,7 +387,7 @@ impl Session {
                 "Request body too large (limits.max_request_body_bytes)\n",
             ));
         }
-        info!(route = %route.name, %method, %path, "request started");
+        debug!(route = %route.name, %method, %path, "request started");
 
         let upstream_req = self.upstream_request(req, &route, &host);
         let resp = if route.mcp.active() {
@@ -375,17 +419,25 @@ impl Session {
             )
             .await
         };
-        info!(
-            route = %route.name,
-            %method,
-            %path,
-            caller = %self.client_ip,
-            status = resp.status().as_u16(),
-            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-            "request completed"
-        );
         metrics.request(&route.name, resp.status().as_u16());
-        Ok(resp)
+        let access = Access {
+            route,
+            method,
+            path,
+            caller: self.client_ip,
+            status: resp.status(),
+            start,
+        };
+        Ok(resp.map(|body| match body {
+            Either::Left(mut leased) => {
+                leased.access = Some(access);
+                Either::Left(leased)
+            }
+            Either::Right(own) => {
+                access.write(own.size_hint().exact().unwrap_or(0), true);
+                Either::Right(own)
+            }
+        }))
     }
 
     /// Sends the request upstream and turns the answer (or the failure) into the response.
@@ -440,6 +492,9 @@ impl Session {
                         mcp: inspector,
                         keepalive,
                         _active: active,
+                        access: None,
+                        bytes: 0,
+                        ended: false,
                     })
                 })
             }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod page;
 pub mod restart_connector;
 pub mod status;
+pub mod writer;
 
 use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
@@ -21,22 +22,32 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 use tracing_subscriber::prelude::*;
 
-/// Installs the global subscriber (`log_format = "auto"`); a second call is a no-op (tests
-/// start several proxies).
+/// Installs the global subscriber (`log_format = "auto"`) writing straight to stderr; a
+/// second call is a no-op (tests start several proxies). For short-lived commands.
 pub fn init(level: &str) {
-    init_with(level, LogFormat::Auto);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }
 
-/// As [`init`], in the configured format.
-pub fn init_with(level: &str, format: LogFormat) {
+/// The service's subscriber, in the configured format. Lines to stderr go through a
+/// [`writer::BatchWriter`] (one write per batch, never a request thread waiting on stderr);
+/// the returned guard writes out what is queued when dropped, so hold it until exit.
+pub fn init_with(level: &str, format: LogFormat) -> Option<writer::LogGuard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     if format == LogFormat::Json {
-        let layer = json::JsonLayer::new(|| Box::new(std::io::stderr()) as Box<dyn std::io::Write>);
-        let _ = tracing_subscriber::registry()
+        let (w, guard) = writer::BatchWriter::new(std::io::stderr());
+        let layer = json::JsonLayer::new(move || Box::new(w.line()) as Box<dyn std::io::Write>);
+        return tracing_subscriber::registry()
             .with(filter)
             .with(layer)
-            .try_init();
-        return;
+            .try_init()
+            .ok()
+            .map(|()| guard);
     }
     if format == LogFormat::Auto
         && stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref())
@@ -46,15 +57,18 @@ pub fn init_with(level: &str, format: LogFormat) {
             .with(filter)
             .with(journald.with_syslog_identifier("mcp-tunnel".into()))
             .try_init();
-        return;
+        return None;
     }
-    let _ = tracing_subscriber::fmt()
+    let (w, guard) = writer::BatchWriter::new(std::io::stderr());
+    tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(w)
         // Colour codes only for a person at a terminal, not in files or pipes.
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
-        .try_init();
+        .try_init()
+        .ok()
+        .map(|()| guard)
 }
 
 /// `JOURNAL_STREAM=<dev>:<ino>` names the stream systemd connected; it only counts if
