@@ -21,6 +21,7 @@ use super::keepalive::SseKeepalive;
 use super::mcp::{self, Exchange, Inspected, ResponseInspector};
 use super::metrics::{LimitHit, Refusal, UpstreamOutcome};
 use super::state::Snapshot;
+use super::session_conn::{self, SendError, SessionConn};
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
@@ -282,6 +283,8 @@ pub struct Session {
     /// The caller as cloudflared reports it (`Cf-Connecting-Ip`), else the TCP peer.
     pub client_ip: IpAddr,
     pub activity: Arc<Activity>,
+    /// The session's own upstream connection (HTTP/1.1 sessions), driven by its task.
+    pub conns: SessionConn,
 }
 
 /// Whether a response is an SSE stream (`text/event-stream`, parameters ignored) of open
@@ -376,6 +379,8 @@ impl Session {
         }
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        // One request at a time: the session's own connection serves it in this task.
+        let own_conn = req.version() <= Version::HTTP_11;
         if let Some(max) = self.proxy.limits.max_request_body_bytes
             && req.body().size_hint().lower() > max
         {
@@ -400,7 +405,7 @@ impl Session {
             match mcp::request(scope, upstream_req).await {
                 Inspected::Forward(req, exchange) => {
                     let resp = self
-                        .forward(req, &route, &snapshot, active, exchange.clone())
+                        .forward(req, &route, &snapshot, active, exchange.clone(), own_conn)
                         .await;
                     if let Some(ex) = &exchange {
                         ex.set_status(resp.status());
@@ -416,6 +421,7 @@ impl Session {
                 &snapshot,
                 active,
                 None,
+                own_conn,
             )
             .await
         };
@@ -448,6 +454,7 @@ impl Session {
         snapshot: &Snapshot,
         active: ActiveGuard,
         exchange: Option<Arc<Exchange>>,
+        own_conn: bool,
     ) -> Response<ProxyBody> {
         let metrics = &self.proxy.metrics;
         let (method, path) = (
@@ -460,8 +467,19 @@ impl Session {
             .cloned()
             .unwrap_or_default();
         let plane = self.proxy.upstream.load_full();
+        let request = async {
+            if own_conn {
+                session_conn::send(&self.conns, &plane, &route.upstream, upstream_req).await
+            } else {
+                plane
+                    .client
+                    .request(upstream_req)
+                    .await
+                    .map_err(SendError::from)
+            }
+        };
         let sent = tokio::select! {
-            r = tokio::time::timeout(snapshot.response_header_timeout, plane.client.request(upstream_req)) => Some(r),
+            r = tokio::time::timeout(snapshot.response_header_timeout, request) => Some(r),
             _ = lease.cancelled() => None,
         };
         match sent {
@@ -569,8 +587,8 @@ impl Session {
 }
 
 /// Whether a failed upstream request failed because its body went over the limit.
-fn body_over_limit(err: &hyper_util::client::legacy::Error) -> bool {
-    let mut e: Option<&(dyn std::error::Error + 'static)> = Some(err);
+fn body_over_limit(err: &SendError) -> bool {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
     while let Some(cur) = e {
         if cur.is::<LengthLimitError>() {
             return true;
@@ -607,10 +625,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn error_response(
-    route: &Route,
-    err: &hyper_util::client::legacy::Error,
-) -> (Response<ProxyBody>, Refusal) {
+fn error_response(route: &Route, err: &SendError) -> (Response<ProxyBody>, Refusal) {
+    let err: &(dyn std::error::Error + 'static) = err.as_ref();
     let why = match find_connect_error(err) {
         Some(ConnectError::NotAllowed { .. }) => Refusal::IpNotAllowed,
         Some(ConnectError::Timeout { .. }) => Refusal::ConnectTimeout,

@@ -7,6 +7,7 @@ pub mod keepalive;
 pub mod mcp;
 pub mod metrics;
 pub mod peer;
+pub mod session_conn;
 pub mod sockdiag;
 pub mod state;
 pub mod tls;
@@ -21,6 +22,7 @@ pub use forward::{
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -392,8 +394,12 @@ impl Proxy {
             sni,
             client_ip,
             activity: activity.clone(),
+            conns: session_conn::SessionConn::default(),
         });
-        let svc = service_fn(move |req| session.clone().handle(req));
+        let svc = {
+            let session = session.clone();
+            service_fn(move |req| session.clone().handle(req))
+        };
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -409,23 +415,32 @@ impl Proxy {
         let conn = builder.serve_connection(TokioIo::new(tls), svc);
         tokio::pin!(conn);
         let idle = self.limits.idle_session_timeout;
+        let conns = &session.conns;
+        let rewake = Arc::new(Rewake::default());
+        let rewake = &rewake;
         let result = loop {
             tokio::select! {
-                r = conn.as_mut() => break r,
+                r = drive(conn.as_mut(), conns, rewake) => break r,
                 _ = shutdown.started() => {
                     conn.as_mut().graceful_shutdown();
-                    break conn.await;
+                    break drive(conn.as_mut(), conns, rewake).await;
                 }
                 _ = tokio::time::sleep(activity.time_to_idle(idle)) => {
                     if activity.is_idle(idle) {
                         self.metrics.limit(metrics::LimitHit::IdleSession);
                         debug!(client = %client_ip, timeout = ?idle, "closing idle tunnel session (limits.idle_session_timeout)");
                         conn.as_mut().graceful_shutdown();
-                        break conn.await;
+                        break drive(conn.as_mut(), conns, rewake).await;
+                    }
+                }
+                _ = tokio::time::sleep(activity.time_to_idle(session_conn::HOLD)), if conns.holds() => {
+                    if activity.is_idle(session_conn::HOLD) {
+                        conns.release(&self.upstream.load().idle);
                     }
                 }
             }
         };
+        conns.release(&self.upstream.load().idle);
         if let Err(e) = result {
             match e.downcast_ref::<hyper::Error>() {
                 Some(h) if h.is_timeout() => {
@@ -446,6 +461,73 @@ impl Proxy {
                 _ => debug!(client = %client_ip, error = %e, "tunnel session ended with an error"),
             }
         }
+    }
+}
+
+/// Polls a session's server connection and, around it, the session's own upstream
+/// connections (`session_conn`): a request is served start to end in the session's task.
+///
+/// Handing a response from the upstream connection to the server connection wakes the
+/// session's own task; left to the runtime, that wake-up is a trip through the run queue
+/// and, on a multi-threaded runtime, often a wake-up of another worker that steals the
+/// task. [`Rewake`] turns wake-ups that happen while this pass is polling into one more
+/// pass right here.
+async fn drive<F: std::future::Future>(
+    mut conn: std::pin::Pin<&mut F>,
+    conns: &session_conn::SessionConn,
+    rewake: &Arc<Rewake>,
+) -> F::Output {
+    /// Passes in one poll before yielding to the runtime anyway (fairness; and a task out
+    /// of tokio's budget is woken at once by every resource it polls).
+    const MAX_PASSES: usize = 16;
+    let waker = std::task::Waker::from(rewake.clone());
+    std::future::poll_fn(|cx| {
+        rewake.task.register(cx.waker());
+        let mut inner = std::task::Context::from_waker(&waker);
+        for _ in 0..MAX_PASSES {
+            rewake.polling.store(true, Ordering::SeqCst);
+            conns.poll_drive(&mut inner);
+            let r = conn.as_mut().poll(&mut inner);
+            // A request the server connection just sent goes out in this same pass.
+            conns.poll_drive(&mut inner);
+            rewake.polling.store(false, Ordering::SeqCst);
+            if r.is_ready() {
+                return r;
+            }
+            if !rewake.again.swap(false, Ordering::SeqCst) {
+                return std::task::Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// The waker a session's futures see (see [`drive`]): a wake-up during a pass asks for
+/// another pass; any other goes to the session's task.
+#[derive(Default)]
+struct Rewake {
+    task: futures_util::task::AtomicWaker,
+    polling: std::sync::atomic::AtomicBool,
+    again: std::sync::atomic::AtomicBool,
+}
+
+impl std::task::Wake for Rewake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.polling.load(Ordering::SeqCst) {
+            self.again.store(true, Ordering::SeqCst);
+            // The pass may have just ended: then this wake-up is the task's after all.
+            if self.polling.load(Ordering::SeqCst) || !self.again.swap(false, Ordering::SeqCst)
+            {
+                return;
+            }
+        }
+        self.task.wake();
     }
 }
 

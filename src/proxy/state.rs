@@ -35,6 +35,8 @@ pub struct UpstreamPlane {
     pub config: UpstreamConfig,
     pub settings: Arc<UpstreamSettings>,
     pub client: Client<Connector, super::forward::UpstreamBody>,
+    /// Idle connections HTTP/1.1 sessions gave back (`proxy::session_conn`).
+    pub idle: Arc<super::session_conn::IdleConns>,
 }
 
 impl UpstreamPlane {
@@ -55,6 +57,7 @@ impl UpstreamPlane {
             config: config.clone(),
             settings,
             client,
+            idle: Arc::default(),
         })
     }
 }
