@@ -541,3 +541,98 @@ async fn graceful_shutdown_lets_in_flight_request_finish() {
         "every session drained before the deadline"
     );
 }
+
+/// An upstream that counts the connections it accepts and drops each one `lifetime` after
+/// accepting it (an upstream's keep-alive timeout); answers with the connection's number.
+async fn counting_upstream(lifetime: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let accepted = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let n = accepted.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(full(format!("conn {n}"))))
+                });
+                let serve = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(lifetime, serve).await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn sessions_reuse_upstream_connections_and_replace_ones_the_upstream_closed() {
+    let pki = TestPki::new();
+    let (long, long_count) = counting_upstream(Duration::from_secs(60)).await;
+    let (short, short_count) = counting_upstream(Duration::from_millis(1600)).await;
+    let routes = format!("{}{}", route_line("long", long), route_line("short", short));
+    let proxy = TestProxy::start(&pki, &config_text(&pki, "", &routes, LOOPBACK)).await;
+    let hold = mcp_tunnel::proxy::session_conn::HOLD;
+    let (l, s) = ("long.tunnel.test", "short.tunnel.test");
+
+    // One HTTP/1.1 session, requests one after another: one upstream connection.
+    let mut a = Edge::connect(&proxy, &pki, l, false).await;
+    for _ in 0..5 {
+        assert_eq!(a.get(l, "/").await, (200, "conn 1".into()));
+    }
+    // Quiet past HOLD: the connection goes to the idle list, and another session takes it
+    // instead of dialling.
+    tokio::time::sleep(hold + Duration::from_millis(300)).await;
+    let mut b = Edge::connect(&proxy, &pki, l, false).await;
+    assert_eq!(b.get(l, "/").await, (200, "conn 1".into()));
+    assert_eq!(long_count.load(Ordering::SeqCst), 1);
+
+    // The upstream closes a connection while it sits in the idle list, where nothing polls
+    // it: the next session's request still succeeds, on a new connection.
+    let mut c = Edge::connect(&proxy, &pki, s, false).await;
+    assert_eq!(c.get(s, "/").await, (200, "conn 1".into()));
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let mut d = Edge::connect(&proxy, &pki, s, false).await;
+    assert_eq!(d.get(s, "/").await, (200, "conn 2".into()));
+    assert_eq!(short_count.load(Ordering::SeqCst), 2);
+
+    // Concurrent sessions each get a connection of their own (none waits for another's).
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(Edge::connect(&proxy, &pki, l, false).await);
+    }
+    let answers = futures_util::future::join_all(sessions.iter_mut().map(|e| e.get(l, "/"))).await;
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+    assert!(long_count.load(Ordering::SeqCst) >= 4);
+}
+
+#[tokio::test]
+async fn a_new_upstream_policy_never_reuses_a_connection_checked_under_the_old_one() {
+    let pki = TestPki::new();
+    let (up, accepted) = counting_upstream(Duration::from_secs(60)).await;
+    let routes = route_line("echo", up);
+    let proxy = TestProxy::start(&pki, &config_text(&pki, "", &routes, LOOPBACK)).await;
+    let host = "echo.tunnel.test";
+    let mut a = Edge::connect(&proxy, &pki, host, false).await;
+    assert_eq!(a.get(host, "/").await, (200, "conn 1".into()));
+
+    // Same routes, another [upstream] policy (still allowing the upstream): the session's
+    // next request is made on a connection resolved and checked under the new policy.
+    let text = config_text(
+        &pki,
+        "",
+        &routes,
+        &format!("{LOOPBACK}\nconnect_timeout = \"3s\""),
+    );
+    let next = mcp_tunnel::config::Config::parse(&pki.path("mcp-tunnel.toml"), &text).unwrap();
+    proxy.proxy.apply(&next).await.unwrap();
+    assert_eq!(a.get(host, "/").await, (200, "conn 2".into()));
+    assert_eq!(a.get(host, "/").await, (200, "conn 2".into()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}

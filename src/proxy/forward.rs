@@ -20,8 +20,8 @@ use tracing::{debug, info, warn};
 use super::keepalive::SseKeepalive;
 use super::mcp::{self, Exchange, Inspected, ResponseInspector};
 use super::metrics::{LimitHit, Refusal, UpstreamOutcome};
-use super::state::Snapshot;
 use super::session_conn::{self, SendError, SessionConn};
+use super::state::Snapshot;
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
 use crate::config::Route;
@@ -147,6 +147,11 @@ impl Activity {
         self.metrics.stream_started();
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
         ActiveGuard(self.clone())
+    }
+
+    /// A request is in flight (its response has not finished streaming).
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
     }
 
     /// Idle: nothing in flight and no request started or finished for `idle`.

@@ -417,25 +417,21 @@ impl Proxy {
         let idle = self.limits.idle_session_timeout;
         let conns = &session.conns;
         let rewake = Arc::new(Rewake::default());
-        let rewake = &rewake;
+        let mut hold = Hold::new(&self, &session.activity, conns, &rewake);
+        let hold = &mut hold;
         let result = loop {
             tokio::select! {
-                r = drive(conn.as_mut(), conns, rewake) => break r,
+                r = drive(conn.as_mut(), hold) => break r,
                 _ = shutdown.started() => {
                     conn.as_mut().graceful_shutdown();
-                    break drive(conn.as_mut(), conns, rewake).await;
+                    break drive(conn.as_mut(), hold).await;
                 }
                 _ = tokio::time::sleep(activity.time_to_idle(idle)) => {
                     if activity.is_idle(idle) {
                         self.metrics.limit(metrics::LimitHit::IdleSession);
                         debug!(client = %client_ip, timeout = ?idle, "closing idle tunnel session (limits.idle_session_timeout)");
                         conn.as_mut().graceful_shutdown();
-                        break drive(conn.as_mut(), conns, rewake).await;
-                    }
-                }
-                _ = tokio::time::sleep(activity.time_to_idle(session_conn::HOLD)), if conns.holds() => {
-                    if activity.is_idle(session_conn::HOLD) {
-                        conns.release(&self.upstream.load().idle);
+                        break drive(conn.as_mut(), hold).await;
                     }
                 }
             }
@@ -474,9 +470,9 @@ impl Proxy {
 /// pass right here.
 async fn drive<F: std::future::Future>(
     mut conn: std::pin::Pin<&mut F>,
-    conns: &session_conn::SessionConn,
-    rewake: &Arc<Rewake>,
+    hold: &mut Hold<'_>,
 ) -> F::Output {
+    let (conns, rewake) = (hold.conns, hold.rewake);
     /// Passes in one poll before yielding to the runtime anyway (fairness; and a task out
     /// of tokio's budget is woken at once by every resource it polls).
     const MAX_PASSES: usize = 16;
@@ -495,13 +491,70 @@ async fn drive<F: std::future::Future>(
                 return r;
             }
             if !rewake.again.swap(false, Ordering::SeqCst) {
-                return std::task::Poll::Pending;
+                rewake.polling.store(true, Ordering::SeqCst);
+                hold.poll(&mut inner);
+                rewake.polling.store(false, Ordering::SeqCst);
+                if !rewake.again.swap(false, Ordering::SeqCst) {
+                    return std::task::Poll::Pending;
+                }
             }
         }
         cx.waker().wake_by_ref();
         std::task::Poll::Pending
     })
     .await
+}
+
+/// Gives a session's upstream connection back to the plane's idle list once the session
+/// has been quiet for `session_conn::HOLD` (timer armed only while the session holds an
+/// idle connection, so idle sessions without one cost no wake-ups).
+struct Hold<'a> {
+    proxy: &'a Proxy,
+    activity: &'a forward::Activity,
+    conns: &'a session_conn::SessionConn,
+    rewake: &'a Arc<Rewake>,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl<'a> Hold<'a> {
+    fn new(
+        proxy: &'a Proxy,
+        activity: &'a forward::Activity,
+        conns: &'a session_conn::SessionConn,
+        rewake: &'a Arc<Rewake>,
+    ) -> Hold<'a> {
+        Hold {
+            proxy,
+            activity,
+            conns,
+            rewake,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: false,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) {
+        if self.activity.busy() || !self.conns.holds() {
+            self.armed = false;
+            return;
+        }
+        let hold = session_conn::HOLD;
+        if !self.armed {
+            let at = tokio::time::Instant::now() + self.activity.time_to_idle(hold);
+            self.timer.as_mut().reset(at);
+            self.armed = true;
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if self.activity.is_idle(hold) {
+                self.conns.release(&self.proxy.upstream.load().idle);
+                self.armed = false;
+                return;
+            }
+            let at = tokio::time::Instant::now() + self.activity.time_to_idle(hold);
+            self.timer.as_mut().reset(at);
+        }
+    }
 }
 
 /// The waker a session's futures see (see [`drive`]): a wake-up during a pass asks for
@@ -522,8 +575,7 @@ impl std::task::Wake for Rewake {
         if self.polling.load(Ordering::SeqCst) {
             self.again.store(true, Ordering::SeqCst);
             // The pass may have just ended: then this wake-up is the task's after all.
-            if self.polling.load(Ordering::SeqCst) || !self.again.swap(false, Ordering::SeqCst)
-            {
+            if self.polling.load(Ordering::SeqCst) || !self.again.swap(false, Ordering::SeqCst) {
                 return;
             }
         }

@@ -16,9 +16,9 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::Context;
 use std::time::{Duration, Instant};
-use std::sync::{Arc, Mutex, Weak};
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -138,7 +138,11 @@ impl SessionConn {
 
     /// Whether the session holds any upstream connection.
     pub fn holds(&self) -> bool {
-        !self.slots.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        !self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// Gives the connections no request is using to `idle`, the current plane's (the
@@ -169,9 +173,9 @@ impl SessionConn {
 
     fn lend_own(&self, home: &Weak<IdleConns>, upstream: &Upstream) -> Option<Lent> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = slots.iter_mut().find(|s| {
-            s.send.is_some() && Weak::ptr_eq(&s.home, home) && &s.upstream == upstream
-        })?;
+        let slot = slots
+            .iter_mut()
+            .find(|s| s.send.is_some() && Weak::ptr_eq(&s.home, home) && &s.upstream == upstream)?;
         Some(Lent {
             id: slot.id,
             send: slot.send.take()?,
@@ -217,6 +221,21 @@ async fn connect(plane: &UpstreamPlane, upstream: &Upstream, uri: &Uri) -> Resul
     })
 }
 
+/// An idle connection of `idle` that has not been closed while nobody polled it: polling its
+/// driver once reads what arrived meanwhile (an upstream's close ends it here).
+async fn take_live(idle: &IdleConns, upstream: &Upstream) -> Option<Conn> {
+    loop {
+        let mut conn = idle.take(upstream)?;
+        let closed = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(conn.driver.as_mut().poll(cx).is_ready())
+        })
+        .await;
+        if !closed && !conn.send.is_closed() {
+            return Some(conn);
+        }
+    }
+}
+
 /// Sends `req` (absolute URI, as routing built it) to `upstream` on the session's own
 /// connection, one idle in `plane`, or a new one (resolved and checked by the connector). A
 /// reused connection that turns out closed before the request went out is replaced once.
@@ -234,12 +253,12 @@ pub async fn send(
         let found = if fresh_only {
             None
         } else {
-            session.lend_own(&home, upstream).or_else(|| {
-                plane
-                    .idle
-                    .take(upstream)
-                    .map(|conn| session.adopt(conn, true))
-            })
+            match session.lend_own(&home, upstream) {
+                Some(lent) => Some(lent),
+                None => take_live(&plane.idle, upstream)
+                    .await
+                    .map(|conn| session.adopt(conn, true)),
+            }
         };
         let mut lent = match found {
             Some(l) => l,
