@@ -280,7 +280,7 @@ start_proxy
 
 # --- (a) tools/call ----------------------------------------------------------------------
 for path in /mcp /mcp-sse; do
-  if [[ $path == /mcp ]]; then levels=(1 16 64); else levels=(16); fi
+  levels=(1 16 64)
   for sessions in "${levels[@]}"; do
     step "(a) tools/call $path, $sessions sessions, $ROUNDS rounds"
     for round in $(seq 1 "$ROUNDS"); do
