@@ -575,7 +575,6 @@ async fn sessions_reuse_upstream_connections_and_replace_ones_the_upstream_close
     let (short, short_count) = counting_upstream(Duration::from_millis(1600)).await;
     let routes = format!("{}{}", route_line("long", long), route_line("short", short));
     let proxy = TestProxy::start(&pki, &config_text(&pki, "", &routes, LOOPBACK)).await;
-    let hold = mcp_tunnel::proxy::session_conn::HOLD;
     let (l, s) = ("long.tunnel.test", "short.tunnel.test");
 
     // One HTTP/1.1 session, requests one after another: one upstream connection.
@@ -583,9 +582,8 @@ async fn sessions_reuse_upstream_connections_and_replace_ones_the_upstream_close
     for _ in 0..5 {
         assert_eq!(a.get(l, "/").await, (200, "conn 1".into()));
     }
-    // Quiet past HOLD: the connection goes to the idle list, and another session takes it
-    // instead of dialling.
-    tokio::time::sleep(hold + Duration::from_millis(300)).await;
+    // Between requests the connection waits in the idle list, and another session takes
+    // it instead of dialling.
     let mut b = Edge::connect(&proxy, &pki, l, false).await;
     assert_eq!(b.get(l, "/").await, (200, "conn 1".into()));
     assert_eq!(long_count.load(Ordering::SeqCst), 1);

@@ -417,8 +417,13 @@ impl Proxy {
         let idle = self.limits.idle_session_timeout;
         let conns = &session.conns;
         let rewake = Arc::new(Rewake::default());
-        let mut hold = Hold::new(&self, &session.activity, conns, &rewake);
-        let hold = &mut hold;
+        let mut parts = Drive {
+            proxy: &self,
+            activity: &session.activity,
+            conns,
+            rewake: &rewake,
+        };
+        let hold = &mut parts;
         let result = loop {
             tokio::select! {
                 r = drive(conn.as_mut(), hold) => break r,
@@ -470,9 +475,9 @@ impl Proxy {
 /// pass right here.
 async fn drive<F: std::future::Future>(
     mut conn: std::pin::Pin<&mut F>,
-    hold: &mut Hold<'_>,
+    parts: &mut Drive<'_>,
 ) -> F::Output {
-    let (conns, rewake) = (hold.conns, hold.rewake);
+    let (conns, rewake) = (parts.conns, parts.rewake);
     /// Passes in one poll before yielding to the runtime anyway (fairness; and a task out
     /// of tokio's budget is woken at once by every resource it polls).
     const MAX_PASSES: usize = 16;
@@ -491,12 +496,11 @@ async fn drive<F: std::future::Future>(
                 return r;
             }
             if !rewake.again.swap(false, Ordering::SeqCst) {
-                rewake.polling.store(true, Ordering::SeqCst);
-                hold.poll(&mut inner);
-                rewake.polling.store(false, Ordering::SeqCst);
-                if !rewake.again.swap(false, Ordering::SeqCst) {
-                    return std::task::Poll::Pending;
+                // Nothing in flight: the connection goes back for any session to take.
+                if !parts.activity.busy() {
+                    conns.release(&parts.proxy.upstream.load().idle);
                 }
+                return std::task::Poll::Pending;
             }
         }
         cx.waker().wake_by_ref();
@@ -505,56 +509,12 @@ async fn drive<F: std::future::Future>(
     .await
 }
 
-/// Gives a session's upstream connection back to the plane's idle list once the session
-/// has been quiet for `session_conn::HOLD` (timer armed only while the session holds an
-/// idle connection, so idle sessions without one cost no wake-ups).
-struct Hold<'a> {
+/// What [`drive`] needs of the session beside its server connection.
+struct Drive<'a> {
     proxy: &'a Proxy,
     activity: &'a forward::Activity,
     conns: &'a session_conn::SessionConn,
     rewake: &'a Arc<Rewake>,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
-    armed: bool,
-}
-
-impl<'a> Hold<'a> {
-    fn new(
-        proxy: &'a Proxy,
-        activity: &'a forward::Activity,
-        conns: &'a session_conn::SessionConn,
-        rewake: &'a Arc<Rewake>,
-    ) -> Hold<'a> {
-        Hold {
-            proxy,
-            activity,
-            conns,
-            rewake,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            armed: false,
-        }
-    }
-
-    fn poll(&mut self, cx: &mut std::task::Context<'_>) {
-        if self.activity.busy() || !self.conns.holds() {
-            self.armed = false;
-            return;
-        }
-        let hold = session_conn::HOLD;
-        if !self.armed {
-            let at = tokio::time::Instant::now() + self.activity.time_to_idle(hold);
-            self.timer.as_mut().reset(at);
-            self.armed = true;
-        }
-        while self.timer.as_mut().poll(cx).is_ready() {
-            if self.activity.is_idle(hold) {
-                self.conns.release(&self.proxy.upstream.load().idle);
-                self.armed = false;
-                return;
-            }
-            let at = tokio::time::Instant::now() + self.activity.time_to_idle(hold);
-            self.timer.as_mut().reset(at);
-        }
-    }
 }
 
 /// The waker a session's futures see (see [`drive`]): a wake-up during a pass asks for

@@ -1,18 +1,20 @@
-//! A tunnel session's own upstream connection, driven by the session's own task.
+//! Upstream connections driven by the tunnel session's own task.
 //!
-//! An HTTP/1.1 tunnel session carries one request at a time, so it needs at most one upstream
-//! connection at a time. Holding it in the session, and polling it from the task that serves
-//! the session, lets a request go client -> proxy -> upstream -> proxy -> client in one task:
-//! no hand-off to a pool task and back, no wake-up of another worker thread per request
-//! (the shared pool's cost, measured in BENCHMARKS.md (a)). h2 sessions, whose streams are
-//! served by tasks of their own, keep using the plane's shared pool.
+//! An HTTP/1.1 tunnel session carries one request at a time, so it needs one upstream
+//! connection at a time. Polling that connection from the task that serves the session lets
+//! a request go client -> proxy -> upstream -> proxy -> client in one task: no hand-off to a
+//! pool task and back, no wake-up of another worker thread per request (the shared pool's
+//! cost, measured in BENCHMARKS.md (a)). h2 sessions, whose streams are served by tasks of
+//! their own, keep using the plane's shared pool.
 //!
-//! Connections outlive sessions the way pooled ones do: a session that goes quiet for
-//! [`HOLD`], or ends, gives its connection back to its plane's [`IdleConns`], where the next
-//! session takes it. Every *new* connection goes through [`Connector::connect`] (resolve,
-//! check every address against the allowlist, dial a checked one), exactly as the pool's do,
-//! and a new upstream policy gets a new plane with an empty idle list.
+//! A session borrows a connection from its plane's [`IdleConns`] for a request and gives it
+//! back as soon as nothing is in flight, so connections are shared between sessions as a
+//! pool's are, and thousands of idle sessions hold none. Every *new* connection goes through
+//! [`Connector::connect`] (resolve, check every address against the allowlist, dial a
+//! checked one), exactly as the pool's do, and a new upstream policy gets a new plane with
+//! an empty idle list.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,11 +30,6 @@ use super::forward::UpstreamBody;
 use super::state::UpstreamPlane;
 use super::upstream::{Connector, UpstreamIo};
 use crate::config::Upstream;
-
-/// How long a quiet session keeps its upstream connection before giving it back: long
-/// enough for an MCP burst (initialize, tools/list, calls), short enough that thousands of
-/// idle sessions do not each hold one.
-pub const HOLD: Duration = Duration::from_secs(1);
 
 /// Idle connections a plane keeps for sessions to take (as nginx's `keepalive 64`, doubled).
 pub const MAX_IDLE: usize = 128;
@@ -65,29 +62,34 @@ struct Idle {
 /// from the upstream; the next request on it finds out and retries on a new connection).
 #[derive(Default)]
 pub struct IdleConns {
-    list: Mutex<Vec<Idle>>,
+    /// Oldest first: the most recently used connection is taken first (its buffers are
+    /// warm), the oldest expire first.
+    list: Mutex<VecDeque<Idle>>,
 }
 
 impl IdleConns {
     fn take(&self, upstream: &Upstream) -> Option<Conn> {
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
-        list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
         let at = list.iter().rposition(|i| &i.conn.upstream == upstream)?;
-        Some(list.swap_remove(at).conn)
+        list.remove(at).map(|i| i.conn)
     }
 
     fn put(&self, conn: Conn) {
         if conn.send.is_closed() || !conn.send.is_ready() {
             return;
         }
+        let now = Instant::now();
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
-        list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
-        if list.len() < MAX_IDLE {
-            list.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+        while list
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
+        {
+            list.pop_front();
         }
+        if list.len() >= MAX_IDLE {
+            list.pop_front();
+        }
+        list.push_back(Idle { conn, since: now });
     }
 
     /// Idle connections kept now.
@@ -145,12 +147,15 @@ impl SessionConn {
             .is_empty()
     }
 
-    /// Gives the connections no request is using to `idle`, the current plane's (the
-    /// session went quiet or ended); one opened under an older policy is closed, one still
-    /// in use is left to finish.
+    /// Gives the connections no request is using to `idle`, the current plane's (nothing
+    /// is in flight on the session, or it ended); one opened under an older policy is
+    /// closed, one still in use is left to finish.
     pub fn release(&self, idle: &Arc<IdleConns>) {
-        let current = Arc::downgrade(idle);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.is_empty() {
+            return;
+        }
+        let current = Arc::downgrade(idle);
         let mut i = 0;
         while i < slots.len() {
             if slots[i].send.is_some() {
