@@ -14,7 +14,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
 use super::keepalive::SseKeepalive;
@@ -64,7 +64,10 @@ pub type ProxyBody = Either<LeasedBody, Full<Bytes>>;
 /// client) once its route's lease is cancelled by a reload.
 pub struct LeasedBody {
     inner: Incoming,
-    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The route's lease; a waiter is registered on it only once the body has to wait for
+    /// the upstream (most JSON answers never do, so they never touch the lease's lock).
+    lease: CancellationToken,
+    revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// For `text/event-stream` responses: comments while the stream is idle.
     keepalive: Option<SseKeepalive>,
     /// On inspected routes: reads (and with a policy, filters) the body as it streams.
@@ -234,10 +237,14 @@ impl Body for LeasedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if self.revoked.as_mut().poll(cx).is_ready() {
+        let this = &mut *self;
+        let revoked = match this.revoked.as_mut() {
+            Some(waiter) => waiter.as_mut().poll(cx).is_ready(),
+            None => this.lease.is_cancelled(),
+        };
+        if revoked {
             return Poll::Ready(Some(Err(Box::new(RouteRevoked))));
         }
-        let this = &mut *self;
         let polled = match this.mcp.as_deref_mut() {
             None => Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into),
             Some(ins) => poll_inspected(ins, &mut this.inner, cx),
@@ -257,10 +264,19 @@ impl Body for LeasedBody {
                 Poll::Ready(None)
             }
             Poll::Ready(other) => Poll::Ready(other),
-            Poll::Pending => match this.keepalive.as_mut() {
-                Some(k) => k.poll_comment(cx).map(|c| Some(Ok(Frame::data(c)))),
-                None => Poll::Pending,
-            },
+            Poll::Pending => {
+                if this.revoked.is_none() {
+                    let mut waiter = Box::pin(this.lease.clone().cancelled_owned());
+                    if waiter.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(Box::new(RouteRevoked))));
+                    }
+                    this.revoked = Some(waiter);
+                }
+                match this.keepalive.as_mut() {
+                    Some(k) => k.poll_comment(cx).map(|c| Some(Ok(Frame::data(c)))),
+                    None => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -511,7 +527,8 @@ impl Session {
                 resp.map(|inner| {
                     Either::Left(LeasedBody {
                         inner,
-                        revoked: Box::pin(lease.cancelled_owned()),
+                        lease,
+                        revoked: None,
                         mcp: inspector,
                         keepalive,
                         _active: active,
