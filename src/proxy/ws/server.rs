@@ -66,7 +66,7 @@ enum Rx {
 
 /// Why processing received bytes stopped.
 enum Stop {
-    /// The peer's close frame arrived (the answer is queued): end of the stream.
+    /// The peer's close frame arrived: end of the stream.
     Closed,
     /// A protocol violation or a limit: close with this code, fail with this error.
     Fail(u16, io::Error),
@@ -152,6 +152,9 @@ pub struct ServerStream<S> {
     /// An error found after data that was returned first; reported by the next read.
     failed: Option<io::Error>,
     read_eof: bool,
+    /// The peer closed: our answer (its code echoed) is queued by the read that reports the
+    /// end, so data read with the close can still be answered first (RFC 6455 5.5.1).
+    close_answer: Option<Option<u16>>,
 
     // Write side. Order on the wire: a frame once started is finished before anything else.
     /// Header of the current data frame, written from `hdr_pos` (vectored path).
@@ -192,6 +195,7 @@ impl<S> ServerStream<S> {
             close_code_in: [0; 2],
             failed: None,
             read_eof: false,
+            close_answer: None,
             hdr: [0; 10],
             hdr_pos: 0,
             hdr_len: 0,
@@ -359,10 +363,7 @@ impl<S> ServerStream<S> {
                         Some(code)
                     }
                 };
-                // Echo the code; no answer needed when our own close went first.
-                if !self.closing() {
-                    self.close_queued = Some(code);
-                }
+                self.close_answer = Some(code);
                 Err(Stop::Closed)
             }
             _ => Ok(()),
@@ -514,6 +515,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerStream<S> {
         }
     }
 
+    /// Answers the peer's close (echoing its code) unless our own close went first.
+    fn answer_close(&mut self, cx: &mut Context<'_>) {
+        if let Some(code) = self.close_answer.take() {
+            if !self.closing() {
+                self.close_queued = Some(code);
+            }
+            self.try_send_close(cx);
+        }
+    }
+
     /// Sends a ping if one is due; an error if the last one went unanswered.
     fn keepalive(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         // Not while a control frame waits (we owe one, or the peer owes us a pong: asked
@@ -577,7 +588,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerStream<S> {
             this.read_eof = true;
             return Poll::Ready(Err(e));
         }
-        if this.read_eof || buf.remaining() == 0 {
+        if this.read_eof {
+            this.answer_close(cx);
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
         loop {
@@ -609,10 +624,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerStream<S> {
             }
             let (w, outcome) = this.process(&mut dst[..n]);
             match outcome {
-                Ok(()) => {}
+                Ok(()) => {
+                    // A pong for a ping just read goes now if the connection takes it; a
+                    // write error shows on the next write.
+                    if this.ctrl_len > 0 {
+                        let _ = this.poll_out(cx);
+                    }
+                }
                 Err(Stop::Closed) => {
                     this.read_eof = true;
-                    this.try_send_close(cx);
+                    if w == 0 {
+                        this.answer_close(cx);
+                    }
                 }
                 Err(Stop::Fail(code, e)) => {
                     this.queue_close(code);
@@ -733,11 +756,531 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerStream<S> {
         // A data frame the caller left unfinished cannot be followed by a close: the peer
         // sees the connection end inside it.
         if this.remaining == 0 {
+            if let Some(code) = this.close_answer.take()
+                && !this.closing()
+            {
+                this.close_queued = Some(code);
+            }
             this.queue_close(CLOSE_NORMAL);
         }
         ready!(this.poll_out(cx))?;
         this.wbuf = BytesMut::new();
         ready!(Pin::new(&mut this.io).poll_flush(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use crate::proxy::keepalive::KeepaliveCounters;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+
+    const LIMIT: usize = 4 << 20;
+
+    /// An inner connection with vectored writes that moves at most `chunk` bytes per read
+    /// or write and is not ready every other write: partial writes, headers split across
+    /// reads.
+    struct Trickle {
+        io: DuplexStream,
+        chunk: usize,
+        stall: bool,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let mut tmp = vec![0u8; buf.remaining().min(self.chunk)];
+            let mut small = ReadBuf::new(&mut tmp);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut small))?;
+            buf.put_slice(small.filled());
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            self.stall = !self.stall;
+            if self.stall {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let mut tmp = Vec::new();
+            for b in bufs {
+                tmp.extend_from_slice(&b[..b.len().min(self.chunk - tmp.len())]);
+            }
+            Pin::new(&mut self.io).poll_write(cx, &tmp)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    fn plain(max_message: usize, max_frame: usize) -> (ServerStream<DuplexStream>, DuplexStream) {
+        let (s, c) = duplex(64 * 1024);
+        (ServerStream::new(s, max_message, max_frame), c)
+    }
+
+    fn trickle(chunk: usize) -> (ServerStream<Trickle>, DuplexStream) {
+        let (s, c) = duplex(64 * 1024);
+        let io = Trickle {
+            io: s,
+            chunk,
+            stall: false,
+        };
+        (ServerStream::new(io, LIMIT, LIMIT), c)
+    }
+
+    async fn client(io: DuplexStream) -> WebSocketStream<DuplexStream> {
+        WebSocketStream::from_raw_socket(io, Role::Client, None).await
+    }
+
+    /// A client frame as raw bytes, masked unless `mask` is `None`.
+    fn raw_frame(b0: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = vec![b0];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(m | n as u8),
+            n if n <= 0xffff => {
+                out.push(m | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(m | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let mut body = payload.to_vec();
+        if let Some(mask) = mask {
+            out.extend_from_slice(&mask);
+            unmask(&mut body, mask, 0);
+        }
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i * 31 + seed as usize) as u8).collect()
+    }
+
+    /// Reads to the end through odd-sized reads, echoing every chunk; then shuts down.
+    async fn echo_server<S: AsyncRead + AsyncWrite + Unpin>(
+        mut server: ServerStream<S>,
+    ) -> io::Result<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1021];
+        loop {
+            let n = server.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            server.write_all(&buf[..n]).await?;
+            server.flush().await?;
+        }
+        server.shutdown().await?;
+        Ok(got)
+    }
+
+    /// Big, text and fragmented messages (with a ping inside the fragmented one) go in; the
+    /// same bytes come back as binary frames, the ping is answered, the close is echoed.
+    async fn data_both_ways<S>(server: ServerStream<S>, client_io: DuplexStream, big: usize)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let big = pattern(big, 7);
+        let mut expected = big.clone();
+        expected.extend_from_slice("héllo".as_bytes());
+        expected.extend_from_slice(b"abcdefghi");
+        expected.extend_from_slice(&pattern(300, 3));
+        let server = tokio::spawn(echo_server(server));
+        let (mut tx, mut rx) = client(client_io).await.split();
+        let send = async move {
+            tx.send(Message::binary(big)).await.unwrap();
+            tx.send(Message::text("héllo")).await.unwrap();
+            let bin = OpCode::Data(Data::Binary);
+            let cont = OpCode::Data(Data::Continue);
+            tx.send(Message::Frame(Frame::message(&b"abc"[..], bin, false)))
+                .await
+                .unwrap();
+            tx.send(Message::Frame(Frame::message(&b"def"[..], cont, false)))
+                .await
+                .unwrap();
+            tx.send(Message::Ping(bytes::Bytes::from_static(b"in between")))
+                .await
+                .unwrap();
+            tx.send(Message::Frame(Frame::message(&b"ghi"[..], cont, true)))
+                .await
+                .unwrap();
+            tx.send(Message::binary(pattern(300, 3))).await.unwrap();
+            tx.send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Library(4000),
+                reason: "done".into(),
+            })))
+            .await
+            .unwrap();
+        };
+        let receive = async move {
+            let (mut back, mut pongs, mut close) = (Vec::new(), Vec::new(), None);
+            while let Some(m) = rx.next().await {
+                match m.unwrap() {
+                    Message::Binary(b) => back.extend_from_slice(&b),
+                    Message::Pong(p) => pongs.push(p),
+                    Message::Close(c) => close = c.map(|c| c.code),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            (back, pongs, close)
+        };
+        let ((), (back, pongs, close)) = tokio::join!(send, receive);
+        let got = server.await.unwrap().expect("server side");
+        assert_eq!(got.len(), expected.len());
+        assert!(
+            got == expected,
+            "the server read other bytes than were sent"
+        );
+        assert!(
+            back == expected,
+            "the bytes written back changed on the way"
+        );
+        assert_eq!(pongs, vec![bytes::Bytes::from_static(b"in between")]);
+        assert_eq!(close, Some(CloseCode::Library(4000)), "close code echoed");
+    }
+
+    #[tokio::test]
+    async fn data_both_ways_over_a_plain_connection() {
+        let (server, c) = plain(LIMIT, LIMIT);
+        data_both_ways(server, c, 1 << 20).await;
+    }
+
+    #[tokio::test]
+    async fn data_both_ways_through_partial_vectored_writes_and_split_headers() {
+        for (chunk, big) in [(1, 3000), (3, 20_000), (7, 70_000), (1000, 1 << 20)] {
+            let (server, c) = trickle(chunk);
+            data_both_ways(server, c, big).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn ping_is_answered_with_its_payload() {
+        let (mut server, c) = plain(LIMIT, LIMIT);
+        let mut ws = client(c).await;
+        ws.send(Message::Ping(vec![9u8; 125].into())).await.unwrap();
+        ws.send(Message::binary(&b"after"[..])).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"after");
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Pong(vec![9u8; 125].into())
+        );
+    }
+
+    #[tokio::test]
+    async fn server_shutdown_sends_close_1000() {
+        let (mut server, c) = plain(LIMIT, LIMIT);
+        let mut ws = client(c).await;
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::binary(&b"bye"[..])
+        );
+        match ws.next().await.unwrap().unwrap() {
+            Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Normal),
+            other => panic!("expected a close, got {other:?}"),
+        }
+        // Writes after the close are refused.
+        let e = server.write_all(b"more").await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[tokio::test]
+    async fn client_close_reads_as_end_and_is_echoed() {
+        let (mut server, c) = plain(LIMIT, LIMIT);
+        let mut ws = client(c).await;
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "".into(),
+        }))
+        .await
+        .unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0, "stays at the end");
+        match ws.next().await.unwrap().unwrap() {
+            Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Away),
+            other => panic!("expected the close echoed, got {other:?}"),
+        }
+        assert!(server.write_all(b"late").await.is_err());
+    }
+
+    /// Reads what the server sent back on a raw client connection until it closes.
+    async fn raw_answer(c: &mut DuplexStream) -> Vec<u8> {
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut back)).await;
+        back
+    }
+
+    #[tokio::test]
+    async fn protocol_violations_close_1002() {
+        let m = Some([1, 2, 3, 4]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("unmasked", raw_frame(0x82, b"abc", None)),
+            ("reserved bit", raw_frame(0x80 | 0x40 | 0x2, b"x", m)),
+            ("unknown opcode", raw_frame(0x83, b"x", m)),
+            ("control over 125", raw_frame(0x89, &[0; 126], m)),
+            ("fragmented ping", raw_frame(0x09, b"p", m)),
+            ("stray continuation", raw_frame(0x80, b"x", m)),
+            ("message inside a message", {
+                let mut v = raw_frame(0x02, b"a", m);
+                v.extend(raw_frame(0x82, b"b", m));
+                v
+            }),
+            ("one-byte close", raw_frame(0x88, &[3], m)),
+            (
+                "close code 1005",
+                raw_frame(0x88, &1005u16.to_be_bytes(), m),
+            ),
+            ("length top bit", {
+                let mut v = vec![0x82, 0x80 | 127, 0x80, 0, 0, 0, 0, 0, 0, 1];
+                v.extend_from_slice(&[1, 2, 3, 4]);
+                v
+            }),
+        ];
+        for (what, bytes) in cases {
+            let (mut server, mut c) = plain(LIMIT, LIMIT);
+            c.write_all(&bytes).await.unwrap();
+            let mut buf = [0u8; 64];
+            let mut result = server.read(&mut buf).await;
+            if let Ok(n) = result
+                && n > 0
+            {
+                // Data of a valid first frame comes first; the error follows.
+                result = server.read(&mut buf).await;
+            }
+            let e = result.expect_err(what);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}");
+            assert!(e.to_string().contains("protocol error"), "{what}: {e}");
+            assert_eq!(
+                server.read(&mut buf).await.unwrap(),
+                0,
+                "{what}: then the end"
+            );
+            drop(server);
+            assert_eq!(raw_answer(&mut c).await, [0x88, 2, 0x03, 0xea], "{what}");
+        }
+    }
+
+    /// What the proxy checks to count `WsMessageTooLarge`.
+    fn is_too_big(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<TooBig>())
+            && e.to_string().contains("websocket message too large")
+    }
+
+    async fn expect_close_1009(ws: &mut WebSocketStream<DuplexStream>) {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => {
+                    assert_eq!(f.map(|f| f.code), Some(CloseCode::Size));
+                    return;
+                }
+                Some(Ok(_)) => {}
+                other => panic!("expected close 1009, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn frame_over_the_limit_closes_1009() {
+        let (mut server, c) = plain(1000, 64);
+        let mut ws = client(c).await;
+        ws.send(Message::binary(vec![1u8; 64])).await.unwrap();
+        ws.send(Message::binary(vec![2u8; 65])).await.unwrap();
+        let mut buf = [0u8; 256];
+        assert_eq!(
+            server.read(&mut buf).await.unwrap(),
+            64,
+            "at the limit: fine"
+        );
+        let e = server.read(&mut buf).await.unwrap_err();
+        assert!(is_too_big(&e), "{e}");
+        expect_close_1009(&mut ws).await;
+    }
+
+    #[tokio::test]
+    async fn fragmented_message_over_the_limit_closes_1009() {
+        let (mut server, c) = plain(100, 64);
+        let mut ws = client(c).await;
+        let bin = OpCode::Data(Data::Binary);
+        let cont = OpCode::Data(Data::Continue);
+        for (op, fin) in [(bin, false), (cont, false), (cont, true)] {
+            ws.send(Message::Frame(Frame::message(vec![5u8; 40], op, fin)))
+                .await
+                .unwrap();
+        }
+        let mut got = 0;
+        let mut buf = [0u8; 256];
+        let e = loop {
+            match server.read(&mut buf).await {
+                Ok(0) => panic!("end instead of an error"),
+                Ok(n) => got += n,
+                Err(e) => break e,
+            }
+        };
+        assert!(is_too_big(&e), "{e}");
+        assert!(got <= 80, "no byte past the limit: {got}");
+        expect_close_1009(&mut ws).await;
+    }
+
+    #[tokio::test]
+    async fn pong_queued_during_a_partial_write_goes_after_the_frame() {
+        let (mut server, c) = trickle(7);
+        let mut ws = client(c).await;
+        let data = pattern(100, 1);
+        let n = std::future::poll_fn(|cx| Pin::new(&mut server).poll_write(cx, &data))
+            .await
+            .unwrap();
+        assert!(n > 0 && n < data.len(), "a partial write: {n}");
+        ws.send(Message::Ping(bytes::Bytes::from_static(b"mid")))
+            .await
+            .unwrap();
+        ws.send(Message::binary(&b"x"[..])).await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            server.read(&mut buf).await.unwrap(),
+            1,
+            "the ping was taken in"
+        );
+        server.write_all(&data[n..]).await.unwrap();
+        server.flush().await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(data));
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Pong(bytes::Bytes::from_static(b"mid"))
+        );
+    }
+
+    #[tokio::test]
+    async fn end_of_connection_inside_a_frame_is_an_error() {
+        let (mut server, mut c) = plain(LIMIT, LIMIT);
+        let frame = raw_frame(0x82, b"hello", Some([9, 8, 7, 6]));
+        c.write_all(&frame[..frame.len() - 3]).await.unwrap();
+        drop(c);
+        let mut buf = [0u8; 16];
+        assert_eq!(server.read(&mut buf).await.unwrap(), 2);
+        assert_eq!(&buf[..2], b"he");
+        let e = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+
+        // At a frame boundary it is the end.
+        let (mut server, mut c) = plain(LIMIT, LIMIT);
+        c.write_all(&frame).await.unwrap();
+        drop(c);
+        assert_eq!(server.read(&mut buf).await.unwrap(), 5);
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+    }
+
+    fn pinging(io: DuplexStream, counters: &Arc<KeepaliveCounters>) -> ServerStream<DuplexStream> {
+        let ping = PingState::new(
+            Duration::from_secs(30),
+            Duration::from_secs(20),
+            counters.clone(),
+        );
+        ServerStream::new(io, LIMIT, LIMIT).with_pings(ping)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_session_is_pinged_and_lives_while_the_peer_answers() {
+        let counters = Arc::new(KeepaliveCounters::default());
+        let (s, c) = duplex(64 * 1024);
+        let mut server = pinging(s, &counters);
+        let mut ws = client(c).await;
+        // tungstenite answers pings while it is read.
+        let peer = tokio::spawn(async move {
+            let mut pings = 0;
+            while let Some(Ok(m)) = ws.next().await {
+                if matches!(m, Message::Ping(_)) {
+                    pings += 1;
+                }
+            }
+            pings
+        });
+        let mut buf = [0u8; 8];
+        let r = tokio::time::timeout(Duration::from_secs(200), server.read(&mut buf)).await;
+        assert!(r.is_err(), "the session stayed open: {r:?}");
+        let sent = counters.ws_pings.load(Ordering::Relaxed);
+        assert!(sent >= 3, "pings sent: {sent}");
+        assert_eq!(counters.ws_pong_timeouts.load(Ordering::Relaxed), 0);
+        server.shutdown().await.unwrap();
+        assert_eq!(peer.await.unwrap() as u64, sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_peer_gets_a_pong_timeout() {
+        let counters = Arc::new(KeepaliveCounters::default());
+        let (s, mut c) = duplex(64 * 1024);
+        let mut server = pinging(s, &counters);
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 8];
+        let e = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.get_ref().is_some_and(|i| i.is::<PongTimeout>()), "{e}");
+        assert_eq!(started.elapsed(), Duration::from_secs(50));
+        assert_eq!(counters.ws_pings.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.ws_pong_timeouts.load(Ordering::Relaxed), 1);
+        // The ping went out on the wire: an empty ping frame from the server.
+        let mut ping = [0u8; 2];
+        c.read_exact(&mut ping).await.unwrap();
+        assert_eq!(ping, [0x89, 0]);
+    }
+
+    #[test]
+    fn unmask_at_any_offset() {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let plain = pattern(37, 5);
+        let mut masked = plain.clone();
+        unmask(&mut masked, mask, 0);
+        for split in 0..plain.len() {
+            let mut m = masked.clone();
+            let (a, b) = m.split_at_mut(split);
+            unmask(a, mask, 0);
+            unmask(b, mask, split);
+            assert_eq!(m, plain, "split at {split}");
+        }
     }
 }
