@@ -326,7 +326,8 @@ impl<S> ServerStream<S> {
     fn control_bytes(&mut self, op: u8, data: &[u8]) {
         let at = self.unmasked as usize;
         match op {
-            OP_PING if self.collect_ping => {
+            // A close queued meanwhile owns `ctrl` now: the ping goes unanswered.
+            OP_PING if self.collect_ping && !self.closing() => {
                 self.ctrl[2 + at..2 + at + data.len()].copy_from_slice(data);
             }
             OP_CLOSE => {
