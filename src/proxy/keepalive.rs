@@ -4,7 +4,7 @@
 //!
 //! - a tunnel session that carried no bytes for `ws_ping_interval` gets a WebSocket ping; a
 //!   peer that answers nothing within `ws_pong_timeout` is gone and the session is closed
-//!   (state in [`PingState`], driven by `proxy::ws::WsByteStream`);
+//!   (state in [`PingState`], driven by `proxy::ws::server::ServerStream`);
 //! - a `text/event-stream` response idle for `sse_keepalive_interval` gets an SSE comment
 //!   line (`: keepalive`), which every SSE parser ignores, only at an event boundary, never
 //!   inside a partial event ([`SseKeepalive`], driven by the forwarded response body).

@@ -34,9 +34,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, info, warn};
 
 use crate::certs::{self, CertError};
@@ -312,7 +310,7 @@ impl Proxy {
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
         let sd = shutdown.clone();
-        let ws_config = ws::session_config_with(
+        let (max_message, max_frame) = (
             self.limits.max_ws_message_bytes,
             self.limits.max_ws_frame_bytes,
         );
@@ -320,19 +318,18 @@ impl Proxy {
             let _permit = permit;
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(ws_config),
-                    )
-                    .await;
                     let ping = keepalive::PingState::new(
                         self.limits.ws_ping_interval,
                         self.limits.ws_pong_timeout,
                         self.metrics.keepalive.clone(),
                     );
-                    self.serve_session(ws::WsByteStream::with_pings(ws, ping), client_ip, sd)
-                        .await;
+                    let ws = ws::server::ServerStream::new(
+                        TokioIo::new(upgraded),
+                        max_message,
+                        max_frame,
+                    )
+                    .with_pings(ping);
+                    self.serve_session(ws, client_ip, sd).await;
                 }
                 Err(e) => debug!(%peer, error = %e, "websocket upgrade failed"),
             }
@@ -356,10 +353,13 @@ impl Proxy {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let ws =
-            WebSocketStream::from_raw_socket(io, Role::Server, Some(ws::session_config())).await;
-        self.serve_session(ws::WsByteStream::new(ws), client_ip, shutdown)
-            .await;
+        let limits = crate::config::Limits::default();
+        let ws = ws::server::ServerStream::new(
+            io,
+            limits.max_ws_message_bytes,
+            limits.max_ws_frame_bytes,
+        );
+        self.serve_session(ws, client_ip, shutdown).await;
     }
 
     /// One tunnel session: inner TLS, then HTTP/1.1 or h2 with keep-alive.

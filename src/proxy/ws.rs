@@ -4,6 +4,12 @@
 //! Text and binary messages both carry payload bytes; ping, pong and close stay in the
 //! WebSocket layer (tungstenite answers pings itself). A close frame or the end of the
 //! connection reads as end-of-file.
+//!
+//! `WsByteStream` (on tungstenite) is the client side: the bridge, tests and the benchmark's
+//! load generator. The listener's sessions use [`server::ServerStream`], a lean codec of our
+//! own (see its module doc), which tungstenite clients then test as an independent peer.
+
+pub mod server;
 
 use std::io;
 use std::pin::Pin;
