@@ -634,3 +634,46 @@ async fn a_new_upstream_policy_never_reuses_a_connection_checked_under_the_old_o
     assert_eq!(a.get(host, "/").await, (200, "conn 2".into()));
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn an_http1_session_serves_requests_after_a_quiet_spell_and_slow_streams_are_never_cut() {
+    // Past proxy::H1_QUIET without a request, the session drops hyper's connection state;
+    // the next request on the same session starts a new one. A response that streams with
+    // gaps longer than H1_QUIET keeps the session busy, so it is never cut.
+    let pki = TestPki::new();
+    let quiet = mcp_tunnel::proxy::H1_QUIET;
+    let gap = quiet + Duration::from_millis(300);
+    let up = upstream(move |req: Request<Incoming>| async move {
+        if req.uri().path() != "/slow" {
+            return Response::new(full(format!("hello {}", req.uri().path())));
+        }
+        let (tx, body_rx) = mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+        tokio::spawn(async move {
+            for k in 0..3 {
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from(format!("data: {k}\n\n")))))
+                    .await;
+                tokio::time::sleep(gap).await;
+            }
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(BodyExt::boxed(StreamBody::new(tokio_stream_from(body_rx))))
+            .unwrap()
+    })
+    .await;
+    let proxy =
+        TestProxy::start(&pki, &config_text(&pki, "", &route_line("q", up), LOOPBACK)).await;
+    let host = "q.tunnel.test";
+    let mut edge = Edge::connect(&proxy, &pki, host, false).await;
+    assert_eq!(edge.get(host, "/one").await, (200, "hello /one".into()));
+    tokio::time::sleep(quiet + Duration::from_millis(500)).await;
+    assert_eq!(edge.get(host, "/two").await, (200, "hello /two".into()));
+    let (status, body) = edge.get(host, "/slow").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "data: 0\n\ndata: 1\n\ndata: 2\n\n");
+    tokio::time::sleep(quiet + Duration::from_millis(500)).await;
+    // After the stream, another quiet spell, then requests again.
+    assert_eq!(edge.get(host, "/three").await, (200, "hello /three".into()));
+    assert_eq!(edge.get(host, "/four").await, (200, "hello /four".into()));
+}

@@ -7,6 +7,7 @@ pub mod keepalive;
 pub mod mcp;
 pub mod metrics;
 pub mod peer;
+mod prefixed;
 pub mod session_conn;
 pub mod sockdiag;
 pub mod state;
@@ -396,10 +397,126 @@ impl Proxy {
             activity: activity.clone(),
             conns: session_conn::SessionConn::default(),
         });
-        let svc = {
-            let session = session.clone();
-            service_fn(move |req| session.clone().handle(req))
+        let svc = SessionService(session.clone());
+        let rewake = Arc::new(Rewake::default());
+        let mut parts = Drive {
+            proxy: &self,
+            activity: &session.activity,
+            conns: &session.conns,
+            rewake: &rewake,
         };
+        let alpn_h1 = tls.get_ref().1.alpn_protocol() == Some(b"http/1.1".as_slice());
+        let result = if alpn_h1 {
+            self.serve_h1(tls, svc, &mut parts, client_ip, &shutdown)
+                .await
+                .map_err(Into::into)
+        } else {
+            self.serve_auto(tls, svc, &mut parts, client_ip, &shutdown)
+                .await
+        };
+        session.conns.release(&self.upstream.load().idle);
+        if let Err(e) = result {
+            self.session_error(e.as_ref(), client_ip);
+        }
+    }
+
+    /// An HTTP/1.1 session (the edge's usual ALPN). Between requests it keeps no HTTP state:
+    /// once nothing has been in flight for [`H1_QUIET`], hyper's connection is closed
+    /// without closing the stream (`poll_without_shutdown`, `into_parts`), freeing its read
+    /// and write buffers (about half of what an idle session held; BENCHMARKS.md (c)), and
+    /// the next bytes that arrive, with whatever hyper had read ahead, start a new one.
+    async fn serve_h1<I>(
+        &self,
+        io: I,
+        svc: SessionService,
+        parts: &mut Drive<'_>,
+        client_ip: IpAddr,
+        shutdown: &Shutdown,
+    ) -> Result<(), hyper::Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let idle = self.limits.idle_session_timeout;
+        let activity = parts.activity;
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.limits.request_header_timeout)
+            .max_buf_size(self.limits.max_header_bytes)
+            .max_headers(self.limits.max_headers);
+        let mut io = prefixed::Prefixed::new(io, Bytes::new());
+        loop {
+            let mut conn = builder.serve_connection(TokioIo::new(io), svc.clone());
+            let mut quiet = false;
+            loop {
+                tokio::select! {
+                    r = drive(|cx| conn.poll_without_shutdown(cx), parts) => {
+                        r?;
+                        break;
+                    }
+                    _ = shutdown.started() => {
+                        std::pin::Pin::new(&mut conn).graceful_shutdown();
+                        return drive(|cx| conn.poll_without_shutdown(cx), parts).await;
+                    }
+                    _ = tokio::time::sleep(activity.time_to_idle(H1_QUIET)) => {
+                        if activity.is_idle(H1_QUIET) {
+                            quiet = true;
+                            std::pin::Pin::new(&mut conn).graceful_shutdown();
+                            drive(|cx| conn.poll_without_shutdown(cx), parts).await?;
+                            break;
+                        }
+                    }
+                }
+            }
+            if !quiet {
+                // The client closed the stream (or sent `Connection: close`).
+                return Ok(());
+            }
+            let rest = conn.into_parts();
+            let (inner, read_ahead) = (rest.io.into_inner(), rest.read_buf);
+            io = inner;
+            if !read_ahead.is_empty() {
+                io.set_prefix(read_ahead);
+                continue;
+            }
+            // No HTTP state until the next bytes arrive (WebSocket pings keep running
+            // inside the stream's reads).
+            let mut first = [0u8; 1024];
+            let n = tokio::select! {
+                r = tokio::io::AsyncReadExt::read(&mut io, &mut first) => match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        debug!(client = %client_ip, error = %e, "tunnel session ended while idle");
+                        0
+                    }
+                },
+                _ = shutdown.started() => 0,
+                _ = idle_wait(activity, idle) => {
+                    self.metrics.limit(metrics::LimitHit::IdleSession);
+                    debug!(client = %client_ip, timeout = ?idle, "closing idle tunnel session (limits.idle_session_timeout)");
+                    0
+                }
+            };
+            if n == 0 {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+                return Ok(());
+            }
+            io.set_prefix(Bytes::copy_from_slice(&first[..n]));
+        }
+    }
+
+    /// Any other session (h2, or no ALPN): hyper-util's auto server picks the protocol.
+    async fn serve_auto<I>(
+        &self,
+        io: I,
+        svc: SessionService,
+        parts: &mut Drive<'_>,
+        client_ip: IpAddr,
+        shutdown: &Shutdown,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -412,55 +529,84 @@ impl Proxy {
             .timer(hyper_util::rt::TokioTimer::new())
             .max_concurrent_streams(self.limits.max_streams_per_session)
             .max_header_list_size(self.limits.max_header_bytes as u32);
-        let conn = builder.serve_connection(TokioIo::new(tls), svc);
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let idle = self.limits.idle_session_timeout;
-        let conns = &session.conns;
-        let rewake = Arc::new(Rewake::default());
-        let mut parts = Drive {
-            proxy: &self,
-            activity: &session.activity,
-            conns,
-            rewake: &rewake,
-        };
-        let hold = &mut parts;
-        let result = loop {
+        let activity = parts.activity;
+        loop {
             tokio::select! {
-                r = drive(conn.as_mut(), hold) => break r,
+                r = drive(|cx| conn.as_mut().poll(cx), parts) => return r,
                 _ = shutdown.started() => {
                     conn.as_mut().graceful_shutdown();
-                    break drive(conn.as_mut(), hold).await;
+                    return drive(|cx| conn.as_mut().poll(cx), parts).await;
                 }
                 _ = tokio::time::sleep(activity.time_to_idle(idle)) => {
                     if activity.is_idle(idle) {
                         self.metrics.limit(metrics::LimitHit::IdleSession);
                         debug!(client = %client_ip, timeout = ?idle, "closing idle tunnel session (limits.idle_session_timeout)");
                         conn.as_mut().graceful_shutdown();
-                        break drive(conn.as_mut(), hold).await;
+                        return drive(|cx| conn.as_mut().poll(cx), parts).await;
                     }
                 }
             }
-        };
-        conns.release(&self.upstream.load().idle);
-        if let Err(e) = result {
-            match e.downcast_ref::<hyper::Error>() {
-                Some(h) if h.is_timeout() => {
-                    self.metrics.limit(metrics::LimitHit::HeaderTimeout);
-                    info!(client = %client_ip, "closed tunnel session: request headers not received within limits.request_header_timeout");
-                }
-                Some(h) if h.is_parse_too_large() => {
-                    self.metrics.limit(metrics::LimitHit::HeaderTooLarge);
-                    info!(client = %client_ip, "refused request: header block over limits.max_header_bytes");
-                }
-                _ if std::error::Error::source(e.as_ref())
-                    .is_some_and(|s| s.is::<ws::TooBig>())
-                    || e.to_string().contains("websocket message too large") =>
-                {
-                    self.metrics.limit(metrics::LimitHit::WsMessageTooLarge);
-                    info!(client = %client_ip, "closed tunnel session: WebSocket message over limits.max_ws_message_bytes (close code 1009)");
-                }
-                _ => debug!(client = %client_ip, error = %e, "tunnel session ended with an error"),
+        }
+    }
+
+    /// Counts and logs why a session ended early (a limit, or an error worth a debug line).
+    fn session_error(
+        &self,
+        e: &(dyn std::error::Error + Send + Sync + 'static),
+        client_ip: IpAddr,
+    ) {
+        match e.downcast_ref::<hyper::Error>() {
+            Some(h) if h.is_timeout() => {
+                self.metrics.limit(metrics::LimitHit::HeaderTimeout);
+                info!(client = %client_ip, "closed tunnel session: request headers not received within limits.request_header_timeout");
             }
+            Some(h) if h.is_parse_too_large() => {
+                self.metrics.limit(metrics::LimitHit::HeaderTooLarge);
+                info!(client = %client_ip, "refused request: header block over limits.max_header_bytes");
+            }
+            _ if std::error::Error::source(e).is_some_and(|s| s.is::<ws::TooBig>())
+                || e.to_string().contains("websocket message too large") =>
+            {
+                self.metrics.limit(metrics::LimitHit::WsMessageTooLarge);
+                info!(client = %client_ip, "closed tunnel session: WebSocket message over limits.max_ws_message_bytes (close code 1009)");
+            }
+            _ => debug!(client = %client_ip, error = %e, "tunnel session ended with an error"),
+        }
+    }
+}
+
+/// How long an HTTP/1.1 session keeps hyper's connection (and its buffers) after its last
+/// response: long enough that a burst of requests (an MCP client's initialize, list,
+/// calls) runs on one, short enough that a session waiting for the next tool call holds
+/// only its TLS and WebSocket state.
+pub const H1_QUIET: Duration = Duration::from_secs(1);
+
+/// The session's requests as a hyper service. Its futures are boxed: `serve_h1` starts a
+/// new connection per burst, and `poll_without_shutdown` wants an `Unpin` future.
+#[derive(Clone)]
+struct SessionService(Arc<forward::Session>);
+
+impl hyper::service::Service<Request<Incoming>> for SessionService {
+    type Response = Response<forward::ProxyBody>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
+    >;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        Box::pin(self.0.clone().handle(req))
+    }
+}
+
+/// Resolves once the session has been idle for `idle` (no request in flight or started).
+async fn idle_wait(activity: &forward::Activity, idle: Duration) {
+    loop {
+        tokio::time::sleep(activity.time_to_idle(idle)).await;
+        if activity.is_idle(idle) {
+            return;
         }
     }
 }
@@ -473,10 +619,10 @@ impl Proxy {
 /// and, on a multi-threaded runtime, often a wake-up of another worker that steals the
 /// task. [`Rewake`] turns wake-ups that happen while this pass is polling into one more
 /// pass right here.
-async fn drive<F: std::future::Future>(
-    mut conn: std::pin::Pin<&mut F>,
+async fn drive<T>(
+    mut conn: impl FnMut(&mut std::task::Context<'_>) -> std::task::Poll<T>,
     parts: &mut Drive<'_>,
-) -> F::Output {
+) -> T {
     let (conns, rewake) = (parts.conns, parts.rewake);
     /// Passes in one poll before yielding to the runtime anyway (fairness; and a task out
     /// of tokio's budget is woken at once by every resource it polls).
@@ -488,7 +634,7 @@ async fn drive<F: std::future::Future>(
         for _ in 0..MAX_PASSES {
             rewake.polling.store(true, Ordering::SeqCst);
             conns.poll_drive(&mut inner);
-            let r = conn.as_mut().poll(&mut inner);
+            let r = conn(&mut inner);
             // A request the server connection just sent goes out in this same pass.
             conns.poll_drive(&mut inner);
             rewake.polling.store(false, Ordering::SeqCst);
