@@ -301,6 +301,13 @@ pub fn render(s: &AppState, now: i64) -> String {
     }
     scalar(
         &mut o,
+        "mcp_tunnel_log_lines_dropped_total",
+        "counter",
+        "Log lines dropped because stderr did not take them (more than 8 MiB queued).",
+        &super::writer::dropped_lines(),
+    );
+    scalar(
+        &mut o,
         "mcp_tunnel_peer_check_enabled",
         "gauge",
         "1 when listener connections from users other than the service's own (and root, if allowed) are refused ([peer_check]).",
