@@ -17,11 +17,11 @@
 //!   vectored writes gets header and payload copied into a buffer, released once flushed.
 //! - Nothing is held while a session is idle beyond the fixed state in [`ServerStream`].
 //!
-//! Text and binary frames both carry payload bytes, as with the tungstenite adapter; text is
-//! not checked for UTF-8. The payload is TLS, which authenticates every byte: a peer that
-//! sends TLS in text frames (never the edge, which sends binary) gains nothing from a check,
-//! and one that sends anything else fails the TLS layer. Close reasons are not checked
-//! either (they are discarded); close codes are.
+//! Text and binary frames both carry payload bytes, as with the tungstenite adapter. A text
+//! message must be UTF-8 (RFC 6455 8.1), checked as it streams past across frames and reads
+//! (a sequence split between two keeps its first bytes in a 3-byte tail); one that is not
+//! closes the session with 1007, as tungstenite did. Close reasons are not checked (they are
+//! discarded); close codes are.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -51,6 +51,7 @@ const MAX_SLICES: usize = 64;
 
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_PROTOCOL: u16 = 1002;
+const CLOSE_INVALID_DATA: u16 = 1007;
 const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Where the reader is in the incoming frame sequence.
@@ -80,6 +81,58 @@ fn protocol(why: &str) -> Stop {
             format!("websocket protocol error: {why}"),
         ),
     )
+}
+
+fn not_utf8() -> Stop {
+    Stop::Fail(
+        CLOSE_INVALID_DATA,
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "websocket protocol error: a text message that is not UTF-8",
+        ),
+    )
+}
+
+/// Checks the next bytes of a text message. `tail` holds the first bytes of a UTF-8
+/// sequence that the previous bytes ended inside; on return it holds this chunk's.
+fn check_utf8(tail: &mut ([u8; 3], u8), data: &[u8]) -> bool {
+    let mut data = data;
+    if tail.1 > 0 {
+        // Complete the split sequence first (at most 4 bytes in all).
+        let mut seq = [0u8; 4];
+        let have = tail.1 as usize;
+        seq[..have].copy_from_slice(&tail.0[..have]);
+        let take = (4 - have).min(data.len());
+        seq[have..have + take].copy_from_slice(&data[..take]);
+        match std::str::from_utf8(&seq[..have + take]) {
+            Ok(_) => {
+                tail.1 = 0;
+                data = &data[take..];
+            }
+            Err(e) if e.valid_up_to() > 0 => {
+                let used = e.valid_up_to() - have;
+                tail.1 = 0;
+                data = &data[used..];
+            }
+            Err(e) if e.error_len().is_none() => {
+                // Still incomplete: all of it was taken.
+                tail.0[..have + take].copy_from_slice(&seq[..have + take]);
+                tail.1 = (have + take) as u8;
+                return true;
+            }
+            Err(_) => return false,
+        }
+    }
+    match std::str::from_utf8(data) {
+        Ok(_) => true,
+        Err(e) if e.error_len().is_none() => {
+            let rest = &data[e.valid_up_to()..];
+            tail.0[..rest.len()].copy_from_slice(rest);
+            tail.1 = rest.len() as u8;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 fn too_big(why: String) -> Stop {
@@ -145,6 +198,12 @@ pub struct ServerStream<S> {
     unmasked: u64,
     /// A fragmented message is open: continuation frames are expected.
     in_message: bool,
+    /// The current message is text (its bytes are checked for UTF-8), and its last frame
+    /// has arrived.
+    text: bool,
+    text_fin: bool,
+    /// A UTF-8 sequence the text read so far ended inside.
+    utf8_tail: ([u8; 3], u8),
     message_len: u64,
     /// The current ping's payload goes into `ctrl` as the pong that answers it.
     collect_ping: bool,
@@ -190,6 +249,9 @@ impl<S> ServerStream<S> {
             mask: [0; 4],
             unmasked: 0,
             in_message: false,
+            text: false,
+            text_fin: false,
+            utf8_tail: ([0; 3], 0),
             message_len: 0,
             collect_ping: false,
             close_code_in: [0; 2],
@@ -306,7 +368,10 @@ impl<S> ServerStream<S> {
         }
         if op != OP_CONTINUATION {
             self.message_len = 0;
+            self.text = op == OP_TEXT;
+            self.utf8_tail.1 = 0;
         }
+        self.text_fin = fin;
         self.message_len += len;
         if self.message_len > self.max_message {
             return Err(too_big(format!(
@@ -318,6 +383,15 @@ impl<S> ServerStream<S> {
         self.rx = Rx::Data { left: len };
         if len == 0 {
             self.rx = Rx::Header;
+            return self.end_data();
+        }
+        Ok(())
+    }
+
+    /// A data frame's payload is complete: a text message must not end inside a sequence.
+    fn end_data(&mut self) -> Result<(), Stop> {
+        if self.text && self.text_fin && self.utf8_tail.1 > 0 {
+            return Err(not_utf8());
         }
         Ok(())
     }
@@ -401,16 +475,22 @@ impl<S> ServerStream<S> {
                 Rx::Data { left } => {
                     let k = (left.min((n - r) as u64)) as usize;
                     unmask(&mut data[r..r + k], self.mask, self.unmasked as usize);
+                    if self.text && !check_utf8(&mut self.utf8_tail, &data[r..r + k]) {
+                        return (w, Err(not_utf8()));
+                    }
                     data.copy_within(r..r + k, w);
                     r += k;
                     w += k;
                     self.unmasked += k as u64;
                     let left = left - k as u64;
-                    self.rx = if left == 0 {
-                        Rx::Header
+                    if left == 0 {
+                        self.rx = Rx::Header;
+                        if let Err(stop) = self.end_data() {
+                            return (w, Err(stop));
+                        }
                     } else {
-                        Rx::Data { left }
-                    };
+                        self.rx = Rx::Data { left };
+                    }
                 }
                 Rx::Control { op, left } => {
                     let k = (left as usize).min(n - r);
@@ -1108,6 +1188,69 @@ mod tests {
     }
 
     /// What the proxy checks to count `WsMessageTooLarge`.
+    #[test]
+    fn utf8_is_checked_across_any_split() {
+        let text = "héllo wörld ✓ 𝄞 end".as_bytes();
+        for cut1 in 0..=text.len() {
+            for cut2 in cut1..=text.len() {
+                let mut tail = ([0u8; 3], 0u8);
+                for part in [&text[..cut1], &text[cut1..cut2], &text[cut2..]] {
+                    assert!(check_utf8(&mut tail, part), "cuts {cut1} {cut2}");
+                }
+                assert_eq!(tail.1, 0, "cuts {cut1} {cut2}: nothing left open");
+            }
+        }
+        let mut tail = ([0u8; 3], 0u8);
+        assert!(!check_utf8(&mut tail, b"ok \xff"));
+        let mut tail = ([0u8; 3], 0u8);
+        assert!(check_utf8(&mut tail, &[0xe2, 0x9c]));
+        assert!(
+            !check_utf8(&mut tail, b"x"),
+            "a sequence broken across reads"
+        );
+        let mut tail = ([0u8; 3], 0u8);
+        assert!(!check_utf8(&mut tail, &[0xed, 0xa0, 0x80]), "a surrogate");
+    }
+
+    #[tokio::test]
+    async fn text_messages_must_be_utf8_across_fragments() {
+        let m = Some([9, 8, 7, 6]);
+        // Valid: "✓" split between a text frame and its continuation, read byte by byte.
+        let (mut server, mut c) = trickle(1);
+        let mut bytes = raw_frame(0x01, &[b'a', 0xe2], m);
+        bytes.extend(raw_frame(0x80, &[0x9c, 0x93], m));
+        c.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8];
+        while got.len() < 4 {
+            let n = server.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, "a✓".as_bytes());
+
+        // Invalid: a message that ends inside a sequence, and one with a bad byte.
+        for bytes in [
+            raw_frame(0x81, &[b'a', 0xe2, 0x9c], m),
+            raw_frame(0x81, b"a\xffb", m),
+        ] {
+            let (mut server, mut c) = plain(LIMIT, LIMIT);
+            c.write_all(&bytes).await.unwrap();
+            let mut buf = [0u8; 16];
+            let mut result = server.read(&mut buf).await;
+            while let Ok(n) = result
+                && n > 0
+            {
+                result = server.read(&mut buf).await;
+            }
+            let e = result.expect_err("not UTF-8");
+            assert!(e.to_string().contains("not UTF-8"), "{e}");
+            drop(server);
+            // Close 1007 (0x03ef).
+            assert_eq!(raw_answer(&mut c).await, [0x88, 2, 0x03, 0xef]);
+        }
+    }
+
     fn is_too_big(e: &io::Error) -> bool {
         e.get_ref().is_some_and(|inner| inner.is::<TooBig>())
             && e.to_string().contains("websocket message too large")
