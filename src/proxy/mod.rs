@@ -447,27 +447,21 @@ impl Proxy {
         let mut io = prefixed::Prefixed::new(io, Bytes::new());
         loop {
             let mut conn = builder.serve_connection(TokioIo::new(io), svc.clone());
-            let mut quiet = false;
-            loop {
-                tokio::select! {
-                    r = drive(|cx| conn.poll_without_shutdown(cx), parts) => {
-                        r?;
-                        break;
-                    }
-                    _ = shutdown.started() => {
-                        std::pin::Pin::new(&mut conn).graceful_shutdown();
-                        return drive(|cx| conn.poll_without_shutdown(cx), parts).await;
-                    }
-                    _ = tokio::time::sleep(activity.time_to_idle(H1_QUIET)) => {
-                        if activity.is_idle(H1_QUIET) {
-                            quiet = true;
-                            std::pin::Pin::new(&mut conn).graceful_shutdown();
-                            drive(|cx| conn.poll_without_shutdown(cx), parts).await?;
-                            break;
-                        }
-                    }
+            let quiet = tokio::select! {
+                r = drive(|cx| conn.poll_without_shutdown(cx), parts) => {
+                    r?;
+                    false
                 }
-            }
+                _ = shutdown.started() => {
+                    std::pin::Pin::new(&mut conn).graceful_shutdown();
+                    return drive(|cx| conn.poll_without_shutdown(cx), parts).await;
+                }
+                _ = idle_wait(activity, H1_QUIET) => {
+                    std::pin::Pin::new(&mut conn).graceful_shutdown();
+                    drive(|cx| conn.poll_without_shutdown(cx), parts).await?;
+                    true
+                }
+            };
             if !quiet {
                 // The client closed the stream (or sent `Connection: close`).
                 return Ok(());
@@ -533,23 +527,16 @@ impl Proxy {
         tokio::pin!(conn);
         let idle = self.limits.idle_session_timeout;
         let activity = parts.activity;
-        loop {
-            tokio::select! {
-                r = drive(|cx| conn.as_mut().poll(cx), parts) => return r,
-                _ = shutdown.started() => {
-                    conn.as_mut().graceful_shutdown();
-                    return drive(|cx| conn.as_mut().poll(cx), parts).await;
-                }
-                _ = tokio::time::sleep(activity.time_to_idle(idle)) => {
-                    if activity.is_idle(idle) {
-                        self.metrics.limit(metrics::LimitHit::IdleSession);
-                        debug!(client = %client_ip, timeout = ?idle, "closing idle tunnel session (limits.idle_session_timeout)");
-                        conn.as_mut().graceful_shutdown();
-                        return drive(|cx| conn.as_mut().poll(cx), parts).await;
-                    }
-                }
+        tokio::select! {
+            r = drive(|cx| conn.as_mut().poll(cx), parts) => return r,
+            _ = shutdown.started() => {}
+            _ = idle_wait(activity, idle) => {
+                self.metrics.limit(metrics::LimitHit::IdleSession);
+                debug!(client = %client_ip, timeout = ?idle, "closing idle tunnel session (limits.idle_session_timeout)");
             }
         }
+        conn.as_mut().graceful_shutdown();
+        drive(|cx| conn.as_mut().poll(cx), parts).await
     }
 
     /// Counts and logs why a session ended early (a limit, or an error worth a debug line).

@@ -91,15 +91,6 @@ impl IdleConns {
         }
         list.push_back(Idle { conn, since: now });
     }
-
-    /// Idle connections kept now.
-    pub fn len(&self) -> usize {
-        self.list.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A connection of the session: its request half while no request uses it, and its driver,
@@ -136,15 +127,6 @@ impl SessionConn {
             return;
         }
         slots.retain_mut(|s| s.driver.as_mut().poll(cx).is_pending());
-    }
-
-    /// Whether the session holds any upstream connection.
-    pub fn holds(&self) -> bool {
-        !self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
     }
 
     /// Gives the connections no request is using to `idle`, the current plane's (nothing
