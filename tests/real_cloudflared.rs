@@ -287,10 +287,19 @@ TUNNEL_CACERT = "{d}/pki/ca.crt"
         std::fs::read_to_string(self.path("supervisor.log")).unwrap_or_default()
     }
 
+    /// The ends of both logs for a failure message; the supervisor's without its access
+    /// lines, which under load would fill the tail and hide the lifecycle lines.
     fn logs(&self) -> String {
+        let log = self.log();
+        let access = count(&log, "request completed");
+        let rest: String = log
+            .lines()
+            .filter(|l| !l.contains("request completed"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         format!(
-            "--- supervisor log:\n{}\n--- fake-edge log:\n{}",
-            tail(&self.log(), 60),
+            "--- supervisor log ({access} access lines left out):\n{}\n--- fake-edge log:\n{}",
+            tail(&rest, 80),
             tail(&self.edge.log(), 30)
         )
     }
@@ -1122,6 +1131,16 @@ async fn wait_replaced(env: &Env, n: f64, within: Duration) -> (bool, bool) {
         if metric(&m, REPLACED) >= n && count(&env.log(), "cloudflared stopped") >= n as usize {
             return (seen_state, seen_two);
         }
+        // None of these replacements may fail: say so now rather than time out.
+        assert_eq!(
+            metric(
+                &m,
+                "mcp_tunnel_cloudflared_replacements_total{result=\"failed\"}"
+            ),
+            0.0,
+            "replacement {n} failed\n{}",
+            env.logs()
+        );
         assert!(
             Instant::now() < end,
             "replacement {n} not done within {within:?}\n{}",
@@ -1509,6 +1528,94 @@ async fn three_hosts_one_tunnel_roll_changes_and_survive_a_killed_host() {
         signal(s.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
         assert_eq!(exit_code(&mut s, Duration::from_secs(30), h).await, 0);
     }
+}
+
+/// In front of the real cloudflared: at its `take`-th run (counting runs with `--metrics`,
+/// not `--version`), something else binds the metrics port the supervisor chose before
+/// cloudflared can, as an outgoing connection or another program may in that moment.
+fn port_taking_wrapper(env: &Env, take: u32) -> PathBuf {
+    let path = env.path("cloudflared-wrapper");
+    let d = env.dir.path().display();
+    let script = format!(
+        r#"#!/bin/bash
+port=""; prev=""
+for a in "$@"; do [[ "$prev" == --metrics ]] && port="${{a##*:}}"; prev="$a"; done
+if [[ -n "$port" ]]; then
+  n=$(( $(cat {d}/runs 2>/dev/null || echo 0) + 1 )); echo "$n" > {d}/runs
+  if (( n == {take} )); then
+    /usr/bin/python3 -c 'import socket,sys,time
+s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+open(sys.argv[2], "w").close(); time.sleep(20)' "$port" {d}/taken </dev/null >/dev/null 2>&1 &
+    until [[ -e {d}/taken ]]; do sleep 0.05; done
+  fi
+fi
+exec {guard} "$@"
+"#,
+        guard = cloudflared().display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
+async fn a_new_connector_whose_metrics_port_was_taken_is_started_again_and_the_replacement_completes()
+ {
+    let env = Env::new(4, &["-quiet"]).await;
+    let cfg = env.config("grace_period = \"2s\"");
+    let wrapper = port_taking_wrapper(&env, 2);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("binary = \"{}\"", cloudflared().display()),
+        &format!("binary = \"{}\"", wrapper.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut sup = env.start(&cfg);
+    env.wait_state("connected 4/4", Duration::from_secs(30))
+        .await;
+    let old = env.cloudflared_pid(&sup).unwrap();
+    rotate_token(&env, "11111111-2222-4333-8444-555555555555");
+    wait_replaced(&env, 1.0, Duration::from_secs(40)).await;
+    let log = env.log();
+    // The real cloudflared said why it could not start, and exited.
+    assert!(
+        log.contains("Error opening metrics server listener")
+            && log.contains("address already in use"),
+        "{}",
+        env.logs()
+    );
+    assert_eq!(
+        count(&log, "metrics port was taken before it could bind it"),
+        1,
+        "{}",
+        env.logs()
+    );
+    assert_eq!(
+        count(&log, "starting a new cloudflared beside the running one"),
+        1
+    );
+    assert!(
+        !log.contains("cloudflared replacement failed"),
+        "{}",
+        env.logs()
+    );
+    let (_, m) = http(env.admin(), "GET", "/metrics", "").await;
+    assert_eq!(
+        metric(
+            &m,
+            "mcp_tunnel_cloudflared_replacements_total{result=\"failed\"}"
+        ),
+        0.0
+    );
+    assert_ne!(env.cloudflared_pid(&sup), Some(old));
+    assert_eq!(
+        std::fs::read_to_string(env.path("runs")).unwrap().trim(),
+        "3"
+    );
+    env.wait_state("connected 4/4", Duration::from_secs(10))
+        .await;
+    signal(sup.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(20), &env).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

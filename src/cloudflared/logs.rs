@@ -138,12 +138,19 @@ pub enum Event {
     /// refused the token on one registration attempt. cloudflared writes a second line for
     /// the same refusal (`failed to serve incoming request`), which is not counted.
     RegistrationRefused(String),
+    /// `Error opening metrics server listener` with `address already in use`: the loopback
+    /// port chosen for it was taken between choosing and binding, and cloudflared exits.
+    MetricsPortTaken,
 }
 
 /// Classifies a whole event by its fixed message and structured `error` field.
 pub fn classify(line: &Line) -> Option<Event> {
     match line.message.as_str() {
         "Registered tunnel connection" => Some(Event::Registered),
+        "Error opening metrics server listener" => line
+            .field_str("error")?
+            .contains("address already in use")
+            .then_some(Event::MetricsPortTaken),
         "Register tunnel error from server side" => {
             let err = line.field_str("error")?;
             err.starts_with("Unauthorized")
@@ -338,6 +345,15 @@ mod tests {
         );
         assert_eq!(classify(&whole(REFUSED_SECOND)), None);
         assert_eq!(classify(&whole(REGISTERED)), Some(Event::Registered));
+    }
+
+    #[test]
+    fn a_taken_metrics_port_is_an_event_other_listener_errors_are_not() {
+        // As cloudflared 2026.8.2 wrote it when another socket held the port.
+        let taken = r#"{"error":"failed to bind to address (127.0.0.1:45077): listen tcp 127.0.0.1:45077: bind: address already in use","level":"error","message":"Error opening metrics server listener","time":"2026-11-30T15:01:01Z"}"#;
+        assert_eq!(classify(&whole(taken)), Some(Event::MetricsPortTaken));
+        let denied = r#"{"error":"listen tcp 127.0.0.1:80: bind: permission denied","level":"error","message":"Error opening metrics server listener","time":"x"}"#;
+        assert_eq!(classify(&whole(denied)), None);
     }
 
     #[test]

@@ -272,6 +272,8 @@ struct Connector {
     events: mpsc::Receiver<logs::Event>,
     tracker: HealthTracker,
     refusals: Refusals,
+    /// It said its metrics port was taken (it exits then): starting it again is the cure.
+    metrics_port_taken: bool,
 }
 
 impl Connector {
@@ -562,6 +564,7 @@ impl Run {
             events,
             tracker: HealthTracker::new(Instant::now()),
             refusals: Refusals::default(),
+            metrics_port_taken: false,
         })
     }
 
@@ -579,6 +582,7 @@ impl Run {
                 }
                 self.status.set_refused(Some(format!("the edge refused the tunnel token ({n} refused registrations, none accepted; cloudflared retries, the supervisor gives up after token_refused_timeout): {err}")));
             }
+            logs::Event::MetricsPortTaken => c.metrics_port_taken = true,
         }
     }
 
@@ -606,6 +610,7 @@ impl Run {
         tokio::pin!(deadline);
         let mut tick = tokio::time::interval(cfg.health_interval);
         let mut cur_alive = true;
+        let mut relaunches = 0;
         let result = loop {
             tokio::select! {
                 st = cur.child.wait(), if cur_alive => {
@@ -614,7 +619,21 @@ impl Run {
                     self.status.set_health(Health::Stopped);
                 }
                 st = next.child.wait() => {
-                    break Err(format!("the new cloudflared ended before it registered ({:?})", ending_of(st)));
+                    let ending = ending_of(st);
+                    self.drain_events(&mut next, cfg).await;
+                    if next.metrics_port_taken && relaunches < METRICS_PORT_RELAUNCHES {
+                        relaunches += 1;
+                        warn!(pid = next.pid, metrics = %next.metrics, "the new cloudflared's metrics port was taken before it could bind it: starting it again on another port");
+                        match self.launch(cfg, binary, token).await {
+                            Ok(again) => {
+                                next = again;
+                                self.status.set_incoming(Some((next.pid, Health::Starting)));
+                                continue;
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    break Err(format!("the new cloudflared ended before it registered ({ending:?})"));
                 }
                 Some(ev) = next.events.recv() => self.on_event(&mut next, ev, cfg),
                 Some(ev) = cur.events.recv(), if cur_alive => self.on_event(cur, ev, cfg),
@@ -657,6 +676,17 @@ impl Run {
                 Err(e)
             }
         }
+    }
+
+    /// Handles what an ended connector still had in its log pipes (they close soon after
+    /// it exits), so its last words count.
+    async fn drain_events(&self, c: &mut Connector, cfg: &CloudflaredConfig) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(ev) = c.events.recv().await {
+                self.on_event(c, ev, cfg);
+            }
+        })
+        .await;
     }
 
     fn give_up(&self, why: String) -> Outcome {
@@ -748,8 +778,10 @@ async fn metrics_addr(cfg: &CloudflaredConfig) -> std::io::Result<SocketAddr> {
             "cloudflared.metrics_port is in use (by the connector being replaced?): this connector gets a free port"
         );
     }
-    // Bind and release: cloudflared binds it a moment later. The kernel hands out
-    // ephemeral ports round-robin, so a collision in between is unlikely.
+    // Bind and release: cloudflared binds it a moment later. Something else can take the
+    // port in between (an outgoing connection, another bind): cloudflared then says so and
+    // exits, and the connector is started again on another port (`METRICS_PORT_RELAUNCHES`
+    // in a replacement; the restart loop otherwise).
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     l.local_addr()
 }
@@ -769,6 +801,10 @@ fn log_health(h: Health) {
         _ => info!(state = h.name(), "cloudflared state"),
     }
 }
+
+/// New connectors started again, within one replacement, after their metrics port was
+/// taken in the moment between choosing it and cloudflared binding it.
+const METRICS_PORT_RELAUNCHES: u32 = 3;
 
 /// How long the stop path waits for `/ready` before treating cloudflared as unconnected.
 const STOP_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
