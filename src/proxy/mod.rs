@@ -330,7 +330,7 @@ impl Proxy {
                         max_frame,
                     )
                     .with_pings(ping);
-                    self.serve_session(ws, client_ip, sd).await;
+                    self.serve_session(Box::new(ws), client_ip, sd).await;
                 }
                 Err(e) => debug!(%peer, error = %e, "websocket upgrade failed"),
             }
@@ -368,10 +368,11 @@ impl Proxy {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let handshake = tokio::time::timeout(
+        // Boxed: its state is gone once the handshake is done, not kept in the task.
+        let handshake = Box::pin(tokio::time::timeout(
             self.limits.tls_handshake_timeout,
             self.acceptor.accept(stream),
-        );
+        ));
         let tls = match handshake.await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -387,6 +388,9 @@ impl Proxy {
                 return;
             }
         };
+        // Boxed: a session's futures then carry a pointer, not copies of the TLS stream
+        // (async fns keep their by-value arguments twice: rust-lang/rust#62958).
+        let tls = Box::new(tls);
         let _open = self.metrics.session();
         let sni = tls.get_ref().1.server_name().map(str::to_owned);
         let activity = Arc::new(forward::Activity::new(self.metrics.clone()));
@@ -411,8 +415,8 @@ impl Proxy {
                 .await
                 .map_err(Into::into)
         } else {
-            self.serve_auto(tls, svc, &mut parts, client_ip, &shutdown)
-                .await
+            // Boxed: h2 sessions are few, and their state stays out of every other task.
+            Box::pin(self.serve_auto(tls, svc, &mut parts, client_ip, &shutdown)).await
         };
         session.conns.release(&self.upstream.load().idle);
         if let Err(e) = result {
@@ -446,27 +450,13 @@ impl Proxy {
             .max_headers(self.limits.max_headers);
         let mut io = prefixed::Prefixed::new(io, Bytes::new());
         loop {
-            let mut conn = builder.serve_connection(TokioIo::new(io), svc.clone());
-            let quiet = tokio::select! {
-                r = drive(|cx| conn.poll_without_shutdown(cx), parts) => {
-                    r?;
-                    false
-                }
-                _ = shutdown.started() => {
-                    std::pin::Pin::new(&mut conn).graceful_shutdown();
-                    return drive(|cx| conn.poll_without_shutdown(cx), parts).await;
-                }
-                _ = idle_wait(activity, H1_QUIET) => {
-                    std::pin::Pin::new(&mut conn).graceful_shutdown();
-                    drive(|cx| conn.poll_without_shutdown(cx), parts).await?;
-                    true
-                }
-            };
-            if !quiet {
-                // The client closed the stream (or sent `Connection: close`).
+            // Boxed: hyper's connection and this pass's futures take room only while a
+            // request may be in flight, not in every idle session's task.
+            let conn = builder.serve_connection(TokioIo::new(io), svc.clone());
+            let Some(rest) = Box::pin(h1_pass(conn, parts, shutdown)).await? else {
+                // The client closed the stream (or sent `Connection: close`), or shutdown.
                 return Ok(());
-            }
-            let rest = conn.into_parts();
+            };
             let (inner, read_ahead) = (rest.io.into_inner(), rest.read_buf);
             io = inner;
             if !read_ahead.is_empty() {
@@ -474,8 +464,9 @@ impl Proxy {
                 continue;
             }
             // No HTTP state until the next bytes arrive (WebSocket pings keep running
-            // inside the stream's reads).
-            let mut first = [0u8; 1024];
+            // inside the stream's reads). A small first read: this buffer is part of every
+            // idle session's task; the rest of the request stays in the TLS layer for hyper.
+            let mut first = [0u8; 128];
             let n = tokio::select! {
                 r = tokio::io::AsyncReadExt::read(&mut io, &mut first) => match r {
                     Ok(n) => n,
@@ -594,6 +585,32 @@ async fn idle_wait(activity: &forward::Activity, idle: Duration) {
         tokio::time::sleep(activity.time_to_idle(idle)).await;
         if activity.is_idle(idle) {
             return;
+        }
+    }
+}
+
+/// One HTTP/1.1 connection of a session, until the client closes the stream (`None`),
+/// shutdown (`None`, after in-flight requests), or [`H1_QUIET`] without a request: then
+/// hyper lets go of the stream (`Some`, with what it had read ahead).
+async fn h1_pass<I>(
+    mut conn: hyper::server::conn::http1::Connection<TokioIo<I>, SessionService>,
+    parts: &mut Drive<'_>,
+    shutdown: &Shutdown,
+) -> Result<Option<hyper::server::conn::http1::Parts<TokioIo<I>, SessionService>>, hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = parts.activity;
+    tokio::select! {
+        r = drive(|cx| conn.poll_without_shutdown(cx), parts) => r.map(|()| None),
+        _ = shutdown.started() => {
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
+            drive(|cx| conn.poll_without_shutdown(cx), parts).await.map(|()| None)
+        }
+        _ = idle_wait(activity, H1_QUIET) => {
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
+            drive(|cx| conn.poll_without_shutdown(cx), parts).await?;
+            Ok(Some(conn.into_parts()))
         }
     }
 }
