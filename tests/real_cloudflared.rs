@@ -1558,18 +1558,60 @@ exec {guard} "$@"
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
-async fn a_new_connector_whose_metrics_port_was_taken_is_started_again_and_the_replacement_completes()
- {
-    let env = Env::new(4, &["-quiet"]).await;
+/// A config whose connector is `port_taking_wrapper(env, take)`.
+fn config_with_port_taker(env: &Env, take: u32) -> PathBuf {
     let cfg = env.config("grace_period = \"2s\"");
-    let wrapper = port_taking_wrapper(&env, 2);
+    let wrapper = port_taking_wrapper(env, take);
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         &format!("binary = \"{}\"", cloudflared().display()),
         &format!("binary = \"{}\"", wrapper.display()),
     );
     std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
+async fn a_first_connector_whose_metrics_port_was_taken_is_started_again_at_once_not_as_a_crash() {
+    let env = Env::new(4, &["-quiet"]).await;
+    let cfg = config_with_port_taker(&env, 1);
+    let mut sup = env.start(&cfg);
+    env.wait_state("connected 4/4", Duration::from_secs(30))
+        .await;
+    let log = env.log();
+    assert!(
+        log.contains("Error opening metrics server listener")
+            && log.contains("address already in use"),
+        "{}",
+        env.logs()
+    );
+    assert_eq!(
+        count(&log, "metrics port was taken before it could bind it"),
+        1,
+        "{}",
+        env.logs()
+    );
+    assert!(
+        !log.contains("cloudflared restart scheduled"),
+        "{}",
+        env.logs()
+    );
+    let (_, m) = http(env.admin(), "GET", "/metrics", "").await;
+    assert_eq!(metric(&m, "mcp_tunnel_cloudflared_restarts_total"), 0.0);
+    assert_eq!(
+        std::fs::read_to_string(env.path("runs")).unwrap().trim(),
+        "2"
+    );
+    signal(sup.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(20), &env).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
+async fn a_new_connector_whose_metrics_port_was_taken_is_started_again_and_the_replacement_completes()
+ {
+    let env = Env::new(4, &["-quiet"]).await;
+    let cfg = config_with_port_taker(&env, 2);
     let mut sup = env.start(&cfg);
     env.wait_state("connected 4/4", Duration::from_secs(30))
         .await;

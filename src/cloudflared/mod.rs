@@ -314,6 +314,8 @@ impl Run {
         let mut history = policy::RestartHistory::default();
         // Connectors replaced by a newer one, still unregistering and draining.
         let mut retiring: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        // Starts again at once because the metrics port was taken; reset once connected.
+        let mut port_relaunches = 0;
         loop {
             let mut cur = match self.launch(&cfg, &binary, &token).await {
                 Ok(c) => c,
@@ -341,6 +343,7 @@ impl Run {
                         }
                         self.status.set_health(now);
                         if now.is_ready() {
+                            port_relaunches = 0;
                             cur.refusals.accepted();
                             self.status.set_refused(None);
                         } else if let Some((n, since)) = cur.refusals.persistent(Instant::now(), cfg.token_refused_timeout) {
@@ -478,6 +481,15 @@ impl Run {
             };
             self.status.pid.store(0, Ordering::SeqCst);
             self.status.set_health(Health::Stopped);
+            if let Ending::Exited(_) = ending {
+                self.drain_events(&mut cur, &cfg).await;
+                if cur.metrics_port_taken && port_relaunches < METRICS_PORT_RELAUNCHES {
+                    // Not a crash: the port was taken in the moment before cloudflared bound it.
+                    port_relaunches += 1;
+                    warn!(pid = cur.pid, metrics = %cur.metrics, "cloudflared's metrics port was taken before it could bind it: starting it again on another port");
+                    continue;
+                }
+            }
             let ready_for = cur.tracker.ready_for(Instant::now());
             if let Ending::Exited(c) | Ending::Signaled(c) = ending {
                 let how = if matches!(ending, Ending::Exited(_)) {
@@ -802,8 +814,9 @@ fn log_health(h: Health) {
     }
 }
 
-/// New connectors started again, within one replacement, after their metrics port was
-/// taken in the moment between choosing it and cloudflared binding it.
+/// Connectors started again at once (within one replacement, or in a row before one
+/// connects) after their metrics port was taken in the moment between choosing it and
+/// cloudflared binding it.
 const METRICS_PORT_RELAUNCHES: u32 = 3;
 
 /// How long the stop path waits for `/ready` before treating cloudflared as unconnected.
