@@ -481,14 +481,13 @@ impl Run {
             };
             self.status.pid.store(0, Ordering::SeqCst);
             self.status.set_health(Health::Stopped);
-            if let Ending::Exited(_) = ending {
-                self.drain_events(&mut cur, &cfg).await;
-                if cur.metrics_port_taken && port_relaunches < METRICS_PORT_RELAUNCHES {
-                    // Not a crash: the port was taken in the moment before cloudflared bound it.
-                    port_relaunches += 1;
-                    warn!(pid = cur.pid, metrics = %cur.metrics, "cloudflared's metrics port was taken before it could bind it: starting it again on another port");
-                    continue;
-                }
+            // Not a crash: the port was taken in the moment before cloudflared bound it.
+            if let Ending::Exited(_) = ending
+                && self
+                    .relaunch_for_port(&mut cur, &mut port_relaunches, &cfg)
+                    .await
+            {
+                continue;
             }
             let ready_for = cur.tracker.ready_for(Instant::now());
             if let Ending::Exited(c) | Ending::Signaled(c) = ending {
@@ -632,10 +631,7 @@ impl Run {
                 }
                 st = next.child.wait() => {
                     let ending = ending_of(st);
-                    self.drain_events(&mut next, cfg).await;
-                    if next.metrics_port_taken && relaunches < METRICS_PORT_RELAUNCHES {
-                        relaunches += 1;
-                        warn!(pid = next.pid, metrics = %next.metrics, "the new cloudflared's metrics port was taken before it could bind it: starting it again on another port");
+                    if self.relaunch_for_port(&mut next, &mut relaunches, cfg).await {
                         match self.launch(cfg, binary, token).await {
                             Ok(again) => {
                                 next = again;
@@ -690,15 +686,28 @@ impl Run {
         }
     }
 
-    /// Handles what an ended connector still had in its log pipes (they close soon after
-    /// it exits), so its last words count.
-    async fn drain_events(&self, c: &mut Connector, cfg: &CloudflaredConfig) {
+    /// Whether `c`, which has exited, should be started again at once on another port: it
+    /// said its metrics port was taken, and fewer than [`METRICS_PORT_RELAUNCHES`] such
+    /// starts (`tries`) came before. What it still had in its log pipes (they close soon
+    /// after it exits) is handled first, so its last words count.
+    async fn relaunch_for_port(
+        &self,
+        c: &mut Connector,
+        tries: &mut u32,
+        cfg: &CloudflaredConfig,
+    ) -> bool {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while let Some(ev) = c.events.recv().await {
                 self.on_event(c, ev, cfg);
             }
         })
         .await;
+        if !c.metrics_port_taken || *tries >= METRICS_PORT_RELAUNCHES {
+            return false;
+        }
+        *tries += 1;
+        warn!(pid = c.pid, metrics = %c.metrics, "cloudflared's metrics port was taken before it could bind it: starting it again on another port");
+        true
     }
 
     fn give_up(&self, why: String) -> Outcome {
@@ -792,8 +801,8 @@ async fn metrics_addr(cfg: &CloudflaredConfig) -> std::io::Result<SocketAddr> {
     }
     // Bind and release: cloudflared binds it a moment later. Something else can take the
     // port in between (an outgoing connection, another bind): cloudflared then says so and
-    // exits, and the connector is started again on another port (`METRICS_PORT_RELAUNCHES`
-    // in a replacement; the restart loop otherwise).
+    // exits, and the connector is started again at once on another port
+    // (`Run::relaunch_for_port`).
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     l.local_addr()
 }
