@@ -325,7 +325,7 @@ wait_port "$PEER_CHECK_PORT"
 # The log is written in batches (a few ms late): wait for the line.
 for _ in $(seq 1 200); do grep -q 'peer check on' "$LOGS/proxy-peer-check.log" && break; sleep 0.01; done
 grep -q 'peer check on' "$LOGS/proxy-peer-check.log" || { echo "(g): the peer check is not on" >&2; exit 1; }
-grep -q 'peer check off' "$LOGS/proxy.log" || { echo "(f): the reference proxy's peer check is not off" >&2; exit 1; }
+grep -q 'peer check off' "$LOGS/proxy.log" || { echo "(g): the reference proxy's peer check is not off" >&2; exit 1; }
 for round in $(seq 1 "$ROUNDS"); do
   order="off on"; ((round % 2)) || order="on off"
   for which in $order; do
