@@ -28,6 +28,21 @@ impl Shutdown {
         self.tracker.spawn(fut);
     }
 
+    /// As `spawn`, on the runtime `handle` names (a data-plane worker's).
+    pub fn spawn_on<F>(&self, fut: F, handle: &tokio::runtime::Handle)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn_on(fut, handle);
+    }
+
+    /// Resolves once shutdown has begun and every tracked task has ended: the drain is
+    /// over (a worker runtime may stop then).
+    pub async fn stopped(&self) {
+        self.token.cancelled().await;
+        self.tracker.wait().await
+    }
+
     /// Resolves once shutdown has begun.
     pub async fn started(&self) {
         self.token.cancelled().await

@@ -92,6 +92,9 @@ pub struct Config {
     pub allow_readable_secrets: bool,
     /// `[peer_check]`: who may connect to `listen_addr`.
     pub peer_check: PeerCheck,
+    /// Data-plane workers (one single-threaded runtime each); `None`: one per available
+    /// core. Fixed at start.
+    pub workers: Option<usize>,
 }
 
 /// The inner-TLS server certificate and key.
@@ -173,6 +176,7 @@ struct RawConfig {
     #[serde(default)]
     mcp: mcp::RawMcp,
     allow_readable_secrets: Option<bool>,
+    workers: Option<i64>,
     #[serde(default)]
     certs: certs::RawCerts,
     provision: Option<provision::RawProvision>,
@@ -397,6 +401,15 @@ impl Config {
         let peer_check =
             peer_check::validate(raw.peer_check, listen_addr, cloudflared.enabled, &mut v);
         let mcp = mcp::validate(raw.mcp, &mut v);
+        let workers = match raw.workers {
+            None => None,
+            Some(n @ 1..=MAX_WORKERS) => Some(n as usize),
+            Some(n) => v.fail(
+                "workers",
+                format!("expected a number of data-plane workers from 1 to {MAX_WORKERS} (or leave it out: one per core), got {n}"),
+                None,
+            ),
+        };
         let config = Config {
             path: path.to_path_buf(),
             listen_addr,
@@ -423,6 +436,7 @@ impl Config {
             limits,
             mcp,
             allow_readable_secrets: raw.allow_readable_secrets.unwrap_or(false),
+            workers,
             certs,
             provision,
             peer_check,
@@ -476,6 +490,9 @@ fn provisioned_domain(v: &mut Validator, p: &ProvisionConfig, domain: &mut Optio
 }
 
 /// Loopback only by default: the listener carries plaintext and only cloudflared should reach it.
+/// Most data-plane workers `workers` may ask for (far beyond any VM's cores: a typo guard).
+pub const MAX_WORKERS: i64 = 256;
+
 pub fn default_listen_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }

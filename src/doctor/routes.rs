@@ -166,7 +166,7 @@ async fn upstream_checks(
         }
     }
     // The pool's own connector: resolve, check, dial a checked address, TLS for https.
-    let plane = match crate::proxy::state::UpstreamPlane::new(&config.upstream, &env.resolver) {
+    let plane = match crate::proxy::state::UpstreamPlane::new(&config.upstream, &env.resolver, 0) {
         Ok(p) => p,
         Err(e) => {
             out.push(Check::fail(

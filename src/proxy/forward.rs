@@ -14,13 +14,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::exchange::{self, ResponseBody, SendError};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
 use super::keepalive::SseKeepalive;
 use super::mcp::{self, Exchange, Inspected, ResponseInspector};
 use super::metrics::{LimitHit, Refusal, UpstreamOutcome};
-use super::session_conn::{self, SendError, SessionConn};
 use super::state::Snapshot;
 use super::upstream::{ConnectError, find_connect_error};
 use super::{Proxy, text_response};
@@ -35,7 +36,8 @@ pub const NOT_ALLOWED: &str =
 pub const CONNECT_FAILED: &str = "Upstream connection failed\n";
 
 /// Where a request on `route` goes: the upstream's scheme and authority with the caller's
-/// path and query untouched. The data path and `explain` both build it here.
+/// path and query untouched (`explain` shows it; the data path sends the path and query on
+/// a connection to that authority, `exchange::send`).
 pub fn upstream_uri(route: &Route, path_and_query: &str) -> Uri {
     Uri::builder()
         .scheme(route.upstream.scheme.as_str())
@@ -63,7 +65,7 @@ pub type ProxyBody = Either<LeasedBody, Full<Bytes>>;
 /// An upstream response body that ends with an error (aborting the stream towards the
 /// client) once its route's lease is cancelled by a reload.
 pub struct LeasedBody {
-    inner: Incoming,
+    inner: ResponseBody,
     /// The route's lease; a waiter is registered on it only once the body has to wait for
     /// the upstream (most JSON answers never do, so they never touch the lease's lock).
     lease: CancellationToken,
@@ -153,11 +155,6 @@ impl Activity {
         ActiveGuard(self.clone())
     }
 
-    /// A request is in flight (its response has not finished streaming).
-    pub fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) > 0
-    }
-
     /// Idle: nothing in flight and no request started or finished for `idle`.
     pub fn is_idle(&self, idle: Duration) -> bool {
         self.in_flight.load(Ordering::Relaxed) == 0
@@ -203,7 +200,7 @@ type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// says so), frame by frame.
 fn poll_inspected(
     ins: &mut ResponseInspector,
-    inner: &mut Incoming,
+    inner: &mut ResponseBody,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
     loop {
@@ -224,7 +221,7 @@ fn poll_inspected(
                 }
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             },
-            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
             None => ins.on_end(),
         }
     }
@@ -305,8 +302,6 @@ pub struct Session {
     /// The caller as cloudflared reports it (`Cf-Connecting-Ip`), else the TCP peer.
     pub client_ip: IpAddr,
     pub activity: Arc<Activity>,
-    /// The session's own upstream connection (HTTP/1.1 sessions), driven by its task.
-    pub conns: SessionConn,
 }
 
 /// Whether a response is an SSE stream (`text/event-stream`, parameters ignored) of open
@@ -401,8 +396,6 @@ impl Session {
         }
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        // One request at a time: the session's own connection serves it in this task.
-        let own_conn = req.version() <= Version::HTTP_11;
         if let Some(max) = self.proxy.limits.max_request_body_bytes
             && req.body().size_hint().lower() > max
         {
@@ -427,7 +420,7 @@ impl Session {
             match mcp::request(scope, upstream_req).await {
                 Inspected::Forward(req, exchange) => {
                     let resp = self
-                        .forward(req, &route, &snapshot, active, exchange.clone(), own_conn)
+                        .forward(req, &route, &snapshot, active, exchange.clone())
                         .await;
                     if let Some(ex) = &exchange {
                         ex.set_status(resp.status());
@@ -443,7 +436,6 @@ impl Session {
                 &snapshot,
                 active,
                 None,
-                own_conn,
             )
             .await
         };
@@ -476,7 +468,6 @@ impl Session {
         snapshot: &Snapshot,
         active: ActiveGuard,
         exchange: Option<Arc<Exchange>>,
-        own_conn: bool,
     ) -> Response<ProxyBody> {
         let metrics = &self.proxy.metrics;
         let (method, path) = (
@@ -489,17 +480,7 @@ impl Session {
             .cloned()
             .unwrap_or_default();
         let plane = self.proxy.upstream.load_full();
-        let request = async {
-            if own_conn {
-                session_conn::send(&self.conns, &plane, &route.upstream, upstream_req).await
-            } else {
-                plane
-                    .client
-                    .request(upstream_req)
-                    .await
-                    .map_err(SendError::from)
-            }
-        };
+        let request = exchange::send(&plane, &route.upstream, upstream_req);
         let sent = tokio::select! {
             r = tokio::time::timeout(snapshot.response_header_timeout, request) => Some(r),
             _ = lease.cancelled() => None,
@@ -579,12 +560,14 @@ impl Session {
             Some(max) => Either::Right(Limited::new(body, max as usize)),
             None => Either::Left(body),
         };
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
-        parts.uri = upstream_uri(route, &path_and_query);
+        // Origin form (`/path?query`), what the request line to the upstream carries: h2
+        // and absolute-form requests bring an authority, which goes to `Host` instead.
+        if parts.uri.authority().is_some() {
+            parts.uri = parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        }
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);

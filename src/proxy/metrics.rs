@@ -1,6 +1,9 @@
 //! Counters the request path bumps: plain atomics, found without a lock (per-route counters
 //! sit in a copy-on-write map that only a route's first request ever writes), so that
 //! counting costs the request path nearly nothing and `/metrics` never slows it.
+//!
+//! The counters every request bumps are sharded by data-plane worker (`proxy::workers`):
+//! each worker writes only its own shard's cache lines, and `/metrics` sums the shards.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -129,19 +132,43 @@ pub struct UpstreamVerdict {
 const STATUS_MIN: u16 = 100;
 const STATUS_SLOTS: usize = 900;
 
-/// One route's counters: a slot per status code and the last upstream verdict, packed in
-/// one word (Unix seconds above, outcome below; 0 while there is none).
+/// Shards of the per-request counters: worker `i` writes shard `i % SHARDS` (0 is
+/// everything off the workers), so up to `SHARDS - 1` workers never share a line.
+const SHARDS: usize = 8;
+
+fn shard() -> usize {
+    super::workers::current() % SHARDS
+}
+
+/// A counter on a cache line of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+/// One route's counters: a slot per status code and shard, and the last upstream verdict,
+/// packed in one word (Unix seconds above, outcome below; 0 while there is none).
 struct RouteCounters {
+    /// `SHARDS` runs of `STATUS_SLOTS` (7 KiB apart: no line is shared between shards).
     by_status: Box<[AtomicU64]>,
+    /// Written only when it changes (at most once a second while the outcome holds), so
+    /// requests on two workers do not keep moving its line between cores.
     verdict: AtomicU64,
 }
 
 impl RouteCounters {
     fn new() -> RouteCounters {
         RouteCounters {
-            by_status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            by_status: (0..STATUS_SLOTS * SHARDS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             verdict: AtomicU64::new(0),
         }
+    }
+
+    fn status_count(&self, slot: usize) -> u64 {
+        (0..SHARDS)
+            .map(|s| self.by_status[s * STATUS_SLOTS + slot].load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -179,6 +206,15 @@ struct RouteTable {
 }
 
 impl RouteTable {
+    /// Runs `f` on the route's counters without taking a reference count (the map's guard
+    /// holds them), creating them on the route's first request.
+    fn with(&self, route: &str, f: impl FnOnce(&RouteCounters)) {
+        if let Some(c) = self.by_name.load().get(route) {
+            return f(c);
+        }
+        f(&self.get(route))
+    }
+
     fn get(&self, route: &str) -> Arc<RouteCounters> {
         if let Some(c) = self.by_name.load().get(route) {
             return c.clone();
@@ -216,7 +252,9 @@ pub struct ProxyMetrics {
     peer_refusals: [AtomicU64; 2],
     sessions_open: AtomicI64,
     sessions_total: AtomicU64,
-    requests_in_flight: AtomicI64,
+    /// Per shard: a request's start and end are counted on the same worker, but the sum of
+    /// one shard alone may be negative (an h2 stream's body can end on another task).
+    requests_in_flight: [Padded<AtomicI64>; SHARDS],
     /// Bumped by the accept loop on a timer: proof for the watchdog that it runs.
     pub accept_loop_beats: AtomicU64,
     /// WebSocket pings, pong timeouts and SSE keepalive comments.
@@ -239,7 +277,10 @@ impl ProxyMetrics {
     /// route matched.
     pub fn request(&self, route: &str, status: u16) {
         let slot = usize::from(status.saturating_sub(STATUS_MIN)).min(STATUS_SLOTS - 1);
-        self.routes.get(route).by_status[slot].fetch_add(1, Ordering::Relaxed);
+        let at = shard() * STATUS_SLOTS + slot;
+        self.routes.with(route, |c| {
+            _ = c.by_status[at].fetch_add(1, Ordering::Relaxed)
+        });
     }
 
     /// What the upstream of `route` did with a forwarded request.
@@ -248,10 +289,11 @@ impl ProxyMetrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as u32);
         let word = (u64::from(at) << 32) | pack_outcome(outcome);
-        self.routes
-            .get(route)
-            .verdict
-            .store(word, Ordering::Relaxed);
+        self.routes.with(route, |c| {
+            if c.verdict.load(Ordering::Relaxed) != word {
+                c.verdict.store(word, Ordering::Relaxed);
+            }
+        });
     }
 
     /// The last upstream outcome per route (routes never forwarded to are absent).
@@ -301,19 +343,23 @@ impl ProxyMetrics {
     /// A request is in flight from its arrival until its response body has ended (an SSE
     /// stream counts for as long as it streams).
     pub fn stream_started(&self) {
-        self.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests_in_flight[shard()]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn stream_ended(&self) {
-        self.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.requests_in_flight[shard()]
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Requests by (route, status), sorted, only pairs seen at least once.
     pub fn requests_snapshot(&self) -> Vec<((String, u16), u64)> {
         let mut out = Vec::new();
         for (name, c) in self.routes.sorted() {
-            for (slot, n) in c.by_status.iter().enumerate() {
-                let n = n.load(Ordering::Relaxed);
+            for slot in 0..STATUS_SLOTS {
+                let n = c.status_count(slot);
                 if n > 0 {
                     out.push(((name.to_string(), STATUS_MIN + slot as u16), n));
                 }
@@ -338,7 +384,10 @@ impl ProxyMetrics {
     }
 
     pub fn requests_in_flight(&self) -> i64 {
-        self.requests_in_flight.load(Ordering::Relaxed)
+        self.requests_in_flight
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
     }
 }
 

@@ -2,17 +2,18 @@
 
 pub mod bridge;
 pub mod edge;
+pub mod exchange;
 mod forward;
 pub mod keepalive;
 pub mod mcp;
 pub mod metrics;
 pub mod peer;
 mod prefixed;
-pub mod session_conn;
 pub mod sockdiag;
 pub mod state;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 pub mod ws;
 
 /// What the data path sends upstream and answers itself, for `explain` and `doctor`.
@@ -23,7 +24,6 @@ pub use forward::{
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -75,6 +75,10 @@ pub struct Proxy {
     metrics: Arc<metrics::ProxyMetrics>,
     /// `[peer_check]` on: who may connect to the listener (fixed at start).
     peer_gate: Option<peer::PeerGate>,
+    /// How many data-plane workers `serve` starts (`workers`, fixed at start).
+    worker_count: usize,
+    /// The data-plane workers, once `serve` has started them.
+    workers: std::sync::OnceLock<Arc<workers::Workers>>,
 }
 
 impl Proxy {
@@ -106,7 +110,12 @@ impl Proxy {
             PeerCheck::Off(_) => None,
         };
         let certs = Arc::new(CertStore::new(pair));
-        let upstream = ArcSwap::from_pointee(UpstreamPlane::new(&config.upstream, &resolver)?);
+        let worker_count = workers::count(config.workers);
+        let upstream = ArcSwap::from_pointee(UpstreamPlane::new(
+            &config.upstream,
+            &resolver,
+            worker_count,
+        )?);
         let proxy = Proxy {
             resolver,
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
@@ -118,6 +127,8 @@ impl Proxy {
             session_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_sessions)),
             metrics: Arc::default(),
             peer_gate,
+            worker_count,
+            workers: std::sync::OnceLock::new(),
         };
         for route in config.route_table().iter() {
             info!(route = %route.name, upstream = %route.upstream, preserve_host = route.preserve_host, "route configured");
@@ -133,7 +144,11 @@ impl Proxy {
         let old_plane = self.upstream.load_full();
         let policy_changed = old_plane.config != config.upstream;
         let plane = if policy_changed {
-            Arc::new(UpstreamPlane::new(&config.upstream, &self.resolver)?)
+            Arc::new(UpstreamPlane::new(
+                &config.upstream,
+                &self.resolver,
+                self.worker_count,
+            )?)
         } else {
             old_plane
         };
@@ -179,9 +194,29 @@ impl Proxy {
         &self.certs
     }
 
-    /// Accepts tunnel connections until shutdown starts.
+    /// The data-plane workers, once serving (for the watchdog and `/metrics`).
+    pub fn workers(&self) -> Option<&Arc<workers::Workers>> {
+        self.workers.get()
+    }
+
+    /// Accepts tunnel connections until shutdown starts, giving each to the data-plane
+    /// worker with the fewest open connections (`proxy::workers`); the connection is then
+    /// served on that worker from its upgrade to its end.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
-        let mut beat = tokio::time::interval(Duration::from_millis(250));
+        let workers = match self.workers.get() {
+            Some(w) => Some(w.clone()),
+            None => match workers::Workers::start(self.worker_count, &shutdown) {
+                Ok(w) => {
+                    info!(workers = w.len(), "data-plane workers started");
+                    Some(self.workers.get_or_init(|| w).clone())
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot start the data-plane workers: serving on the control runtime");
+                    None
+                }
+            },
+        };
+        let mut beat = tokio::time::interval(workers::BEAT);
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.started() => break,
@@ -196,7 +231,30 @@ impl Proxy {
                     let _ = stream.set_nodelay(true);
                     let proxy = self.clone();
                     let sd = shutdown.clone();
-                    shutdown.spawn(async move { proxy.serve_outer(stream, peer, sd).await });
+                    let Some(workers) = &workers else {
+                        shutdown
+                            .spawn(async move { proxy.serve_outer(stream, peer, sd, None).await });
+                        continue;
+                    };
+                    // The socket moves to the worker's own I/O driver: deregistered here,
+                    // registered there on the worker's thread.
+                    let stream = match stream.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            debug!(%peer, error = %e, "cannot hand the connection to a worker");
+                            continue;
+                        }
+                    };
+                    let assigned = Arc::new(workers.assign());
+                    let held = assigned.clone();
+                    workers::spawn(&shutdown, assigned, async move {
+                        match TcpStream::from_std(stream) {
+                            Ok(stream) => proxy.serve_outer(stream, peer, sd, Some(held)).await,
+                            Err(e) => {
+                                debug!(%peer, error = %e, "worker cannot take the connection")
+                            }
+                        }
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -220,7 +278,14 @@ impl Proxy {
 
     /// The plain HTTP/1.1 connection from cloudflared: expects a WebSocket upgrade. With the
     /// peer check on, nothing is read from a connection before its peer's owner is known.
-    async fn serve_outer(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
+    /// `held` keeps the worker's count of open connections up until the session ends.
+    async fn serve_outer(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: Shutdown,
+        held: Option<Arc<workers::Assigned>>,
+    ) {
         if let Some(gate) = &self.peer_gate
             && !gate.admit(&stream, peer, &self.metrics).await
         {
@@ -231,7 +296,8 @@ impl Proxy {
         let svc = service_fn(move |req| {
             let proxy = proxy.clone();
             let sd = sd.clone();
-            async move { Ok::<_, Infallible>(proxy.upgrade(req, peer, sd)) }
+            let held = held.clone();
+            async move { Ok::<_, Infallible>(proxy.upgrade(req, peer, sd, held)) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
@@ -275,6 +341,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         shutdown: Shutdown,
+        held: Option<Arc<workers::Assigned>>,
     ) -> Response<Full<Bytes>> {
         let key = match websocket_key(&req) {
             Ok(key) => key,
@@ -317,6 +384,7 @@ impl Proxy {
         );
         shutdown.spawn(async move {
             let _permit = permit;
+            let _held = held;
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let ping = keepalive::PingState::new(
@@ -399,26 +467,17 @@ impl Proxy {
             sni,
             client_ip,
             activity: activity.clone(),
-            conns: session_conn::SessionConn::default(),
         });
         let svc = SessionService(session.clone());
-        let rewake = Arc::new(Rewake::default());
-        let mut parts = Drive {
-            proxy: &self,
-            activity: &session.activity,
-            conns: &session.conns,
-            rewake: &rewake,
-        };
         let alpn_h1 = tls.get_ref().1.alpn_protocol() == Some(b"http/1.1".as_slice());
         let result = if alpn_h1 {
-            self.serve_h1(tls, svc, &mut parts, client_ip, &shutdown)
+            self.serve_h1(tls, svc, &activity, client_ip, &shutdown)
                 .await
                 .map_err(Into::into)
         } else {
             // Boxed: h2 sessions are few, and their state stays out of every other task.
-            Box::pin(self.serve_auto(tls, svc, &mut parts, client_ip, &shutdown)).await
+            Box::pin(self.serve_auto(tls, svc, &activity, client_ip, &shutdown)).await
         };
-        session.conns.release(&self.upstream.load().idle);
         if let Err(e) = result {
             self.session_error(e.as_ref(), client_ip);
         }
@@ -433,7 +492,7 @@ impl Proxy {
         &self,
         io: I,
         svc: SessionService,
-        parts: &mut Drive<'_>,
+        activity: &forward::Activity,
         client_ip: IpAddr,
         shutdown: &Shutdown,
     ) -> Result<(), hyper::Error>
@@ -441,7 +500,6 @@ impl Proxy {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let idle = self.limits.idle_session_timeout;
-        let activity = parts.activity;
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(hyper_util::rt::TokioTimer::new())
@@ -453,7 +511,7 @@ impl Proxy {
             // Boxed: hyper's connection and this pass's futures take room only while a
             // request may be in flight, not in every idle session's task.
             let conn = builder.serve_connection(TokioIo::new(io), svc.clone());
-            let Some(rest) = Box::pin(h1_pass(conn, parts, shutdown)).await? else {
+            let Some(rest) = Box::pin(h1_pass(conn, activity, shutdown)).await? else {
                 // The client closed the stream (or sent `Connection: close`), or shutdown.
                 return Ok(());
             };
@@ -495,7 +553,7 @@ impl Proxy {
         &self,
         io: I,
         svc: SessionService,
-        parts: &mut Drive<'_>,
+        activity: &forward::Activity,
         client_ip: IpAddr,
         shutdown: &Shutdown,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -517,9 +575,8 @@ impl Proxy {
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let idle = self.limits.idle_session_timeout;
-        let activity = parts.activity;
         tokio::select! {
-            r = drive(|cx| conn.as_mut().poll(cx), parts) => return r,
+            r = conn.as_mut() => return r,
             _ = shutdown.started() => {}
             _ = idle_wait(activity, idle) => {
                 self.metrics.limit(metrics::LimitHit::IdleSession);
@@ -527,7 +584,7 @@ impl Proxy {
             }
         }
         conn.as_mut().graceful_shutdown();
-        drive(|cx| conn.as_mut().poll(cx), parts).await
+        conn.await
     }
 
     /// Counts and logs why a session ended early (a limit, or an error worth a debug line).
@@ -591,105 +648,28 @@ async fn idle_wait(activity: &forward::Activity, idle: Duration) {
 
 /// One HTTP/1.1 connection of a session, until the client closes the stream (`None`),
 /// shutdown (`None`, after in-flight requests), or [`H1_QUIET`] without a request: then
-/// hyper lets go of the stream (`Some`, with what it had read ahead).
+/// hyper lets go of the stream (`Some`, with what it had read ahead). The upstream
+/// exchange runs inside this connection's service and body polls (`proxy::exchange`), so
+/// a request is served start to end in the session's task.
 async fn h1_pass<I>(
     mut conn: hyper::server::conn::http1::Connection<TokioIo<I>, SessionService>,
-    parts: &mut Drive<'_>,
+    activity: &forward::Activity,
     shutdown: &Shutdown,
 ) -> Result<Option<hyper::server::conn::http1::Parts<TokioIo<I>, SessionService>>, hyper::Error>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = parts.activity;
     tokio::select! {
-        r = drive(|cx| conn.poll_without_shutdown(cx), parts) => r.map(|()| None),
+        r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => r.map(|()| None),
         _ = shutdown.started() => {
             std::pin::Pin::new(&mut conn).graceful_shutdown();
-            drive(|cx| conn.poll_without_shutdown(cx), parts).await.map(|()| None)
+            std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await.map(|()| None)
         }
         _ = idle_wait(activity, H1_QUIET) => {
             std::pin::Pin::new(&mut conn).graceful_shutdown();
-            drive(|cx| conn.poll_without_shutdown(cx), parts).await?;
+            std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await?;
             Ok(Some(conn.into_parts()))
         }
-    }
-}
-
-/// Polls a session's server connection and, around it, the session's own upstream
-/// connections (`session_conn`): a request is served start to end in the session's task.
-///
-/// Handing a response from the upstream connection to the server connection wakes the
-/// session's own task; left to the runtime, that wake-up is a trip through the run queue
-/// and, on a multi-threaded runtime, often a wake-up of another worker that steals the
-/// task. [`Rewake`] turns wake-ups that happen while this pass is polling into one more
-/// pass right here.
-async fn drive<T>(
-    mut conn: impl FnMut(&mut std::task::Context<'_>) -> std::task::Poll<T>,
-    parts: &mut Drive<'_>,
-) -> T {
-    let (conns, rewake) = (parts.conns, parts.rewake);
-    /// Passes in one poll before yielding to the runtime anyway (fairness; and a task out
-    /// of tokio's budget is woken at once by every resource it polls).
-    const MAX_PASSES: usize = 16;
-    let waker = std::task::Waker::from(rewake.clone());
-    std::future::poll_fn(|cx| {
-        rewake.task.register(cx.waker());
-        let mut inner = std::task::Context::from_waker(&waker);
-        for _ in 0..MAX_PASSES {
-            rewake.polling.store(true, Ordering::SeqCst);
-            conns.poll_drive(&mut inner);
-            let r = conn(&mut inner);
-            // A request the server connection just sent goes out in this same pass.
-            conns.poll_drive(&mut inner);
-            rewake.polling.store(false, Ordering::SeqCst);
-            if r.is_ready() {
-                return r;
-            }
-            if !rewake.again.swap(false, Ordering::SeqCst) {
-                // Nothing in flight: the connection goes back for any session to take.
-                if !parts.activity.busy() {
-                    conns.release(&parts.proxy.upstream.load().idle);
-                }
-                return std::task::Poll::Pending;
-            }
-        }
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-/// What [`drive`] needs of the session beside its server connection.
-struct Drive<'a> {
-    proxy: &'a Proxy,
-    activity: &'a forward::Activity,
-    conns: &'a session_conn::SessionConn,
-    rewake: &'a Arc<Rewake>,
-}
-
-/// The waker a session's futures see (see [`drive`]): a wake-up during a pass asks for
-/// another pass; any other goes to the session's task.
-#[derive(Default)]
-struct Rewake {
-    task: futures_util::task::AtomicWaker,
-    polling: std::sync::atomic::AtomicBool,
-    again: std::sync::atomic::AtomicBool,
-}
-
-impl std::task::Wake for Rewake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if self.polling.load(Ordering::SeqCst) {
-            self.again.store(true, Ordering::SeqCst);
-            // The pass may have just ended: then this wake-up is the task's after all.
-            if self.polling.load(Ordering::SeqCst) || !self.again.swap(false, Ordering::SeqCst) {
-                return;
-            }
-        }
-        self.task.wake();
     }
 }
 

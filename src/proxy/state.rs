@@ -11,12 +11,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
 use super::tls;
-use super::upstream::{ConnectError, Connector, Resolve, UpstreamSettings, resolve_checked};
+use super::upstream::{ConnectError, Resolve, UpstreamSettings, resolve_checked};
 use crate::certs::CertError;
 use crate::config::{Config, McpConfig, Route, RouteTable, UpstreamConfig};
 
@@ -34,15 +32,33 @@ pub struct Snapshot {
 pub struct UpstreamPlane {
     pub config: UpstreamConfig,
     pub settings: Arc<UpstreamSettings>,
-    pub client: Client<Connector, super::forward::UpstreamBody>,
-    /// Idle connections HTTP/1.1 sessions gave back (`proxy::session_conn`).
-    pub idle: Arc<super::session_conn::IdleConns>,
+    /// Idle connections requests gave back (`proxy::exchange`), one list per
+    /// worker: a session takes and returns connections on its own worker's only.
+    pub idle: IdlePools,
+}
+
+/// One idle list per data-plane worker, plus one (index 0) for sessions served anywhere
+/// else (tests, the fuzz targets). Indexed by `workers::current()`, so no list's lock or
+/// cache lines are shared between cores.
+pub struct IdlePools(Box<[Arc<super::exchange::IdleConns>]>);
+
+impl IdlePools {
+    fn new(workers: usize) -> IdlePools {
+        IdlePools((0..=workers).map(|_| Arc::default()).collect())
+    }
+
+    /// The list of the worker this runs on.
+    pub fn here(&self) -> &Arc<super::exchange::IdleConns> {
+        self.0.get(super::workers::current()).unwrap_or(&self.0[0])
+    }
 }
 
 impl UpstreamPlane {
+    /// `workers`: how many data-plane workers take connections from it (one idle list each).
     pub fn new(
         config: &UpstreamConfig,
         resolver: &Arc<dyn Resolve>,
+        workers: usize,
     ) -> Result<UpstreamPlane, CertError> {
         let settings = Arc::new(UpstreamSettings {
             resolver: resolver.clone(),
@@ -50,14 +66,10 @@ impl UpstreamPlane {
             tls: tls::upstream_client_config(config)?,
             connect_timeout: config.connect_timeout,
         });
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(Connector::new(settings.clone()));
         Ok(UpstreamPlane {
             config: config.clone(),
             settings,
-            client,
-            idle: Arc::default(),
+            idle: IdlePools::new(workers),
         })
     }
 }

@@ -1,7 +1,7 @@
 //! Reaching upstreams: resolve, check every resolved address against the allowlist, dial
 //! only an address that was checked (no second lookup, so no DNS-rebinding window), and
-//! wrap in TLS for `https://`. Connections are pooled by hyper-util's client; every new
-//! connection resolves and checks again, so a changed DNS answer is always judged.
+//! wrap in TLS for `https://`. Connections are pooled per worker (`proxy::exchange`); every
+//! new connection resolves and checks again, so a changed DNS answer is always judged.
 
 use std::future::Future;
 use std::io;
@@ -12,8 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -143,18 +141,11 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
     }))
 }
 
-/// hyper-util connector enforcing one upstream policy (a new policy gets a new connector
-/// and pool).
-#[derive(Clone)]
-pub struct Connector {
-    settings: Arc<UpstreamSettings>,
-}
+/// Opens upstream connections under one upstream policy (a new policy gets a new plane and
+/// idle lists, `proxy::state::UpstreamPlane`).
+pub struct Connector;
 
 impl Connector {
-    pub fn new(settings: Arc<UpstreamSettings>) -> Connector {
-        Connector { settings }
-    }
-
     /// One upstream connection for `uri` under `settings`: resolve, check every address,
     /// dial a checked one, TLS for `https://`, all within `connect_timeout`. What the pool
     /// calls for each new connection, and what `doctor` times.
@@ -176,7 +167,7 @@ impl Connector {
                     .await?;
             let tcp = dial(&addrs).await?;
             if !https {
-                return Ok(UpstreamIo(TokioIo::new(Stream::Plain(tcp))));
+                return Ok(UpstreamIo(Stream::Plain(tcp)));
             }
             let tls = settings
                 .tls
@@ -193,7 +184,7 @@ impl Connector {
                     host: host.clone(),
                     source,
                 })?;
-            Ok(UpstreamIo(TokioIo::new(Stream::Tls(Box::new(stream)))))
+            Ok(UpstreamIo(Stream::Tls(Box::new(stream))))
         };
         tokio::time::timeout(settings.connect_timeout, work)
             .await
@@ -206,32 +197,18 @@ impl Connector {
     }
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamIo;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(Connector::connect(self.settings.clone(), uri))
-    }
-}
-
 enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
 /// An upstream connection, plain or TLS.
-pub struct UpstreamIo(TokioIo<Stream>);
+pub struct UpstreamIo(Stream);
 
 impl UpstreamIo {
     /// The address dialled.
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        match self.0.inner() {
+        match &self.0 {
             Stream::Plain(s) => s.peer_addr(),
             Stream::Tls(s) => s.get_ref().0.peer_addr(),
         }
@@ -239,13 +216,7 @@ impl UpstreamIo {
 
     /// Whether TLS runs on it (an `https://` upstream).
     pub fn is_tls(&self) -> bool {
-        matches!(self.0.inner(), Stream::Tls(_))
-    }
-}
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
+        matches!(self.0, Stream::Tls(_))
     }
 }
 
@@ -289,17 +260,17 @@ impl AsyncWrite for Stream {
     }
 }
 
-impl hyper::rt::Read for UpstreamIo {
+impl AsyncRead for UpstreamIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
-impl hyper::rt::Write for UpstreamIo {
+impl AsyncWrite for UpstreamIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -317,7 +288,7 @@ impl hyper::rt::Write for UpstreamIo {
     }
 }
 
-/// Finds the connector's own error inside a hyper-util client error.
+/// Finds the connector's own error inside an exchange's error.
 pub fn find_connect_error<'a>(
     mut err: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a ConnectError> {

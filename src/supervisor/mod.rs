@@ -245,6 +245,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let mut dog = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut last_status = String::new();
     let mut accept_beats = 0;
+    let mut worker_beats: Vec<u64> = Vec::new();
     loop {
         tokio::select! {
             sig = signals.next() => match sig {
@@ -283,14 +284,26 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 }
             }
             _ = dog.tick(), if watchdog.is_some() => {
-                // This loop is evidently running; the accept loop must have ticked too.
+                // This loop is evidently running; the accept loop and every data-plane
+                // worker must have ticked too (a stalled worker stalls its sessions).
                 let beats = state.proxy.accept_loop_beats.load(Ordering::Relaxed);
-                if beats != accept_beats {
-                    notifier.watchdog();
-                } else {
+                let workers = proxy.workers().map(|w| w.beats()).unwrap_or_default();
+                let stalled: Vec<usize> = workers
+                    .iter()
+                    .zip(worker_beats.iter().chain(std::iter::repeat(&u64::MAX)))
+                    .enumerate()
+                    .filter(|(_, (now, before))| now == before)
+                    .map(|(i, _)| i + 1)
+                    .collect();
+                if beats == accept_beats {
                     warn!("accept loop shows no progress: withholding the watchdog keep-alive");
+                } else if !stalled.is_empty() {
+                    warn!(workers = ?stalled, "data-plane worker shows no progress: withholding the watchdog keep-alive");
+                } else {
+                    notifier.watchdog();
                 }
                 accept_beats = beats;
+                worker_beats = workers;
             }
         }
     }

@@ -261,6 +261,12 @@ impl Reloader {
             warn!("[peer_check] changes need a restart to apply; keeping the running values");
             next.peer_check = cur.config.peer_check;
         }
+        if next.workers != cur.config.workers {
+            warn!(
+                "workers changes need a restart to apply; keeping the running number of data-plane workers"
+            );
+            next.workers = cur.config.workers;
+        }
         if next.log_format != cur.config.log_format {
             warn!("log_format changes need a restart to apply; keeping the running format");
             next.log_format = cur.config.log_format;
