@@ -553,7 +553,11 @@ pub fn rss_tree_kib(pid: u32) -> u64 {
 
 /// CPU time (user + system) in clock ticks of `pid` alone (all its threads).
 pub fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// utime + stime of a /proc/PID/stat line.
+fn stat_cpu_ticks(stat: &str) -> u64 {
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
@@ -600,6 +604,13 @@ fn children(pid: u32) -> Vec<u32> {
 /// Clock ticks per second of /proc/PID/stat times (USER_HZ; 100 on Linux).
 const TICKS_PER_SEC: f64 = 100.0;
 
+/// CPU time (user + system) in clock ticks of this process, all its threads. The load
+/// generator shares the cores with its target, so what it spends is taken from the target:
+/// a reader needs it beside the target's own figure, per target.
+fn own_cpu_ticks() -> u64 {
+    stat_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
+}
+
 /// CPU used by the target (`pid`, with children) and by this load generator over the
 /// measured window, per request, in microseconds.
 struct CpuWindow {
@@ -612,23 +623,28 @@ struct CpuWindow {
 
 impl CpuWindow {
     fn start(pid: Option<u32>, each: &[(String, u32)]) -> CpuWindow {
+        let target0 = pid.map_or(0, cpu_tree_ticks);
+        let each0 = each
+            .iter()
+            .map(|(label, p)| (label.clone(), *p, cpu_ticks(*p)))
+            .collect();
+        // Read last at the start and first at the end, so that the /proc scans for the
+        // target's children fall outside the load generator's own window.
         CpuWindow {
             pid,
-            target0: pid.map_or(0, cpu_tree_ticks),
-            own0: cpu_tree_ticks(std::process::id()),
-            each0: each
-                .iter()
-                .map(|(label, p)| (label.clone(), *p, cpu_ticks(*p)))
-                .collect(),
+            target0,
+            own0: own_cpu_ticks(),
+            each0,
         }
     }
 
     fn stop(&self) -> CpuUsed {
+        let own = own_cpu_ticks().saturating_sub(self.own0);
         CpuUsed {
             target: self
                 .pid
                 .map(|p| cpu_tree_ticks(p).saturating_sub(self.target0)),
-            own: cpu_tree_ticks(std::process::id()).saturating_sub(self.own0),
+            own,
             each: self
                 .each0
                 .iter()
