@@ -16,7 +16,8 @@
 #              BENCH_OUT (where BENCHMARKS.md goes), BENCH_PROFILE (cargo profile: release
 #              for full runs, dev for smoke runs), BENCH_KEEP=1 keeps the work directory,
 #              MCP_TUNNEL_SHARED (folder holding cloudflared/ and fake-edge/; default ../shared),
-#              CARGO_TARGET_DIR (where the binaries are built).
+#              BENCH_WS_CLIENT (the load generator's WebSocket client for ws:// targets: lean,
+#              the default, or tungstenite), CARGO_TARGET_DIR (where the binaries are built).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -94,6 +95,7 @@ if ! command -v haproxy >/dev/null; then
   apt-get update -qq && apt-get install -y -qq haproxy >/dev/null
 fi
 HAPROXY=$(command -v haproxy)
+WS_CLIENT=${BENCH_WS_CLIENT:-lean}
 
 if [[ ${BENCH_IN_NETNS:-} != 1 ]]; then
   step "building binaries (profile $PROFILE)"
@@ -306,14 +308,18 @@ stop_pid() { # pid
   wait "$1" 2>/dev/null || true
 }
 
-# The targets: name and load arguments.
+# The targets: name and load arguments. proxy-tungstenite is the proxy reached through the
+# load generator's other WebSocket client (scenario (w), the client's own cost).
+WS="--ws-client $WS_CLIENT"
 declare -A TARGET_ARGS=(
   [direct]="--target http://127.0.0.1:$UP_PORT"
   [nginx]="--target https://127.0.0.1:$NGINX_PORT --server-name $NAME --host $NAME --ca $CA"
   [haproxy]="--target https://127.0.0.1:$HAPROXY_PORT --server-name $NAME --host $NAME --ca $CA"
-  [proxy]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA"
-  [proxy-inspect]="--target ws://127.0.0.1:$PROXY_PORT --server-name inspect.$DOMAIN --host inspect.$DOMAIN --ca $CA"
-  [proxy-policy]="--target ws://127.0.0.1:$PROXY_PORT --server-name policy.$DOMAIN --host policy.$DOMAIN --ca $CA"
+  [proxy]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA $WS"
+  [proxy-lean]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA --ws-client lean"
+  [proxy-tungstenite]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA --ws-client tungstenite"
+  [proxy-inspect]="--target ws://127.0.0.1:$PROXY_PORT --server-name inspect.$DOMAIN --host inspect.$DOMAIN --ca $CA $WS"
+  [proxy-policy]="--target ws://127.0.0.1:$PROXY_PORT --server-name policy.$DOMAIN --host policy.$DOMAIN --ca $CA $WS"
 )
 # Round N runs the targets in this order rotated by N-1, so that none always goes first.
 rotated() { # round target...
@@ -388,6 +394,14 @@ for streams in "${SSE_STREAMS[@]}"; do
 done
 stop_pid "$HAPROXY_PID"; HAPROXY_PID=""
 
+# --- (w) the load generator's own WebSocket clients, A/B against the same proxy ---------
+step "(w) tools/call /mcp through the lean and the tungstenite WebSocket client, 16 sessions, $ROUNDS rounds"
+for round in $(seq 1 "$ROUNDS"); do
+  for target in $(rotated "$round" proxy-lean proxy-tungstenite); do
+    load "$target" w "$round" --mode post --path /mcp --sessions 16 --warmup "$WARMUP" --duration "$DUR"
+  done
+done
+
 # --- (g) peer check on vs off: session set-up and throughput --------------------------------
 step "(g) peer check on vs off: session set-up and tools/call, $ROUNDS rounds"
 "$TUNNEL" run --config "$WORK/proxy-peer-check.toml" 2>>"$LOGS/proxy-peer-check.log" &
@@ -405,8 +419,9 @@ for round in $(seq 1 "$ROUNDS"); do
     [[ $which == on ]] && port=$PEER_CHECK_PORT pid=$PEER_CHECK_PID
     for mode in connect post; do
       sessions=16; [[ $mode == connect ]] && sessions=4
+      # shellcheck disable=SC2086
       "$BENCH" load --name "$which" --scenario g --round "$round" --target "ws://127.0.0.1:$port" \
-        --server-name "$NAME" --host "$NAME" --ca "$CA" --pid "$pid" --mode "$mode" \
+        --server-name "$NAME" --host "$NAME" --ca "$CA" --pid "$pid" --mode "$mode" $WS \
         --sessions "$sessions" --warmup "$WARMUP" --duration "$DUR" | tee -a "$RESULTS" >&2
     done
   done
@@ -507,7 +522,7 @@ for sessions in "${CF_LEVELS[@]}"; do
       # shellcheck disable=SC2086
       "$BENCH" load --name "$target" --scenario f --round "$round" ${CF_TARGET_ARGS[$target]} \
         --server-name "$NAME" --host "$NAME" --ca "$CA" --mode post --path /mcp --sessions "$sessions" \
-        --warmup "$WARMUP" --duration "$DUR" \
+        --warmup "$WARMUP" --duration "$DUR" $WS \
         --cpu "proxy=$CF_RUN_PID" --cpu "cloudflared=$CF_PID" --cpu "fake-edge=$EDGE_PID" \
         | tee -a "$RESULTS" >&2
     done
@@ -563,15 +578,17 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "- Upstream: \`mcp-tunnel-bench upstream\` (hyper): \`POST /mcp\` answers a tools/call as JSON,"
   echo "  \`POST /mcp-sse\` as one SSE event, \`GET /events?rate=N\` streams timestamped events."
   echo "- Load: \`mcp-tunnel-bench load\` (one hyper HTTP/1.1 client code path over three transports),"
-  echo "  fixed sessions, warm-up ${WARMUP}, then ${DUR} measured, ${ROUNDS} round(s); HDR histogram. It runs"
-  echo "  on the same cores, so its own CPU per request (user + system over the measured window) is reported"
-  echo "  beside each target's."
+  echo "  fixed sessions, warm-up ${WARMUP}, then ${DUR} measured, ${ROUNDS} round(s); HDR histogram. Its"
+  echo "  WebSocket client for ws:// targets: \`$WS_CLIENT\` (\`--ws-client\`; lean = the bench's own codec: each"
+  echo "  write masked into one reused buffer and sent in one write, reads unframed in place; (w) compares it"
+  echo "  with the tungstenite one). It runs on the same cores,"
+  echo "  so its own CPU per request (user + system over the measured window) is reported beside each target's."
   echo
   echo "Commands (see bench/run.sh for the generated nginx and proxy configs):"
   echo
   echo '```'
   echo "mcp-tunnel-bench upstream --listen 127.0.0.1:$UP_PORT"
-  echo "mcp-tunnel-bench load --name proxy --target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca ca.crt --mode post --path /mcp --sessions 16 --warmup $WARMUP --duration $DUR"
+  echo "mcp-tunnel-bench load --name proxy --target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca ca.crt --ws-client $WS_CLIENT --mode post --path /mcp --sessions 16 --warmup $WARMUP --duration $DUR"
   echo "mcp-tunnel-bench load --name nginx --target https://127.0.0.1:$NGINX_PORT ... (same arguments)"
   echo "mcp-tunnel-bench load --name haproxy --target https://127.0.0.1:$HAPROXY_PORT ... (same arguments)"
   echo "haproxy -f haproxy.cfg  # nbthread $(nproc), http-reuse always, option httplog, bind ... ssl crt tls.pem alpn http/1.1 ssl-min-ver TLSv1.3"

@@ -468,6 +468,9 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         );
     }
 
+    // (w) the load generator's WebSocket clients.
+    ws_client_section(&mut md, &rows, &mut problems);
+
     // (c) memory.
     let _ = writeln!(
         md,
@@ -764,6 +767,70 @@ fn peer_check_section(md: &mut String, rows: &[Value], problems: &mut Vec<String
             f(l, "mean_ns") / 1000.0,
             f(l, "p50_ns") / 1000.0,
             f(l, "p99_ns") / 1000.0,
+        );
+    }
+}
+
+/// (w) the load generator's two WebSocket clients against the same proxy: what the client
+/// itself costs per request, beside what its TLS client costs against the baselines.
+fn ws_client_section(md: &mut String, rows: &[Value], problems: &mut Vec<String>) {
+    let runs = |scenario: &str, target: &str, sessions: u64, path: &str| -> Vec<&Value> {
+        rows.iter()
+            .filter(|r| {
+                s(r, "scenario") == scenario
+                    && s(r, "target") == target
+                    && u(r, "sessions") == sessions
+                    && s(r, "path") == path
+            })
+            .collect()
+    };
+    let Some(first) = rows.iter().find(|r| s(r, "scenario") == "w") else {
+        return;
+    };
+    let (sessions, path) = (u(first, "sessions"), s(first, "path"));
+    let _ = writeln!(
+        md,
+        "\n## (w) the load generator's WebSocket clients: lean against tungstenite\n\n\
+         The same proxy and load ({path}, {sessions} sessions), interleaved: `--ws-client lean` \
+         (the bench's own client codec: each write, all its slices, masked into one reused \
+         buffer and sent as one frame in one write; reads unframed in the caller's buffer) against `--ws-client tungstenite` (`mcp_tunnel::proxy::edge`, a copy per \
+         write). Median (min-max over rounds). The last rows are the load generator's TLS client \
+         against the baselines in (a), same sessions and reply: what the lean client should be \
+         close to.\n\n\
+         | client | rounds | req/s | proxy CPU µs/req | load gen CPU µs/req |\n|---|---:|---:|---:|---:|"
+    );
+    for (target, label) in [
+        ("proxy-lean", "lean (WebSocket + TLS)"),
+        ("proxy-tungstenite", "tungstenite (WebSocket + TLS)"),
+    ] {
+        let r = runs("w", target, sessions, path);
+        if r.is_empty() {
+            continue;
+        }
+        let a = aggregate(&r);
+        note_errors(problems, &format!("(w) {target}"), &a);
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} |",
+            a.rounds,
+            with_spread(a.rate_spread, 0),
+            with_spread(a.cpu_spread, 1),
+            with_spread(a.loadgen, 1)
+        );
+    }
+    for base in BASELINES {
+        let r = runs("a", base, sessions, path);
+        if r.is_empty() {
+            continue;
+        }
+        let a = aggregate(&r);
+        let _ = writeln!(
+            md,
+            "| TLS to {base}, from (a) | {} | {} | {} | {} |",
+            a.rounds,
+            with_spread(a.rate_spread, 0),
+            with_spread(a.cpu_spread, 1),
+            with_spread(a.loadgen, 1)
         );
     }
 }
