@@ -172,6 +172,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         };
         check_response(&buf[..head_end], &key)?;
         buf.drain(..head_end);
+        // Thousands of idle sessions ((c)) should not each keep the handshake's buffer.
+        if buf.is_empty() {
+            buf = Vec::new();
+        }
         let seed = u64::from_ne_bytes(random_bytes::<8>()?);
         Ok(WsStream {
             io,
@@ -422,6 +426,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                 let take = this.ahead.len().min(buf.remaining());
                 buf.put_slice(&this.ahead[..take]);
                 this.ahead.drain(..take);
+                if this.ahead.is_empty() {
+                    this.ahead = Vec::new();
+                }
             }
             let kept = this.unframe(&mut buf.filled_mut()[start..])?;
             buf.set_filled(start + kept);
@@ -660,34 +667,74 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// Answers the upgrade correctly, with `then` in the same write.
+    async fn raw_server(listener: TcpListener, then: &'static [u8]) {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            assert!(tcp.read_buf(&mut head).await.unwrap() > 0);
+        }
+        let text = String::from_utf8(head).unwrap();
+        let key = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap();
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            accept_for(key)
+        )
+        .into_bytes();
+        answer.extend_from_slice(then);
+        tcp.write_all(&answer).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tcp.read_to_end(&mut sink).await;
+    }
+
+    /// Frames that arrive in the same read as the handshake's answer are not lost.
+    #[tokio::test]
+    async fn frames_read_with_the_handshake_answer_are_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(raw_server(
+            listener,
+            &[
+                FIN | OP_BINARY,
+                3,
+                b'a',
+                b'b',
+                b'c',
+                FIN | OP_BINARY,
+                1,
+                b'd',
+            ],
+        ));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut ws = WsStream::handshake(tcp, "x", "/").await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), ws.read(&mut buf))
+                .await
+                .expect("the frames sent with the answer")
+                .unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"abcd");
+        drop(ws);
+        server.await.unwrap();
+    }
+
     /// Server frames are never masked (RFC 6455 5.1): one that is fails the read.
     #[tokio::test]
     async fn a_masked_server_frame_fails_the_read() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                assert!(tcp.read_buf(&mut head).await.unwrap() > 0);
-            }
-            let text = String::from_utf8(head).unwrap();
-            let key = text
-                .lines()
-                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-                .unwrap();
-            let answer = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                accept_for(key)
-            );
-            tcp.write_all(answer.as_bytes()).await.unwrap();
-            tcp.write_all(&[FIN | OP_BINARY, MASKED | 1, 1, 2, 3, 4, 0x55])
-                .await
-                .unwrap();
-            let mut sink = Vec::new();
-            let _ = tcp.read_to_end(&mut sink).await;
-        });
+        let server = tokio::spawn(raw_server(
+            listener,
+            &[FIN | OP_BINARY, MASKED | 1, 1, 2, 3, 4, 0x55],
+        ));
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut ws = WsStream::handshake(tcp, "x", "/").await.unwrap();
         let mut buf = [0u8; 16];
