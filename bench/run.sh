@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Benchmarks: this proxy against nginx (TLS termination + proxy_pass) and against the client
-# talking to the upstream directly, side by side in one run, on loopback. Writes BENCHMARKS.md.
+# Benchmarks: this proxy against two baselines terminating TLS to the same upstream (nginx
+# with proxy_pass, HAProxy) and against the client talking to the upstream directly, side by
+# side in one run, on loopback. Writes BENCHMARKS.md.
 #
-#   bench/run.sh            full run (about 12 minutes plus the release build)
+#   bench/run.sh            full run (about 23 minutes plus the release build)
 #   bench/run.sh --smoke    every scenario briefly (about 30 s, debug build): exercises every
 #                           path, fails on any error; writes target/bench-smoke/BENCHMARKS.md
 #
-# Needs: root, cargo, nginx (installed with apt-get when missing), and the real cloudflared
+# Needs: root, cargo, nginx and haproxy (installed with apt-get when missing), the real cloudflared
 # 2026.8.2 and fake-edge from ../shared (scenario (f); README, "The real cloudflared in tests",
 # says how to obtain them). After the build, the script re-runs itself in a fresh loopback-only
 # network namespace (unshare -n): cloudflared dials public addresses by itself, so every
 # process of the run stays on a loopback that leads nowhere.
-# Environment: BENCH_PORT_BASE (default 18700; ten ports from it are used, in the namespace),
+# Environment: BENCH_PORT_BASE (default 18700; eleven ports from it are used, in the namespace),
 #              BENCH_OUT (where BENCHMARKS.md goes), BENCH_PROFILE (cargo profile: release
 #              for full runs, dev for smoke runs), BENCH_KEEP=1 keeps the work directory,
-#              MCP_TUNNEL_SHARED (folder holding cloudflared/ and fake-edge/; default ../shared).
+#              MCP_TUNNEL_SHARED (folder holding cloudflared/ and fake-edge/; default ../shared),
+#              BENCH_WS_CLIENT (the load generator's WebSocket client for ws:// targets: lean,
+#              the default, or tungstenite), CARGO_TARGET_DIR (where the binaries are built).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -39,8 +42,10 @@ if [[ $MODE == smoke ]]; then
 else
   PROFILE=${BENCH_PROFILE:-release}
   SETTLE=2s
-  ROUNDS=3 WARMUP=1s DUR=5s
-  SSE_STREAMS=(1 1000) SSE_WARMUP=4s SSE_DUR=8s SSE_RATE=10
+  # Five rounds per figure, interleaved; 4 s measured keeps the run near 23 minutes with
+  # two baselines (sessions are open and warm before the warm-up starts).
+  ROUNDS=5 WARMUP=500ms DUR=4s
+  SSE_STREAMS=(1 1000) SSE_WARMUP=3s SSE_DUR=4s SSE_RATE=10
   IDLE_STEPS=1000,10000
   CHURN_DUR=30s RELOAD_EVERY=1s ROTATE_EVERY=5s RECONNECT_EVERY=50
   READY_RUNS=10
@@ -51,7 +56,7 @@ fi
 BASE=${BENCH_PORT_BASE:-18700}
 UP_PORT=$BASE NGINX_PORT=$((BASE + 1)) PROXY_PORT=$((BASE + 2))
 READY_PROXY_PORT=$((BASE + 3)) READY_NGINX_PORT=$((BASE + 4))
-PEER_CHECK_PORT=$((BASE + 9))
+PEER_CHECK_PORT=$((BASE + 9)) HAPROXY_PORT=$((BASE + 10))
 # (f): the proxy that runs the real cloudflared, its admin endpoint, fake-edge's eyeball and
 # control ports (fake-edge's 4 tunnel listeners are 7844-7847 of the namespace's lo).
 CF_PROXY_PORT=$((BASE + 5)) CF_ADMIN_PORT=$((BASE + 6))
@@ -84,6 +89,13 @@ if ! command -v nginx >/dev/null; then
   apt-get update -qq && apt-get install -y -qq nginx >/dev/null
 fi
 NGINX=$(command -v nginx)
+if ! command -v haproxy >/dev/null; then
+  step "installing haproxy (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq haproxy >/dev/null
+fi
+HAPROXY=$(command -v haproxy)
+WS_CLIENT=${BENCH_WS_CLIENT:-lean}
 
 if [[ ${BENCH_IN_NETNS:-} != 1 ]]; then
   step "building binaries (profile $PROFILE)"
@@ -103,7 +115,9 @@ if ip -o link show | grep -qv ': lo:'; then
   exit 1
 fi
 BUILD_SECS=${BENCH_BUILD_SECS:-0}
-BIN_DIR=$ROOT/target/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
+BIN_DIR=$TARGET_DIR/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")
 TUNNEL=$BIN_DIR/mcp-tunnel
 BENCH=$BIN_DIR/mcp-tunnel-bench
 
@@ -117,14 +131,14 @@ mkdir -p "$LOGS"
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
 PIDS=()
-UP_PID="" NGINX_PID="" PROXY_PID="" CF_RUN_PID="" CF_PID="" EDGE_PID=""
+UP_PID="" NGINX_PID="" HAPROXY_PID="" PROXY_PID="" CF_RUN_PID="" CF_PID="" EDGE_PID=""
 cleanup() {
   local pid
   # `run` stops its cloudflared first; fake-edge goes last.
-  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $PROXY_PID $CF_RUN_PID $CF_PID $EDGE_PID; do
+  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $HAPROXY_PID $PROXY_PID $CF_RUN_PID $CF_PID $EDGE_PID; do
     kill -TERM "$pid" 2>/dev/null || true
   done
-  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $PROXY_PID $CF_RUN_PID $CF_PID $EDGE_PID; do
+  for pid in "${PIDS[@]}" $UP_PID $NGINX_PID $HAPROXY_PID $PROXY_PID $CF_RUN_PID $CF_PID $EDGE_PID; do
     wait "$pid" 2>/dev/null || true
   done
   if [[ -n ${BENCH_KEEP:-} ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
@@ -225,6 +239,39 @@ nginx_config "$NGINX_PORT" "$WORK/nginx/nginx.conf" "$WORK/nginx/nginx.pid"
 nginx_config "$READY_NGINX_PORT" "$WORK/nginx/nginx-ready.conf" "$WORK/nginx/nginx-ready.pid"
 "$NGINX" -t -q -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf"
 
+# HAProxy: the same TLS termination in front of the same upstream, one thread per core,
+# upstream connections kept and shared (`http-reuse always`), its request log on as nginx's
+# access log is (to a file, through stdout).
+mkdir -p "$WORK/haproxy"
+cat "$WORK/pki/tls.crt" "$WORK/pki/tls.key" >"$WORK/haproxy/tls.pem"
+HAPROXY_CFG=$WORK/haproxy/haproxy.cfg
+cat >"$HAPROXY_CFG" <<EOF
+global
+    nbthread $(nproc)
+    # (b) holds 1,000 streams (two descriptors each); the hard limit here is 20,000.
+    maxconn 8000
+    log stdout format raw local0 info
+
+defaults
+    mode http
+    log global
+    option httplog
+    http-reuse always
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout http-keep-alive 1h
+    timeout http-request 10s
+
+frontend tls
+    bind 127.0.0.1:$HAPROXY_PORT ssl crt $WORK/haproxy/tls.pem alpn http/1.1 ssl-min-ver TLSv1.3
+    default_backend upstream
+
+backend upstream
+    server up 127.0.0.1:$UP_PORT
+EOF
+"$HAPROXY" -c -q -f "$HAPROXY_CFG"
+
 start_upstream() {
   "$BENCH" upstream --listen "127.0.0.1:$UP_PORT" 2>"$LOGS/upstream.log" &
   UP_PID=$!
@@ -234,6 +281,21 @@ start_nginx() {
   "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" 2>>"$LOGS/nginx-stderr.log" &
   NGINX_PID=$!
   wait_port "$NGINX_PORT"
+}
+start_haproxy() {
+  "$HAPROXY" -f "$HAPROXY_CFG" >>"$LOGS/haproxy-access.log" 2>>"$LOGS/haproxy-stderr.log" &
+  HAPROXY_PID=$!
+  wait_port "$HAPROXY_PORT"
+  # Its CPU is read as that process with its direct children: make sure that is every
+  # process HAProxy runs (one process with nbthread threads, or a master and its worker).
+  local p ppid
+  for p in $(pgrep -f "haproxy -f $HAPROXY_CFG"); do
+    ppid=$(awk '{print $4}' "/proc/$p/stat")
+    if [[ $p != "$HAPROXY_PID" && $ppid != "$HAPROXY_PID" ]]; then
+      echo "haproxy process $p is neither $HAPROXY_PID nor its child: its CPU would go unread" >&2
+      exit 1
+    fi
+  done
 }
 start_proxy() {
   "$TUNNEL" run --config "$WORK/proxy.toml" 2>>"$LOGS/proxy.log" &
@@ -246,21 +308,36 @@ stop_pid() { # pid
   wait "$1" 2>/dev/null || true
 }
 
-# The three targets: name and load arguments.
+# The targets: name and load arguments. proxy-tungstenite is the proxy reached through the
+# load generator's other WebSocket client (scenario (w), the client's own cost).
+WS="--ws-client $WS_CLIENT"
 declare -A TARGET_ARGS=(
   [direct]="--target http://127.0.0.1:$UP_PORT"
   [nginx]="--target https://127.0.0.1:$NGINX_PORT --server-name $NAME --host $NAME --ca $CA"
-  [proxy]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA"
-  [proxy-inspect]="--target ws://127.0.0.1:$PROXY_PORT --server-name inspect.$DOMAIN --host inspect.$DOMAIN --ca $CA"
-  [proxy-policy]="--target ws://127.0.0.1:$PROXY_PORT --server-name policy.$DOMAIN --host policy.$DOMAIN --ca $CA"
+  [haproxy]="--target https://127.0.0.1:$HAPROXY_PORT --server-name $NAME --host $NAME --ca $CA"
+  [proxy]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA $WS"
+  [proxy-lean]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA --ws-client lean"
+  [proxy-tungstenite]="--target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca $CA --ws-client tungstenite"
+  [proxy-inspect]="--target ws://127.0.0.1:$PROXY_PORT --server-name inspect.$DOMAIN --host inspect.$DOMAIN --ca $CA $WS"
+  [proxy-policy]="--target ws://127.0.0.1:$PROXY_PORT --server-name policy.$DOMAIN --host policy.$DOMAIN --ca $CA $WS"
 )
-ORDERS=("direct nginx proxy" "nginx proxy direct" "proxy direct nginx")
+# Round N runs the targets in this order rotated by N-1, so that none always goes first.
+rotated() { # round target...
+  local n=$(($1 - 1)) list
+  shift
+  list=("$@")
+  n=$((n % ${#list[@]}))
+  echo "${list[@]:n}" "${list[@]:0:n}"
+}
+BASELINE_TARGETS=(direct nginx haproxy proxy)
 
 load() { # target scenario round args...
   local target=$1 scenario=$2 round=$3 pid=()
   shift 3
-  # The process whose CPU per request (post) or RSS (idle) is read: nginx or the proxy.
+  # The process whose CPU per request (post) or RSS (idle) is read: nginx, HAProxy or the
+  # proxy, each with its direct children.
   [[ $target == nginx ]] && pid=(--pid "$NGINX_PID")
+  [[ $target == haproxy ]] && pid=(--pid "$HAPROXY_PID")
   [[ $target == proxy* ]] && pid=(--pid "$PROXY_PID")
   # shellcheck disable=SC2086
   "$BENCH" load --name "$target" --scenario "$scenario" --round "$round" ${TARGET_ARGS[$target]} "${pid[@]}" "$@" \
@@ -276,6 +353,7 @@ step "(e) start to READY=1, $READY_RUNS runs each"
   -- "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx-ready.conf" | tee -a "$RESULTS" >&2
 
 start_nginx
+start_haproxy
 start_proxy
 
 # --- (a) tools/call ----------------------------------------------------------------------
@@ -284,7 +362,7 @@ for path in /mcp /mcp-sse; do
   for sessions in "${levels[@]}"; do
     step "(a) tools/call $path, $sessions sessions, $ROUNDS rounds"
     for round in $(seq 1 "$ROUNDS"); do
-      for target in ${ORDERS[$(((round - 1) % 3))]}; do
+      for target in $(rotated "$round" "${BASELINE_TARGETS[@]}"); do
         load "$target" a "$round" --mode post --path "$path" --sessions "$sessions" \
           --warmup "$WARMUP" --duration "$DUR"
       done
@@ -294,11 +372,10 @@ done
 
 # --- (i) tools/call with MCP inspection off, on, and with a tool policy ----------------
 # The same proxy and upstream; routes differ only in their MCP settings (see proxy_config).
-F_ORDERS=("proxy proxy-inspect proxy-policy" "proxy-inspect proxy-policy proxy" "proxy-policy proxy proxy-inspect")
 for path in /mcp /mcp-sse; do
   step "(i) tools/call $path with MCP inspection off / inspect / policy, 16 sessions, $ROUNDS rounds"
   for round in $(seq 1 "$ROUNDS"); do
-    for target in ${F_ORDERS[$(((round - 1) % 3))]}; do
+    for target in $(rotated "$round" proxy proxy-inspect proxy-policy); do
       load "$target" i "$round" --mode post --path "$path" --sessions 16 \
         --warmup "$WARMUP" --duration "$DUR"
     done
@@ -309,10 +386,19 @@ done
 for streams in "${SSE_STREAMS[@]}"; do
   step "(b) SSE, $streams streams at $SSE_RATE events/s each, $ROUNDS rounds"
   for round in $(seq 1 "$ROUNDS"); do
-    for target in ${ORDERS[$(((round - 1) % 3))]}; do
+    for target in $(rotated "$round" "${BASELINE_TARGETS[@]}"); do
       load "$target" b "$round" --mode sse --sessions "$streams" --rate "$SSE_RATE" \
         --warmup "$SSE_WARMUP" --duration "$SSE_DUR"
     done
+  done
+done
+stop_pid "$HAPROXY_PID"; HAPROXY_PID=""
+
+# --- (w) the load generator's own WebSocket clients, A/B against the same proxy ---------
+step "(w) tools/call /mcp through the lean and the tungstenite WebSocket client, 16 sessions, $ROUNDS rounds"
+for round in $(seq 1 "$ROUNDS"); do
+  for target in $(rotated "$round" proxy-lean proxy-tungstenite); do
+    load "$target" w "$round" --mode post --path /mcp --sessions 16 --warmup "$WARMUP" --duration "$DUR"
   done
 done
 
@@ -333,8 +419,9 @@ for round in $(seq 1 "$ROUNDS"); do
     [[ $which == on ]] && port=$PEER_CHECK_PORT pid=$PEER_CHECK_PID
     for mode in connect post; do
       sessions=16; [[ $mode == connect ]] && sessions=4
+      # shellcheck disable=SC2086
       "$BENCH" load --name "$which" --scenario g --round "$round" --target "ws://127.0.0.1:$port" \
-        --server-name "$NAME" --host "$NAME" --ca "$CA" --pid "$pid" --mode "$mode" \
+        --server-name "$NAME" --host "$NAME" --ca "$CA" --pid "$pid" --mode "$mode" $WS \
         --sessions "$sessions" --warmup "$WARMUP" --duration "$DUR" | tee -a "$RESULTS" >&2
     done
   done
@@ -435,7 +522,7 @@ for sessions in "${CF_LEVELS[@]}"; do
       # shellcheck disable=SC2086
       "$BENCH" load --name "$target" --scenario f --round "$round" ${CF_TARGET_ARGS[$target]} \
         --server-name "$NAME" --host "$NAME" --ca "$CA" --mode post --path /mcp --sessions "$sessions" \
-        --warmup "$WARMUP" --duration "$DUR" \
+        --warmup "$WARMUP" --duration "$DUR" $WS \
         --cpu "proxy=$CF_RUN_PID" --cpu "cloudflared=$CF_PID" --cpu "fake-edge=$EDGE_PID" \
         | tee -a "$RESULTS" >&2
     done
@@ -456,14 +543,14 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "**Smoke run** (\`bench/run.sh --smoke\`): every path exercised briefly; the figures mean nothing."
     echo
   fi
-  echo "Regenerate with \`bench/run.sh\` (needs nginx; it installs it with apt-get when missing)."
+  echo "Regenerate with \`bench/run.sh\` (needs nginx and haproxy; it installs them with apt-get when missing)."
   echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') from commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)'); the run took ${TOTAL_SECS} s, of which ${BUILD_SECS} s building."
   echo
   echo "## Machine and conditions"
   echo
   echo "- CPU: $cpu, $(nproc) cores; $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM; $(uname -sr)"
   echo "- Load average at the end of the run: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "- $("$NGINX" -v 2>&1); mcp-tunnel $("$TUNNEL" --version | cut -d' ' -f2) (cargo profile $PROFILE)"
+  echo "- $("$NGINX" -v 2>&1); $("$HAPROXY" -v | head -n1 | cut -d' ' -f1-3); mcp-tunnel $("$TUNNEL" --version | cut -d' ' -f2) (cargo profile $PROFILE)"
   echo "- Everything runs in one loopback-only network namespace (\`unshare -n\`; scenario (f) runs the real"
   echo "  cloudflared, which must never reach the network)."
   echo "- All processes on loopback on the same machine: the load generator, the upstream and the"
@@ -477,6 +564,11 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "- **direct**: the load generator speaks plain HTTP/1.1 to the upstream (the physical limit)."
   echo "- **nginx**: TLS (1.3) to nginx, which \`proxy_pass\`es to the same upstream (\`proxy_http_version 1.1\`,"
   echo "  \`proxy_buffering off\`, upstream \`keepalive 64\`), \`worker_processes auto\`, access log on."
+  echo "- **haproxy**: TLS (1.3, ALPN http/1.1) to HAProxy in HTTP mode, to the same upstream: \`nbthread $(nproc)\`"
+  echo "  (one per core), \`http-reuse always\` (upstream connections kept and shared), \`option httplog\` to a file"
+  echo "  (\`log stdout format raw\`), run in the foreground (\`haproxy -f haproxy.cfg\`; PEM = certificate + key)."
+  echo "- Every target is judged against the **better** of nginx and HAProxy in the same run (the higher req/s,"
+  echo "  the lower CPU per request, the lower added p99)."
   echo "- **proxy**: what the edge does: WebSocket to \`mcp-tunnel run\`'s listener, inner TLS (1.3) inside it,"
   echo "  HTTP/1.1 inside that; the proxy forwards to the same upstream. Log level info (default)."
   echo "- **via cloudflared** (f): WebSocket + inner TLS to fake-edge (a stand-in for Cloudflare's edge, built on"
@@ -486,14 +578,20 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "- Upstream: \`mcp-tunnel-bench upstream\` (hyper): \`POST /mcp\` answers a tools/call as JSON,"
   echo "  \`POST /mcp-sse\` as one SSE event, \`GET /events?rate=N\` streams timestamped events."
   echo "- Load: \`mcp-tunnel-bench load\` (one hyper HTTP/1.1 client code path over three transports),"
-  echo "  fixed sessions, warm-up ${WARMUP}, then ${DUR} measured, ${ROUNDS} round(s); HDR histogram."
+  echo "  fixed sessions, warm-up ${WARMUP}, then ${DUR} measured, ${ROUNDS} round(s); HDR histogram. Its"
+  echo "  WebSocket client for ws:// targets: \`$WS_CLIENT\` (\`--ws-client\`; lean = the bench's own codec: each"
+  echo "  write masked into one reused buffer and sent in one write, reads unframed in place; (w) compares it"
+  echo "  with the tungstenite one). It runs on the same cores,"
+  echo "  so its own CPU per request (user + system over the measured window) is reported beside each target's."
   echo
   echo "Commands (see bench/run.sh for the generated nginx and proxy configs):"
   echo
   echo '```'
   echo "mcp-tunnel-bench upstream --listen 127.0.0.1:$UP_PORT"
-  echo "mcp-tunnel-bench load --name proxy --target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca ca.crt --mode post --path /mcp --sessions 16 --warmup $WARMUP --duration $DUR"
+  echo "mcp-tunnel-bench load --name proxy --target ws://127.0.0.1:$PROXY_PORT --server-name $NAME --host $NAME --ca ca.crt --ws-client $WS_CLIENT --mode post --path /mcp --sessions 16 --warmup $WARMUP --duration $DUR"
   echo "mcp-tunnel-bench load --name nginx --target https://127.0.0.1:$NGINX_PORT ... (same arguments)"
+  echo "mcp-tunnel-bench load --name haproxy --target https://127.0.0.1:$HAPROXY_PORT ... (same arguments)"
+  echo "haproxy -f haproxy.cfg  # nbthread $(nproc), http-reuse always, option httplog, bind ... ssl crt tls.pem alpn http/1.1 ssl-min-ver TLSv1.3"
   echo "mcp-tunnel-bench load --name direct --target http://127.0.0.1:$UP_PORT ... (same arguments)"
   echo "mcp-tunnel-bench load ... --mode sse --sessions ${SSE_STREAMS[-1]} --rate $SSE_RATE --warmup $SSE_WARMUP --duration $SSE_DUR"
   echo "mcp-tunnel-bench load ... --mode idle --steps $IDLE_STEPS --pid PID"
@@ -507,6 +605,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 } >"$WORK/header.md"
 footer=()
 [[ -f $ROOT/bench/NOTES.md && $MODE == full ]] && footer=(--footer "$ROOT/bench/NOTES.md")
+mkdir -p "$ROOT/target"
 cp "$RESULTS" "$ROOT/target/bench-results-$MODE.jsonl"
 "$BENCH" report --results "$RESULTS" --header "$WORK/header.md" "${footer[@]}" --out "$OUT"
 # (h) three appliance hosts, one tunnel: the CI test (tests/real-cloudflared.sh runs it with

@@ -41,6 +41,16 @@ pub enum Mode {
     Connect,
 }
 
+/// The WebSocket client under ws:// targets' inner TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WsClient {
+    /// The bench's own client codec (`ws::WsStream`): masked frames written from one reused
+    /// buffer, reads into the caller's buffer.
+    Lean,
+    /// `mcp_tunnel::proxy::edge::WsTarget` (tungstenite): kept for A/B runs.
+    Tungstenite,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
     /// http://HOST:PORT (direct), https://HOST:PORT (TLS) or ws://HOST:PORT (WebSocket + TLS).
@@ -99,6 +109,9 @@ pub struct LoadArgs {
     /// Sessions opened concurrently while setting up.
     #[arg(long, default_value_t = 64)]
     pub connect_parallelism: usize,
+    /// The WebSocket client for ws:// targets.
+    #[arg(long, value_enum, default_value = "lean")]
+    pub ws_client: WsClient,
 }
 
 fn parse_cpu_pid(s: &str) -> Result<(String, u32), String> {
@@ -130,6 +143,14 @@ enum Transport {
         target: WsTarget,
         config: Arc<rustls::ClientConfig>,
         name: String,
+    },
+    LeanEdge {
+        addr: String,
+        /// Host header and request target of the upgrade.
+        authority: String,
+        path: String,
+        connector: TlsConnector,
+        name: ServerName<'static>,
     },
 }
 
@@ -175,11 +196,28 @@ impl Transport {
                 connector: TlsConnector::from(tls_config()?),
                 name: ServerName::try_from(server_name()?)?,
             },
-            "ws" => Transport::Edge {
+            "ws" if args.ws_client == WsClient::Tungstenite => Transport::Edge {
                 target: WsTarget::parse(&args.target).map_err(|e| anyhow::anyhow!(e))?,
                 config: tls_config()?,
                 name: server_name()?,
             },
+            "ws" => {
+                let uri: http::Uri = args.target.parse()?;
+                let authority = uri
+                    .authority()
+                    .ok_or_else(|| anyhow::anyhow!("{} has no host", args.target))?;
+                let host = authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                Transport::LeanEdge {
+                    addr: format!("{host}:{}", authority.port_u16().unwrap_or(80)),
+                    authority: authority.as_str().to_owned(),
+                    path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+                    connector: TlsConnector::from(tls_config()?),
+                    name: ServerName::try_from(server_name()?)?,
+                }
+            }
             other => anyhow::bail!("unsupported scheme {other}://"),
         })
     }
@@ -210,6 +248,20 @@ impl Transport {
                 name,
             } => {
                 let tls = target.connect_tls(config.clone(), name).await?;
+                let id = cert_id(tls.get_ref().1.peer_certificates());
+                Ok((Box::new(tls), id))
+            }
+            Transport::LeanEdge {
+                addr,
+                authority,
+                path,
+                connector,
+                name,
+            } => {
+                let tcp = TcpStream::connect(addr).await?;
+                let _ = tcp.set_nodelay(true);
+                let ws = crate::ws::WsStream::handshake(tcp, authority, path).await?;
+                let tls = connector.connect(name.clone(), ws).await?;
                 let id = cert_id(tls.get_ref().1.peer_certificates());
                 Ok((Box::new(tls), id))
             }
@@ -553,7 +605,11 @@ pub fn rss_tree_kib(pid: u32) -> u64 {
 
 /// CPU time (user + system) in clock ticks of `pid` alone (all its threads).
 pub fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// utime + stime of a /proc/PID/stat line.
+fn stat_cpu_ticks(stat: &str) -> u64 {
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
@@ -600,6 +656,13 @@ fn children(pid: u32) -> Vec<u32> {
 /// Clock ticks per second of /proc/PID/stat times (USER_HZ; 100 on Linux).
 const TICKS_PER_SEC: f64 = 100.0;
 
+/// CPU time (user + system) in clock ticks of this process, all its threads. The load
+/// generator shares the cores with its target, so what it spends is taken from the target:
+/// a reader needs it beside the target's own figure, per target.
+fn own_cpu_ticks() -> u64 {
+    stat_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
+}
+
 /// CPU used by the target (`pid`, with children) and by this load generator over the
 /// measured window, per request, in microseconds.
 struct CpuWindow {
@@ -612,23 +675,28 @@ struct CpuWindow {
 
 impl CpuWindow {
     fn start(pid: Option<u32>, each: &[(String, u32)]) -> CpuWindow {
+        let target0 = pid.map_or(0, cpu_tree_ticks);
+        let each0 = each
+            .iter()
+            .map(|(label, p)| (label.clone(), *p, cpu_ticks(*p)))
+            .collect();
+        // Read last at the start and first at the end, so that the /proc scans for the
+        // target's children fall outside the load generator's own window.
         CpuWindow {
             pid,
-            target0: pid.map_or(0, cpu_tree_ticks),
-            own0: cpu_tree_ticks(std::process::id()),
-            each0: each
-                .iter()
-                .map(|(label, p)| (label.clone(), *p, cpu_ticks(*p)))
-                .collect(),
+            target0,
+            own0: own_cpu_ticks(),
+            each0,
         }
     }
 
     fn stop(&self) -> CpuUsed {
+        let own = own_cpu_ticks().saturating_sub(self.own0);
         CpuUsed {
             target: self
                 .pid
                 .map(|p| cpu_tree_ticks(p).saturating_sub(self.target0)),
-            own: cpu_tree_ticks(std::process::id()).saturating_sub(self.own0),
+            own,
             each: self
                 .each0
                 .iter()

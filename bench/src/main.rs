@@ -8,6 +8,7 @@ mod load;
 mod ops;
 mod report;
 mod upstream;
+mod ws;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! BENCHMARKS.md from the JSON lines the runs printed: medians over rounds, ratios against
-//! nginx and direct measured in the same run, and each target marked met or missed.
+//! the better of the two baselines (nginx, HAProxy) and direct measured in the same run, and
+//! each target marked met or missed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,7 +23,9 @@ pub struct ReportArgs {
     out: PathBuf,
 }
 
-const TARGETS: [&str; 3] = ["direct", "nginx", "proxy"];
+const TARGETS: [&str; 4] = ["direct", "nginx", "haproxy", "proxy"];
+/// What the proxy is judged against: each figure against the better of these in the run.
+const BASELINES: [&str; 2] = ["nginx", "haproxy"];
 
 fn f(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
@@ -34,6 +37,50 @@ fn u(v: &Value, k: &str) -> u64 {
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Median, minimum and maximum over rounds: the spread shows how far one round's figure
+/// can be trusted on a shared machine.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Default for Spread {
+    fn default() -> Spread {
+        Spread {
+            median: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+        }
+    }
+}
+
+fn spread(xs: Vec<f64>) -> Spread {
+    if xs.is_empty() {
+        return Spread::default();
+    }
+    Spread {
+        min: xs.iter().copied().fold(f64::INFINITY, f64::min),
+        max: xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        median: median(xs),
+    }
+}
+
+/// `median (min-max)` with `digits` decimals; no range for a single round.
+fn with_spread(v: Spread, digits: usize) -> String {
+    if v.median.is_nan() {
+        "n/a".into()
+    } else if v.min == v.max {
+        format!("{:.digits$}", v.median)
+    } else {
+        format!(
+            "{:.digits$} ({:.digits$}-{:.digits$})",
+            v.median, v.min, v.max
+        )
+    }
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -63,13 +110,23 @@ struct Agg {
     handshake_errors: u64,
     distinct_certs: u64,
     count: u64,
-    /// CPU of the target process (nginx with its workers, or the proxy) per request, in µs.
+    /// CPU of the target process (nginx with its workers, HAProxy, or the proxy) per
+    /// request, in µs.
     cpu: f64,
+    rate_spread: Spread,
+    cpu_spread: Spread,
+    /// The load generator's own CPU per request, in µs.
+    loadgen: Spread,
     first_error: Option<String>,
 }
 
 fn aggregate(runs: &[&Value]) -> Agg {
     let col = |k: &str| median(runs.iter().map(|r| f(r, k)).collect());
+    let opt_col = |k: &str| -> Vec<f64> {
+        runs.iter()
+            .filter_map(|r| r.get(k).and_then(Value::as_f64))
+            .collect()
+    };
     Agg {
         rounds: runs.len(),
         rate: col("rate"),
@@ -86,11 +143,10 @@ fn aggregate(runs: &[&Value]) -> Agg {
             .max()
             .unwrap_or(0),
         count: runs.iter().map(|r| u(r, "count")).sum(),
-        cpu: median(
-            runs.iter()
-                .filter_map(|r| r.get("target_cpu_us_per_req").and_then(Value::as_f64))
-                .collect(),
-        ),
+        cpu: median(opt_col("target_cpu_us_per_req")),
+        rate_spread: spread(runs.iter().map(|r| f(r, "rate")).collect()),
+        cpu_spread: spread(opt_col("target_cpu_us_per_req")),
+        loadgen: spread(opt_col("loadgen_cpu_us_per_req")),
         first_error: runs.iter().find_map(|r| {
             r.get("first_error")
                 .and_then(Value::as_str)
@@ -114,6 +170,24 @@ fn us(v: f64) -> String {
     } else {
         format!("{v:.1}")
     }
+}
+
+/// The better baseline for one figure: the highest (`higher`) or the lowest value of `key`
+/// among the baselines that have it, with its name.
+fn pick<'a>(
+    bases: &[(&'a str, &Agg)],
+    key: impl Fn(&Agg) -> f64,
+    higher: bool,
+) -> Option<(&'a str, f64)> {
+    let better = |x: f64, y: f64| if higher { x > y } else { x < y };
+    let mut best: Option<(&str, f64)> = None;
+    for (name, a) in bases {
+        let v = key(a);
+        if !v.is_nan() && best.is_none_or(|(_, b)| better(v, b)) {
+            best = Some((name, v));
+        }
+    }
+    best
 }
 
 fn note_errors(problems: &mut Vec<String>, what: &str, a: &Agg) {
@@ -175,79 +249,105 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "\n## (a) tools/call POSTs, closed loop, one request in flight per session\n\n\
-         Medians over rounds (interleaved direct, nginx, proxy). Latency in ms. \
-         \"added p99\" = p99 through the target minus p99 direct in the same round set. \
-         CPU = user + system time of the target process (nginx: master and workers) per request \
-         over the measured window: less sensitive to the other work on the machine than req/s. \
-         \"req/s per core\" = requests per CPU-second of the target (req/s divided by the \
-         target's CPU seconds per second): the comparison that holds on a noisy shared machine. \
-         Targets (issue 12): proxy req/s >= nginx's, proxy CPU per request <= nginx's, proxy \
-         added p99 <= nginx's.\n\n\
-         | reply | sessions | direct req/s | nginx req/s | proxy req/s | proxy / nginx | direct p99 | nginx added p99 | proxy added p99 | CPU µs/req nginx / proxy | req/s per core nginx / proxy | targets: req/s, CPU, p99 |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"
+         Medians over rounds (direct, nginx, HAProxy and the proxy interleaved, order rotated \
+         each round). Latency in ms. \"added p99\" = p99 through the target minus p99 direct in \
+         the same round set. CPU = user + system time of the target (nginx: master and workers; \
+         HAProxy: its process and any children) per request over the measured window: less \
+         sensitive to the other work on the machine than req/s. Targets (issue 21), against the \
+         **better baseline** of nginx and HAProxy for each figure in this run: proxy req/s >= \
+         the higher of theirs, proxy CPU per request <= the lower of theirs, proxy added p99 <= \
+         the lower of theirs.\n\n\
+         | reply | sessions | direct req/s | best baseline req/s | proxy req/s (x best) | lowest baseline CPU µs/req | proxy CPU µs/req (x lowest) | lowest baseline added p99 | proxy added p99 | targets: req/s, CPU, p99 |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     let mut detail = String::from(
-        "\n<details><summary>(a) every target's percentiles</summary>\n\n\
-         | reply | sessions | target | rounds | req/s | p50 | p90 | p99 | max | errors |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "\nEvery target: median (min-max over rounds) of req/s and of CPU per request. \
+         \"req/s per core\" = requests per CPU-second of the target (the comparison that holds \
+         on a noisy shared machine). \"load gen CPU\" = the load generator's own user + system \
+         time per request over the same window: it runs on the same two cores, so this is CPU \
+         the target could not use, and it differs by transport (plain TCP, TLS, WebSocket + \
+         TLS).\n\n\
+         | reply | sessions | target | rounds | req/s | p50 | p90 | p99 | max | added p99 | CPU µs/req | req/s per core | load gen CPU µs/req | errors |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for ((path, sessions), by) in group(&rows, "a") {
-        let agg: BTreeMap<&str, Agg> = TARGETS
+        let agg: Vec<(&str, Agg)> = TARGETS
             .iter()
             .filter_map(|t| by.get(*t).map(|r| (*t, aggregate(r))))
             .collect();
+        let get = |t: &str| agg.iter().find(|(n, _)| *n == t).map(|(_, a)| a);
         let reply = if path == "/mcp-sse" {
             "SSE-framed"
         } else {
             "JSON"
         };
+        let direct_p99 = get("direct").map_or(f64::NAN, |d| d.p99);
         for (t, a) in &agg {
             note_errors(
                 &mut problems,
                 &format!("(a) {reply} {sessions} sessions {t}"),
                 a,
             );
+            let added = if *t == "direct" {
+                "".to_owned()
+            } else {
+                signed_ms(a.p99 - direct_p99)
+            };
             let _ = writeln!(
                 detail,
-                "| {reply} | {sessions} | {t} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                "| {reply} | {sessions} | {t} | {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} |",
                 a.rounds,
-                a.rate,
+                with_spread(a.rate_spread, 0),
                 ms(a.p50),
                 ms(a.p90),
                 ms(a.p99),
                 ms(a.max),
+                with_spread(a.cpu_spread, 1),
+                if a.cpu.is_nan() {
+                    "n/a".to_owned()
+                } else {
+                    format!("{:.0}", 1e6 / a.cpu)
+                },
+                us(a.loadgen.median),
                 a.errors + a.handshake_errors
             );
         }
-        let (Some(d), Some(n), Some(p)) = (agg.get("direct"), agg.get("nginx"), agg.get("proxy"))
-        else {
+        let (Some(d), Some(p)) = (get("direct"), get("proxy")) else {
             continue;
         };
-        let ratio = p.rate / n.rate;
-        let (n_add, p_add) = (n.p99 - d.p99, p.p99 - d.p99);
-        let per_core = |cpu_us: f64| 1e6 / cpu_us;
+        let bases: Vec<(&str, &Agg)> = BASELINES
+            .iter()
+            .filter_map(|b| get(b).map(|a| (*b, a)))
+            .collect();
+        let (Some(rate), Some(cpu), Some(add)) = (
+            pick(&bases, |a| a.rate, true),
+            pick(&bases, |a| a.cpu, false),
+            pick(&bases, |a| a.p99 - d.p99, false),
+        ) else {
+            continue;
+        };
+        let p_add = p.p99 - d.p99;
         let _ = writeln!(
             md,
-            "| {reply} | {sessions} | {:.0} | {:.0} | {:.0} | {ratio:.2}x | {} | {} | {} | {:.1} / {:.1} ({:.2}x) | {:.0} / {:.0} ({:.2}x) | {}, {}, {} |",
+            "| {reply} | {sessions} | {:.0} | {:.0} ({}) | {:.0} ({:.2}x) | {:.1} ({}) | {:.1} ({:.2}x) | {} ({}) | {} | {}, {}, {} |",
             d.rate,
-            n.rate,
+            rate.1,
+            rate.0,
             p.rate,
-            ms(d.p99),
-            signed_ms(n_add),
-            signed_ms(p_add),
-            n.cpu,
+            p.rate / rate.1,
+            cpu.1,
+            cpu.0,
             p.cpu,
-            p.cpu / n.cpu,
-            per_core(n.cpu),
-            per_core(p.cpu),
-            per_core(p.cpu) / per_core(n.cpu),
-            mark(ratio >= 1.0),
-            mark(p.cpu <= n.cpu),
-            mark(p_add <= n_add)
+            p.cpu / cpu.1,
+            signed_ms(add.1),
+            add.0,
+            signed_ms(p_add),
+            mark(p.rate >= rate.1),
+            mark(p.cpu <= cpu.1),
+            mark(p_add <= add.1)
         );
     }
     md.push_str(&detail);
-    md.push_str("\n</details>\n");
 
     // (i) MCP inspection cost.
     let _ = writeln!(
@@ -272,7 +372,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
             "JSON"
         };
         for (t, a) in &agg {
-            note_errors(&mut problems, &format!("(f) {reply} {t}"), a);
+            note_errors(&mut problems, &format!("(i) {reply} {t}"), a);
         }
         let (Some(off), Some(ins), Some(pol)) = (
             agg.get("proxy"),
@@ -302,9 +402,12 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "\n## (b) SSE: per-event latency, upstream timestamp to client receipt\n\n\
-         Latency in ms; \"added\" = the target's percentile minus direct's.\n\n\
-         | streams | events/s per stream | direct p50 / p99 | nginx p50 / p99 (added p99) | proxy p50 / p99 (added p99) | proxy max | target: proxy added p99 <= 1 ms at 1,000 |\n\
-         |---:|---:|---|---|---|---:|---|"
+         Latency in ms; \"added\" = the target's percentile minus direct's. \"load gen CPU\" = \
+         the load generator's own CPU per event received, direct / nginx / HAProxy / proxy. \
+         Target (issue 21): the proxy's added p99 at 1,000 streams <= the lower of nginx's and \
+         HAProxy's in the same run.\n\n\
+         | streams | events/s per stream | direct p50 / p99 | nginx p50 / p99 (added p99) | haproxy p50 / p99 (added p99) | proxy p50 / p99 (added p99) | proxy max | load gen CPU µs/event | target: proxy added p99 <= the lower baseline's |\n\
+         |---:|---:|---|---|---|---|---:|---|---|"
     );
     for ((_, sessions), by) in group(&rows, "b") {
         let agg: BTreeMap<&str, Agg> = TARGETS
@@ -321,30 +424,52 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
             .and_then(|r| r.get("events_per_stream"))
             .and_then(Value::as_f64)
             .unwrap_or(f64::NAN);
-        let (Some(d), Some(n), Some(p)) = (agg.get("direct"), agg.get("nginx"), agg.get("proxy"))
-        else {
+        let (Some(d), Some(p)) = (agg.get("direct"), agg.get("proxy")) else {
             continue;
         };
-        let p_add = p.p99 - d.p99;
-        let verdict = if sessions >= 1000 {
-            mark(p_add <= 1000.0)
-        } else {
-            "(reference)"
+        let cell = |t: &str| {
+            agg.get(t).map_or("n/a".to_owned(), |a| {
+                format!(
+                    "{} / {} ({})",
+                    ms(a.p50),
+                    ms(a.p99),
+                    signed_ms(a.p99 - d.p99)
+                )
+            })
         };
+        let bases: Vec<(&str, &Agg)> = BASELINES
+            .iter()
+            .filter_map(|b| agg.get(b).map(|a| (*b, a)))
+            .collect();
+        let p_add = p.p99 - d.p99;
+        let verdict = match pick(&bases, |a| a.p99 - d.p99, false) {
+            Some((name, add)) if sessions >= 1000 => {
+                format!("{} ({} {})", mark(p_add <= add), name, signed_ms(add))
+            }
+            _ => "(reference)".to_owned(),
+        };
+        let loadgen: Vec<String> = TARGETS
+            .iter()
+            .map(|t| {
+                agg.get(t)
+                    .map_or("n/a".to_owned(), |a| us(a.loadgen.median))
+            })
+            .collect();
         let _ = writeln!(
             md,
-            "| {sessions} | {rate:.0} | {} / {} | {} / {} ({}) | {} / {} ({}) | {} | {verdict} |",
+            "| {sessions} | {rate:.0} | {} / {} | {} | {} | {} | {} | {} | {verdict} |",
             ms(d.p50),
             ms(d.p99),
-            ms(n.p50),
-            ms(n.p99),
-            signed_ms(n.p99 - d.p99),
-            ms(p.p50),
-            ms(p.p99),
-            signed_ms(p_add),
+            cell("nginx"),
+            cell("haproxy"),
+            cell("proxy"),
             ms(p.max),
+            loadgen.join(" / "),
         );
     }
+
+    // (w) the load generator's WebSocket clients.
+    ws_client_section(&mut md, &rows, &mut problems);
 
     // (c) memory.
     let _ = writeln!(
@@ -600,8 +725,8 @@ fn peer_check_section(md: &mut String, rows: &[Value], problems: &mut Vec<String
         let (Some(off), Some(on)) = (agg(mode, "off"), agg(mode, "on")) else {
             continue;
         };
-        note_errors(problems, &format!("(f) {label}, check off"), &off);
-        note_errors(problems, &format!("(f) {label}, check on"), &on);
+        note_errors(problems, &format!("(g) {label}, check off"), &off);
+        note_errors(problems, &format!("(g) {label}, check on"), &on);
         let sessions = in_f
             .iter()
             .find(|r| s(r, "mode") == mode)
@@ -642,6 +767,70 @@ fn peer_check_section(md: &mut String, rows: &[Value], problems: &mut Vec<String
             f(l, "mean_ns") / 1000.0,
             f(l, "p50_ns") / 1000.0,
             f(l, "p99_ns") / 1000.0,
+        );
+    }
+}
+
+/// (w) the load generator's two WebSocket clients against the same proxy: what the client
+/// itself costs per request, beside what its TLS client costs against the baselines.
+fn ws_client_section(md: &mut String, rows: &[Value], problems: &mut Vec<String>) {
+    let runs = |scenario: &str, target: &str, sessions: u64, path: &str| -> Vec<&Value> {
+        rows.iter()
+            .filter(|r| {
+                s(r, "scenario") == scenario
+                    && s(r, "target") == target
+                    && u(r, "sessions") == sessions
+                    && s(r, "path") == path
+            })
+            .collect()
+    };
+    let Some(first) = rows.iter().find(|r| s(r, "scenario") == "w") else {
+        return;
+    };
+    let (sessions, path) = (u(first, "sessions"), s(first, "path"));
+    let _ = writeln!(
+        md,
+        "\n## (w) the load generator's WebSocket clients: lean against tungstenite\n\n\
+         The same proxy and load ({path}, {sessions} sessions), interleaved: `--ws-client lean` \
+         (the bench's own client codec: each write, all its slices, masked into one reused \
+         buffer and sent as one frame in one write; reads unframed in the caller's buffer) against `--ws-client tungstenite` (`mcp_tunnel::proxy::edge`, a copy per \
+         write). Median (min-max over rounds). The last rows are the load generator's TLS client \
+         against the baselines in (a), same sessions and reply: what the lean client should be \
+         close to.\n\n\
+         | client | rounds | req/s | proxy CPU µs/req | load gen CPU µs/req |\n|---|---:|---:|---:|---:|"
+    );
+    for (target, label) in [
+        ("proxy-lean", "lean (WebSocket + TLS)"),
+        ("proxy-tungstenite", "tungstenite (WebSocket + TLS)"),
+    ] {
+        let r = runs("w", target, sessions, path);
+        if r.is_empty() {
+            continue;
+        }
+        let a = aggregate(&r);
+        note_errors(problems, &format!("(w) {target}"), &a);
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} |",
+            a.rounds,
+            with_spread(a.rate_spread, 0),
+            with_spread(a.cpu_spread, 1),
+            with_spread(a.loadgen, 1)
+        );
+    }
+    for base in BASELINES {
+        let r = runs("a", base, sessions, path);
+        if r.is_empty() {
+            continue;
+        }
+        let a = aggregate(&r);
+        let _ = writeln!(
+            md,
+            "| TLS to {base}, from (a) | {} | {} | {} | {} |",
+            a.rounds,
+            with_spread(a.rate_spread, 0),
+            with_spread(a.cpu_spread, 1),
+            with_spread(a.loadgen, 1)
         );
     }
 }
