@@ -574,7 +574,10 @@ async fn sessions_reuse_upstream_connections_and_replace_ones_the_upstream_close
     let (long, long_count) = counting_upstream(Duration::from_secs(60)).await;
     let (short, short_count) = counting_upstream(Duration::from_millis(1600)).await;
     let routes = format!("{}{}", route_line("long", long), route_line("short", short));
-    let proxy = TestProxy::start(&pki, &config_text(&pki, "", &routes, LOOPBACK)).await;
+    // One data-plane worker: idle connections are kept per worker, and a second session
+    // opened while the first is still open goes to the other worker when there are two.
+    let text = config_text(&pki, "workers = 1", &routes, LOOPBACK);
+    let proxy = TestProxy::start(&pki, &text).await;
     let (l, s) = ("long.tunnel.test", "short.tunnel.test");
 
     // One HTTP/1.1 session, requests one after another: one upstream connection.
