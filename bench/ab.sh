@@ -10,7 +10,8 @@
 # line per (sessions, build) with the median and range over rounds of req/s, the proxy's CPU
 # per request, the load generator's CPU per request and p99. Runs inside its own
 # loopback-only network namespace (root). Environment: AB_WARMUP (1s), AB_DUR (4s),
-# AB_EXTRA (TOML lines appended to both configs), AB_EXTRA_B (appended to B's only).
+# AB_EXTRA (TOML lines appended to both configs), AB_EXTRA_B (appended to B's only), AB_LOAD_ARGS
+# (more arguments for every load run, e.g. --ws-client tungstenite).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -97,7 +98,7 @@ for s in "${LEVELS[@]}"; do
       if [[ $t == a ]]; then port=$PA pid=$APID; else port=$PB pid=$BPID; fi
       "$BENCH" load --name "$t" --scenario ab --round "$r" --target "ws://127.0.0.1:$port" \
         --server-name "$NAME" --host "$NAME" --ca "$WORK/pki/ca.crt" --pid "$pid" \
-        --mode post --path /mcp --sessions "$s" --warmup "${AB_WARMUP:-1s}" --duration "${AB_DUR:-4s}" \
+        --mode post --path /mcp --sessions "$s" --warmup "${AB_WARMUP:-1s}" --duration "${AB_DUR:-4s}" ${AB_LOAD_ARGS:-} \
         >>"$RESULTS"
     done
   done

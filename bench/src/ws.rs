@@ -457,8 +457,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        // Earlier frames first: `out` then holds nothing, and this frame is built in it.
-        ready!(this.poll_drain(cx))?;
+        // Frames queue up until a flush (or until much is queued): the TLS records of one
+        // request (hyper writes the head and the body apart) leave in one write, one
+        // segment, as through a buffered WebSocket writer; a frame per record cost the
+        // proxy a wake-up per record (measured: twice its CPU per request at 1 session).
+        if this.out.len() - this.out_at >= MAX_OUT_FRAME {
+            ready!(this.poll_drain(cx))?;
+        }
         if this.close_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -477,11 +482,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
             return Poll::Ready(Ok(0));
         }
         this.queue_frame(OP_BINARY, &parts[..n], len);
-        // The frame is ours now: what the socket does not take yet goes with the next
-        // write or flush.
-        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-            return Poll::Ready(Err(e));
-        }
+        // The frame is ours now: it goes with the next flush.
         Poll::Ready(Ok(len))
     }
 

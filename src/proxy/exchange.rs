@@ -184,13 +184,10 @@ async fn take_live(idle: &IdleConns, upstream: &Upstream) -> Option<Box<Conn>> {
         let alive = std::future::poll_fn(|cx| {
             let mut probe = [0u8; 1];
             let mut rb = tokio::io::ReadBuf::new(&mut probe);
-            Poll::Ready(match Pin::new(&mut conn.io).poll_read(cx, &mut rb) {
-                // Nothing to read: still open. (The probe's registration is harmless: the
-                // request is written next, on this same task.)
-                Poll::Pending => true,
-                // A close, an error, or bytes nobody asked for: not reusable.
-                Poll::Ready(_) => false,
-            })
+            // Pending means nothing to read: still open. (The probe's registration is harmless:
+            // the request is written next, on this same task.) A close, an error, or bytes
+            // nobody asked for: not reusable.
+            Poll::Ready(Pin::new(&mut conn.io).poll_read(cx, &mut rb).is_pending())
         })
         .await;
         if alive && conn.buf.is_empty() {

@@ -466,6 +466,8 @@ impl Proxy {
             proxy: self.clone(),
             sni,
             client_ip,
+            client_ip_value: HeaderValue::from_str(&client_ip.to_string())
+                .expect("an IP address is a valid header value"),
             activity: activity.clone(),
         });
         let svc = SessionService(session.clone());
