@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use mcp_tunnel::proxy::exchange::{BodyFraming, decode_chunked_for_fuzz, parse_head_for_fuzz};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
 fn runtime() -> &'static Runtime {
@@ -59,8 +59,23 @@ fn hyper(bytes: &[u8], head_request: bool) -> Result<(u16, Vec<u8>), String> {
             .await
             .map_err(|e| e.to_string())?;
         let driver = tokio::spawn(conn);
-        server.write_all(&bytes).await.map_err(|e| e.to_string())?;
-        server.shutdown().await.map_err(|e| e.to_string())?;
+        // The upstream answers once it has read the request head, as a server does: bytes
+        // that arrive before any request is sent are an unsolicited response to hyper, which
+        // then closes the connection whatever the bytes are.
+        let upstream = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match server.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = server.write_all(&bytes).await;
+            let _ = server.shutdown().await;
+            // Keep the stream open until hyper is done with it.
+            let _ = server.read(&mut chunk).await;
+        });
         let req = http::Request::builder()
             .method(if head_request { "HEAD" } else { "GET" })
             .uri("/")
@@ -77,7 +92,7 @@ fn hyper(bytes: &[u8], head_request: bool) -> Result<(u16, Vec<u8>), String> {
             .await
             .map_err(|_| "hyper timed out".to_string())?;
         driver.abort();
-        drop(server);
+        upstream.abort();
         out
     })
 }

@@ -55,8 +55,12 @@ pub const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line (with any extension) or trailer line of a chunked body.
 const MAX_CHUNK_LINE: usize = 4096;
 
-/// Largest trailer section of a chunked body (read and dropped).
-const MAX_TRAILERS: usize = 16 * 1024;
+/// Largest trailer section of a chunked body (read and dropped); hyper's client refuses
+/// 16 KiB, and we accept strictly less than it does.
+const MAX_TRAILERS: usize = 8 * 1024;
+
+/// Most trailer fields of a chunked body (hyper's client refuses over 100).
+const MAX_TRAILER_FIELDS: usize = 64;
 
 /// Most chunk-extension bytes in one body (hyper's client refuses more, and we accept
 /// strictly less than it does).
@@ -407,6 +411,13 @@ fn parse_head(
             // 100 Continue, 103 Early Hints: the real answer follows.
             continue;
         }
+        if http10 && headers.contains_key(header::TRANSFER_ENCODING) {
+            // RFC 9112 section 6.1: a sender must not send Transfer-Encoding in an HTTP/1.0
+            // message; hyper refuses it too, and this proxy accepts strictly less.
+            return Err(Box::new(Framing(
+                "Transfer-Encoding in an HTTP/1.0 response",
+            )));
+        }
         let framing = framing(&headers, status, head_request)?;
         let closes = http10 || connection_has(&headers, "close");
         let reusable = !closes && framing != BodyFraming::Close;
@@ -467,6 +478,14 @@ fn framing(
     })
 }
 
+/// `v` without leading and trailing SP and HTAB.
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = v.iter().position(|b| !ows(b)).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !ows(b)).map_or(start, |i| i + 1);
+    &v[start..end]
+}
+
 /// `1*DIGIT` with optional surrounding whitespace, no sign, no list, at most 18 digits.
 fn parse_length(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();
@@ -486,7 +505,10 @@ enum Chunk {
     /// Expecting the CRLF after a chunk's data.
     DataEnd,
     /// After the last chunk: trailer lines until an empty one; bytes of trailers seen.
-    Trailers(usize),
+    Trailers {
+        bytes: usize,
+        fields: usize,
+    },
     Done,
 }
 
@@ -683,7 +705,10 @@ fn decode_chunked(
             }
             Ok((
                 if size == 0 {
-                    Chunk::Trailers(0)
+                    Chunk::Trailers {
+                        bytes: 0,
+                        fields: 0,
+                    }
                 } else {
                     Chunk::Data(size)
                 },
@@ -716,23 +741,25 @@ fn decode_chunked(
             buf.advance(2);
             Ok((Chunk::Size, None))
         }
-        Chunk::Trailers(seen) => {
+        Chunk::Trailers { bytes, fields } => {
             let Some(line) = take_line(buf, MAX_CHUNK_LINE)? else {
                 return Ok((state, None));
             };
             if line.is_empty() {
                 return Ok((Chunk::Done, None));
             }
-            let seen = seen + line.len() + 2;
+            let (bytes, fields) = (bytes + line.len() + 2, fields + 1);
             let colon = line.iter().position(|b| *b == b':');
+            // Only SP and HTAB are optional whitespace (RFC 9110 section 5.6.3): a form feed
+            // or any other control byte is not trimmed, it makes the value invalid.
             let valid = colon.is_some_and(|at| {
                 HeaderName::from_bytes(&line[..at]).is_ok()
-                    && HeaderValue::from_bytes(line[at + 1..].trim_ascii()).is_ok()
+                    && HeaderValue::from_bytes(trim_ows(&line[at + 1..])).is_ok()
             });
-            if seen > MAX_TRAILERS || !valid {
+            if bytes > MAX_TRAILERS || fields > MAX_TRAILER_FIELDS || !valid {
                 return Err(Framing("invalid trailer section"));
             }
-            Ok((Chunk::Trailers(seen), None))
+            Ok((Chunk::Trailers { bytes, fields }, None))
         }
         Chunk::Done => Ok((state, None)),
     }
@@ -849,6 +876,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
             "HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n",
             "HTTP/1.1 999999 OK\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
         ] {
             assert!(head(bad, false).is_err(), "accepted: {bad:?}");
         }
@@ -879,6 +907,7 @@ mod tests {
             b"fffffffffffffffff\r\n",
             b"5\rhello\r\n",
             b"0\r\nbad trailer\r\n\r\n",
+            b"0\r\nx:\x0cvalue\r\n\r\n",
             b"5;a\rb\r\nhello\r\n0\r\n\r\n",
         ] {
             assert!(
