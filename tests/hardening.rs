@@ -509,3 +509,39 @@ async fn redirects_are_passed_to_the_caller_not_followed() {
         "the proxy followed a redirect"
     );
 }
+
+/// Once ALPN agreed h2 the session speaks HTTP/2 only (RFC 9113 sections 3.3 and 3.4): an
+/// HTTP/1.1 request in its place is a connection error, never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_session_without_the_preface_gets_goaway_not_http1() {
+    let pki = TestPki::new();
+    let up = echo_upstream().await;
+    let proxy = start(&pki, "", up).await;
+    let tls = mcp_tunnel::proxy::tls::client_config(pki.roots(), vec![b"h2".to_vec()]);
+    let mut stream = proxy
+        .target()
+        .connect_tls(tls, "echo.tunnel.test")
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: echo.tunnel.test\r\n\r\n")
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut back)).await;
+    assert!(
+        !back.windows(8).any(|w| w == b"HTTP/1.1"),
+        "served as HTTP/1.1: {:?}",
+        String::from_utf8_lossy(&back)
+    );
+    // The server's SETTINGS, then GOAWAY (type 7) on stream 0 with PROTOCOL_ERROR (1).
+    assert!(back.len() >= 9 + 9 + 8, "no GOAWAY: {back:?}");
+    assert_eq!(back[3], 4, "SETTINGS first");
+    let goaway = &back[9..];
+    assert_eq!(goaway[3], 7, "then GOAWAY");
+    assert_eq!(goaway[13..17], [0, 0, 0, 1], "PROTOCOL_ERROR");
+    // A proper h2 session on the same proxy is served.
+    let mut edge = Edge::connect(&proxy, &pki, "echo.tunnel.test", true).await;
+    assert_eq!(edge.get("echo.tunnel.test", "/").await.0, 200);
+}

@@ -4,6 +4,7 @@ pub mod bridge;
 pub mod edge;
 pub mod exchange;
 mod forward;
+pub mod h2;
 pub mod keepalive;
 pub mod mcp;
 pub mod metrics;
@@ -471,14 +472,28 @@ impl Proxy {
             activity: activity.clone(),
         });
         let svc = SessionService(session.clone());
-        let alpn_h1 = tls.get_ref().1.alpn_protocol() == Some(b"http/1.1".as_slice());
-        let result = if alpn_h1 {
+        let alpn = tls.get_ref().1.alpn_protocol();
+        let result = if alpn == Some(b"http/1.1".as_slice()) {
             self.serve_h1(tls, svc, &activity, client_ip, &shutdown)
                 .await
                 .map_err(Into::into)
+        } else if alpn == Some(b"h2".as_slice()) {
+            // HTTP/2 only once ALPN said so: no fallback to HTTP/1.1 on other first bytes.
+            let timeout = self.limits.request_header_timeout;
+            match tokio::time::timeout(timeout, h2::read_preface(tls)).await {
+                // Boxed: h2 sessions are few, and their state stays out of every other task.
+                Ok(Ok(io)) => {
+                    Box::pin(self.serve_auto(io, svc, &activity, client_ip, &shutdown, true)).await
+                }
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => {
+                    self.metrics.limit(metrics::LimitHit::HeaderTimeout);
+                    info!(client = %client_ip, "closed tunnel session: no HTTP/2 preface within limits.request_header_timeout");
+                    return;
+                }
+            }
         } else {
-            // Boxed: h2 sessions are few, and their state stays out of every other task.
-            Box::pin(self.serve_auto(tls, svc, &activity, client_ip, &shutdown)).await
+            Box::pin(self.serve_auto(tls, svc, &activity, client_ip, &shutdown, false)).await
         };
         if let Err(e) = result {
             self.session_error(e.as_ref(), client_ip);
@@ -550,7 +565,8 @@ impl Proxy {
         }
     }
 
-    /// Any other session (h2, or no ALPN): hyper-util's auto server picks the protocol.
+    /// Any other session: h2 (`h2_only`, its preface already checked), or no ALPN, where
+    /// hyper-util's auto server picks the protocol from the first bytes.
     async fn serve_auto<I>(
         &self,
         io: I,
@@ -558,11 +574,15 @@ impl Proxy {
         activity: &forward::Activity,
         client_ip: IpAddr,
         shutdown: &Shutdown,
+        h2_only: bool,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if h2_only {
+            builder = builder.http2_only();
+        }
         builder
             .http1()
             .timer(hyper_util::rt::TokioTimer::new())
@@ -609,6 +629,13 @@ impl Proxy {
             {
                 self.metrics.limit(metrics::LimitHit::WsMessageTooLarge);
                 info!(client = %client_ip, "closed tunnel session: WebSocket message over limits.max_ws_message_bytes (close code 1009)");
+            }
+            _ if matches!(
+                e.downcast_ref::<h2::PrefaceError>(),
+                Some(h2::PrefaceError::Invalid)
+            ) =>
+            {
+                info!(client = %client_ip, "closed tunnel session: ALPN agreed h2 but the client did not send the HTTP/2 preface (GOAWAY PROTOCOL_ERROR sent)");
             }
             _ => debug!(client = %client_ip, error = %e, "tunnel session ended with an error"),
         }

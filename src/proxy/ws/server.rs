@@ -20,8 +20,9 @@
 //! Text and binary frames both carry payload bytes, as with the tungstenite adapter. A text
 //! message must be UTF-8 (RFC 6455 8.1), checked as it streams past across frames and reads
 //! (a sequence split between two keeps its first bytes in a 3-byte tail); one that is not
-//! closes the session with 1007, as tungstenite did. Close reasons are not checked (they are
-//! discarded); close codes are.
+//! closes the session with 1007, as tungstenite did. A close frame's code is checked, and
+//! its reason must be UTF-8 too (RFC 6455 5.5.1): one that is not fails the connection with
+//! 1007 instead of being echoed. The reason is then discarded.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -79,6 +80,16 @@ fn protocol(why: &str) -> Stop {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("websocket protocol error: {why}"),
+        ),
+    )
+}
+
+fn close_reason_not_utf8() -> Stop {
+    Stop::Fail(
+        CLOSE_INVALID_DATA,
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "websocket protocol error: a close reason that is not UTF-8",
         ),
     )
 }
@@ -208,6 +219,11 @@ pub struct ServerStream<S> {
     /// The current ping's payload goes into `ctrl` as the pong that answers it.
     collect_ping: bool,
     close_code_in: [u8; 2],
+    /// The close frame's reason so far: a UTF-8 sequence it ended inside, and whether all of
+    /// it was UTF-8. (Control frames interleave with a fragmented text message, so this is
+    /// not `utf8_tail`.)
+    close_reason_tail: ([u8; 3], u8),
+    close_reason_ok: bool,
     /// An error found after data that was returned first; reported by the next read.
     failed: Option<io::Error>,
     read_eof: bool,
@@ -255,6 +271,8 @@ impl<S> ServerStream<S> {
             message_len: 0,
             collect_ping: false,
             close_code_in: [0; 2],
+            close_reason_tail: ([0; 3], 0),
+            close_reason_ok: true,
             failed: None,
             read_eof: false,
             close_answer: None,
@@ -347,6 +365,10 @@ impl<S> ServerStream<S> {
                 op,
                 left: len as u8,
             };
+            if op == OP_CLOSE {
+                self.close_reason_tail.1 = 0;
+                self.close_reason_ok = true;
+            }
             if op == OP_PING {
                 // Answer the newest ping: an older pong not yet started gives way to it.
                 // One already on the wire is finished and this ping goes unanswered.
@@ -410,6 +432,12 @@ impl<S> ServerStream<S> {
                         *slot = *b;
                     }
                 }
+                // Bytes from offset 2 on are the reason.
+                if let Some(reason) = data.get(2usize.saturating_sub(at)..)
+                    && !reason.is_empty()
+                {
+                    self.close_reason_ok &= check_utf8(&mut self.close_reason_tail, reason);
+                }
             }
             _ => {}
         }
@@ -434,6 +462,9 @@ impl<S> ServerStream<S> {
                         let code = u16::from_be_bytes(self.close_code_in);
                         if !valid_close_code(code) {
                             return Err(protocol("invalid close code"));
+                        }
+                        if !self.close_reason_ok || self.close_reason_tail.1 > 0 {
+                            return Err(close_reason_not_utf8());
                         }
                         Some(code)
                     }
@@ -1135,6 +1166,82 @@ mod tests {
         let mut back = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut back)).await;
         back
+    }
+
+    /// A close frame's reason must be UTF-8 (RFC 6455 5.5.1; 8.1: fail with 1007), however
+    /// the frame is cut, and it is judged apart from a text message it interrupts.
+    #[tokio::test]
+    async fn a_close_reason_must_be_utf8() {
+        let m = Some([9, 8, 7, 6]);
+        let close = |code: u16, reason: &[u8]| {
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(reason);
+            raw_frame(0x88, &payload, m)
+        };
+        let text_open = raw_frame(0x01, &[b'a', 0xe2, 0x9c], m);
+        type Case = (&'static str, Vec<u8>, Result<(), ()>, [u8; 4]);
+        let cases: Vec<Case> = vec![
+            (
+                "invalid byte",
+                close(1000, b"bye \xff"),
+                Err(()),
+                [0x88, 2, 0x03, 0xef],
+            ),
+            (
+                "a surrogate",
+                close(1001, &[0xed, 0xa0, 0x80]),
+                Err(()),
+                [0x88, 2, 0x03, 0xef],
+            ),
+            (
+                "cut sequence",
+                close(1001, &[b'x', 0xe2, 0x9c]),
+                Err(()),
+                [0x88, 2, 0x03, 0xef],
+            ),
+            (
+                "valid",
+                close(1001, "adiós ✓".as_bytes()),
+                Ok(()),
+                [0x88, 2, 0x03, 0xe9],
+            ),
+            (
+                "inside a text message",
+                [text_open.clone(), close(1001, b"x")].concat(),
+                Ok(()),
+                [0x88, 2, 0x03, 0xe9],
+            ),
+        ];
+        for (what, bytes, expect, answer) in cases {
+            let (mut server, mut c) = plain(LIMIT, LIMIT);
+            // One byte at a time, so that the reason is cut at every offset.
+            let writer = tokio::spawn(async move {
+                for b in bytes {
+                    c.write_all(&[b]).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                c
+            });
+            let mut buf = [0u8; 64];
+            let mut result = server.read(&mut buf).await;
+            while let Ok(n) = result
+                && n > 0
+            {
+                // The text message's bytes come first.
+                result = server.read(&mut buf).await;
+            }
+            match expect {
+                Ok(()) => assert_eq!(result.unwrap(), 0, "{what}: the end"),
+                Err(()) => {
+                    let e = result.expect_err(what);
+                    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}");
+                    assert!(e.to_string().contains("close reason"), "{what}: {e}");
+                }
+            }
+            let mut c = writer.await.unwrap();
+            drop(server);
+            assert_eq!(raw_answer(&mut c).await, answer, "{what}");
+        }
     }
 
     #[tokio::test]
