@@ -84,22 +84,13 @@ fn protocol(why: &str) -> Stop {
     )
 }
 
-fn close_reason_not_utf8() -> Stop {
+/// `what` (a text message, a close reason) is not UTF-8: close with 1007.
+fn not_utf8(what: &str) -> Stop {
     Stop::Fail(
         CLOSE_INVALID_DATA,
         io::Error::new(
             io::ErrorKind::InvalidData,
-            "websocket protocol error: a close reason that is not UTF-8",
-        ),
-    )
-}
-
-fn not_utf8() -> Stop {
-    Stop::Fail(
-        CLOSE_INVALID_DATA,
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            "websocket protocol error: a text message that is not UTF-8",
+            format!("websocket protocol error: {what} that is not UTF-8"),
         ),
     )
 }
@@ -413,7 +404,7 @@ impl<S> ServerStream<S> {
     /// A data frame's payload is complete: a text message must not end inside a sequence.
     fn end_data(&mut self) -> Result<(), Stop> {
         if self.text && self.text_fin && self.utf8_tail.1 > 0 {
-            return Err(not_utf8());
+            return Err(not_utf8("a text message"));
         }
         Ok(())
     }
@@ -464,7 +455,7 @@ impl<S> ServerStream<S> {
                             return Err(protocol("invalid close code"));
                         }
                         if !self.close_reason_ok || self.close_reason_tail.1 > 0 {
-                            return Err(close_reason_not_utf8());
+                            return Err(not_utf8("a close reason"));
                         }
                         Some(code)
                     }
@@ -507,7 +498,7 @@ impl<S> ServerStream<S> {
                     let k = (left.min((n - r) as u64)) as usize;
                     unmask(&mut data[r..r + k], self.mask, self.unmasked as usize);
                     if self.text && !check_utf8(&mut self.utf8_tail, &data[r..r + k]) {
-                        return (w, Err(not_utf8()));
+                        return (w, Err(not_utf8("a text message")));
                     }
                     data.copy_within(r..r + k, w);
                     r += k;
