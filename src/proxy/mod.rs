@@ -479,9 +479,10 @@ impl Proxy {
                 .map_err(Into::into)
         } else if alpn == Some(b"h2".as_slice()) {
             // HTTP/2 only once ALPN said so: no fallback to HTTP/1.1 on other first bytes.
+            // Boxed: h2 sessions are few, and their state (the preface wait included) stays
+            // out of every other session's task.
             let timeout = self.limits.request_header_timeout;
-            match tokio::time::timeout(timeout, h2::read_preface(tls)).await {
-                // Boxed: h2 sessions are few, and their state stays out of every other task.
+            match Box::pin(tokio::time::timeout(timeout, h2::read_preface(tls))).await {
                 Ok(Ok(io)) => {
                     Box::pin(self.serve_auto(io, svc, &activity, client_ip, &shutdown, true)).await
                 }
