@@ -5,6 +5,7 @@ pub mod edge;
 pub mod exchange;
 mod forward;
 pub mod h2;
+pub mod inner_tls;
 pub mod keepalive;
 pub mod mcp;
 pub mod metrics;
@@ -35,7 +36,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, info, warn};
 
@@ -66,7 +66,8 @@ pub struct Proxy {
     snapshot: ArcSwap<Snapshot>,
     upstream: ArcSwap<UpstreamPlane>,
     certs: Arc<CertStore>,
-    acceptor: TlsAcceptor,
+    /// Inner TLS: the certificate comes from `certs` at each handshake.
+    server_tls: Arc<rustls::ServerConfig>,
     /// Serialises reloads so two never interleave their lease bookkeeping.
     apply_lock: tokio::sync::Mutex<()>,
     /// `[limits]`, fixed at start (changing them needs a restart).
@@ -121,7 +122,7 @@ impl Proxy {
             resolver,
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
             upstream,
-            acceptor: TlsAcceptor::from(tls::server_config(certs.clone())),
+            server_tls: tls::server_config(certs.clone()),
             certs,
             apply_lock: tokio::sync::Mutex::new(()),
             limits: config.limits.clone(),
@@ -440,7 +441,7 @@ impl Proxy {
         // Boxed: its state is gone once the handshake is done, not kept in the task.
         let handshake = Box::pin(tokio::time::timeout(
             self.limits.tls_handshake_timeout,
-            self.acceptor.accept(stream),
+            inner_tls::InnerTls::accept(stream, self.server_tls.clone()),
         ));
         let tls = match handshake.await {
             Ok(Ok(tls)) => tls,
@@ -461,7 +462,7 @@ impl Proxy {
         // (async fns keep their by-value arguments twice: rust-lang/rust#62958).
         let tls = Box::new(tls);
         let _open = self.metrics.session();
-        let sni = tls.get_ref().1.server_name().map(str::to_owned);
+        let sni = tls.server_name().map(str::to_owned);
         let activity = Arc::new(forward::Activity::new(self.metrics.clone()));
         let session = Arc::new(forward::Session {
             proxy: self.clone(),
@@ -472,7 +473,7 @@ impl Proxy {
             activity: activity.clone(),
         });
         let svc = SessionService(session.clone());
-        let alpn = tls.get_ref().1.alpn_protocol();
+        let alpn = tls.alpn_protocol();
         let result = if alpn == Some(b"http/1.1".as_slice()) {
             self.serve_h1(tls, svc, &activity, client_ip, &shutdown)
                 .await

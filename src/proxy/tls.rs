@@ -35,9 +35,22 @@ impl CertStore {
 }
 
 impl ResolvesServerCert for CertStore {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        HELLO_SNI.set(hello.server_name().map(Into::into));
         Some(self.current.load_full())
     }
+}
+
+thread_local! {
+    /// The SNI of the ClientHello this thread resolved last, for [`super::inner_tls`]
+    /// (rustls' unbuffered server does not expose it). rustls asks the resolver on every
+    /// full and resumed handshake, with the name it keeps as the connection's.
+    static HELLO_SNI: std::cell::Cell<Option<Box<str>>> = const { std::cell::Cell::new(None) };
+}
+
+/// Takes (and clears) the SNI the resolver saw last on this thread.
+pub(crate) fn take_hello_sni() -> Option<Box<str>> {
+    HELLO_SNI.take()
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
