@@ -11,7 +11,9 @@
 # per request, the load generator's CPU per request and p99. Runs inside its own
 # loopback-only network namespace (root). Environment: AB_WARMUP (1s), AB_DUR (4s),
 # AB_EXTRA (TOML lines appended to both configs), AB_EXTRA_B (appended to B's only), AB_LOAD_ARGS
-# (more arguments for every load run, e.g. --ws-client tungstenite).
+# (more arguments for every load run, e.g. --ws-client tungstenite), AB_IDLE_STEPS (e.g.
+# 1000,10000: first, on the freshly started builds, RSS per idle session at those counts, as
+# BENCHMARKS.md (c); a build's sessions are closed before the other's are opened).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -90,6 +92,23 @@ wait_port "$PA"
 wait_port "$PB"
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
+if [[ -n ${AB_IDLE_STEPS:-} ]]; then
+  for t in a b; do
+    if [[ $t == a ]]; then port=$PA pid=$APID; else port=$PB pid=$BPID; fi
+    "$BENCH" load --name "$t" --scenario ab-idle --round 1 --target "ws://127.0.0.1:$port" \
+      --server-name "$NAME" --host "$NAME" --ca "$WORK/pki/ca.crt" --pid "$pid" \
+      --mode idle --steps "$AB_IDLE_STEPS" --settle 2s --connect-parallelism 32 ${AB_LOAD_ARGS:-} \
+      >>"$WORK/idle.jsonl"
+  done
+  python3 - "$WORK/idle.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("| build | idle RSS KiB | sessions | open | KiB per idle session | errors |")
+print("|---|---:|---:|---:|---:|---:|")
+for r in rows:
+    print(f"| {r['target'].upper()} | {r['rss_idle_kib']} | {r['sessions']} | {r['open']} | {r['per_session_kib']:.1f} | {r['errors']} |")
+EOF
+fi
 for s in "${LEVELS[@]}"; do
   for r in $(seq 1 "$ROUNDS"); do
     order=(a b)

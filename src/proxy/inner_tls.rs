@@ -95,10 +95,15 @@ struct Tls {
 
 impl Tls {
     /// Processes every complete record in `buf`: handshake messages answered into `out`,
-    /// application data appended to `plain`, a close_notify noted. Returns how many bytes of
+    /// application data copied to `dst` while it has room (only when nothing is held in
+    /// `plain`) and to `plain` after, a close_notify noted. Returns how many bytes of
     /// `buf` were consumed (the rest is a partial record) and where rustls stands. On an
     /// error the alert for the peer, if any, is left in `out`.
-    fn pump(&mut self, buf: &mut [u8]) -> (usize, Result<Pumped, rustls::Error>) {
+    fn pump(
+        &mut self,
+        buf: &mut [u8],
+        mut dst: Option<&mut ReadBuf<'_>>,
+    ) -> (usize, Result<Pumped, rustls::Error>) {
         let mut used = 0;
         loop {
             tls::take_hello_sni();
@@ -120,11 +125,21 @@ impl Tls {
                         match record {
                             Ok(record) => {
                                 discard += record.discard;
+                                let mut payload = record.payload;
+                                if let Some(dst) = dst.as_deref_mut() {
+                                    let n = payload.len().min(dst.remaining());
+                                    dst.put_slice(&payload[..n]);
+                                    payload = &payload[n..];
+                                }
+                                if payload.is_empty() {
+                                    continue;
+                                }
+                                dst = None;
                                 if self.plain_pos == self.plain.len() {
                                     self.plain.clear();
                                     self.plain_pos = 0;
                                 }
-                                self.plain.extend_from_slice(record.payload);
+                                self.plain.extend_from_slice(payload);
                             }
                             Err(e) => {
                                 drop(read);
@@ -257,6 +272,8 @@ pub struct InnerTls<S> {
     held: Vec<u8>,
     /// A fatal error is reported once, then reads end.
     failed: bool,
+    /// An error met after plaintext was read, for the next read.
+    deferred: Option<io::Error>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
@@ -278,6 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
             },
             held: Vec::new(),
             failed: false,
+            deferred: None,
         };
         std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
         Ok(stream)
@@ -299,7 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
             if !self.tls.conn.is_handshaking() {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.poll_records(cx))? {
+            match ready!(self.poll_records(cx, None))? {
                 Some(Pumped::Closed) | None => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -313,7 +331,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
 
     /// Reads once from the connection and processes every complete record held. `None`:
     /// the connection ended cleanly at a record boundary.
-    fn poll_records(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Pumped>>> {
+    fn poll_records(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: Option<&mut ReadBuf<'_>>,
+    ) -> Poll<io::Result<Option<Pumped>>> {
         let held = self.held.len();
         if held >= MAX_HELD {
             return Poll::Ready(Err(io::Error::new(
@@ -335,7 +357,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
             if n == 0 {
                 return Poll::Ready(Ok(None));
             }
-            let (used, pumped) = tls.pump(&mut buf[..held + n]);
+            let (used, pumped) = tls.pump(&mut buf[..held + n], dst);
             let rest = &buf[used..held + n];
             if rest.is_empty() {
                 *kept = Vec::new();
@@ -381,7 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
     fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_out(cx))?;
-            let (used, pumped) = self.tls.pump(&mut self.held);
+            let (used, pumped) = self.tls.pump(&mut self.held, None);
             self.held.drain(..used);
             match pumped.map_err(tls_error)? {
                 Pumped::Writable if self.tls.out_pos == self.tls.out.len() => {
@@ -415,14 +437,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for InnerTls<S> {
             if this.tls.take_plain(buf) || this.tls.peer_closed || this.failed {
                 return Poll::Ready(Ok(()));
             }
+            if let Some(e) = this.deferred.take() {
+                this.failed = true;
+                return Poll::Ready(Err(e));
+            }
             // Answers rustls gave on its own (a key update) go as the session is polled.
             if let Poll::Ready(Err(e)) = this.poll_out(cx) {
                 this.failed = true;
                 return Poll::Ready(Err(e));
             }
-            match ready!(this.poll_records(cx)) {
+            let before = buf.filled().len();
+            let result = ready!(this.poll_records(cx, Some(buf)));
+            let read = buf.filled().len() > before;
+            match result {
                 Ok(Some(Pumped::Closed)) => this.tls.peer_closed = true,
                 Ok(Some(_)) => {}
+                // Reported on the next read, after the data before it.
+                Ok(None) if read => {}
                 Ok(None) => {
                     this.failed = true;
                     return Poll::Ready(Err(io::Error::new(
@@ -430,10 +461,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for InnerTls<S> {
                         "peer closed connection without sending TLS close_notify",
                     )));
                 }
+                Err(e) if read => this.deferred = Some(e),
                 Err(e) => {
                     this.failed = true;
                     return Poll::Ready(Err(e));
                 }
+            }
+            if read {
+                return Poll::Ready(Ok(()));
             }
         }
     }
@@ -491,7 +526,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for InnerTls<S> {
                 if tls.conn.wants_write() {
                     // Near its record limit rustls queued a key update, encrypted under the
                     // old keys: it goes before this record.
-                    let (used, pumped) = tls.pump(held);
+                    let (used, pumped) = tls.pump(held, None);
                     held.drain(..used);
                     pumped.map_err(tls_error)?;
                     tls.out.extend_from_slice(cipher);
