@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 seconds="${FUZZ_SECONDS:-25}"
-targets=(config_loader route_matcher ws_adapter inner_http mcp_inspector upstream_response)
+targets=(config_loader route_matcher ws_adapter inner_http inner_tls mcp_inspector upstream_response)
 
 if ! command -v cargo-fuzz >/dev/null; then
     echo "fuzz/ci.sh: installing cargo-fuzz"

@@ -90,6 +90,8 @@ struct Tls {
     plain_pos: usize,
     peer_closed: bool,
     close_sent: bool,
+    /// rustls failed: it is not called again (a call would parse the bad bytes again).
+    broken: bool,
     sni: Option<Box<str>>,
 }
 
@@ -104,6 +106,12 @@ impl Tls {
         buf: &mut [u8],
         mut dst: Option<&mut ReadBuf<'_>>,
     ) -> (usize, Result<Pumped, rustls::Error>) {
+        if self.broken {
+            return (
+                0,
+                Err(rustls::Error::General("the TLS connection failed".into())),
+            );
+        }
         let mut used = 0;
         loop {
             tls::take_hello_sni();
@@ -115,7 +123,7 @@ impl Tls {
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
-                    self.take_alert();
+                    self.take_alert(&mut buf[used + discard..]);
                     return (used + discard, Err(e));
                 }
             };
@@ -143,7 +151,7 @@ impl Tls {
                             }
                             Err(e) => {
                                 drop(read);
-                                self.take_alert();
+                                self.take_alert(&mut buf[used + discard..]);
                                 return (used + discard, Err(e));
                             }
                         }
@@ -152,6 +160,7 @@ impl Tls {
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
                     if let Err(e) = encode_into(&mut self.out, |b| encode.encode(b)) {
+                        self.broken = true;
                         return (used + discard, Err(rustls::Error::General(e.to_string())));
                     }
                     None
@@ -171,6 +180,7 @@ impl Tls {
                 // Early data is off (`max_early_data_size` 0); anything else is new.
                 other => {
                     let what = format!("unexpected TLS state {other:?}");
+                    self.broken = true;
                     return (used + discard, Err(rustls::Error::General(what)));
                 }
             };
@@ -182,16 +192,17 @@ impl Tls {
     }
 
     /// After an error rustls has queued the alert for the peer; it comes out as one more
-    /// record to encode.
-    fn take_alert(&mut self) {
-        for _ in 0..4 {
-            match self.conn.process_tls_records(&mut []).state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let _ = encode_into(&mut self.out, |b| encode.encode(b));
-                }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => return,
-            }
+    /// record to encode. `buf` is what the failed call left (after its discard): rustls
+    /// keeps offsets into it for a handshake message it is joining, so even the call that
+    /// only fetches the alert must see the same bytes.
+    fn take_alert(&mut self, buf: &mut [u8]) {
+        self.broken = true;
+        // One call only: rustls offers queued records before it reads `buf` again, and a
+        // second call would parse the bad bytes again (and alert twice).
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) =
+            self.conn.process_tls_records(buf).state
+        {
+            let _ = encode_into(&mut self.out, |b| encode.encode(b));
         }
     }
 
@@ -291,6 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
                 plain_pos: 0,
                 peer_closed: false,
                 close_sent: false,
+                broken: false,
                 sni: None,
             },
             held: Vec::new(),
@@ -313,18 +325,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            ready!(self.poll_out(cx))?;
+            match ready!(self.poll_out(cx)) {
+                Err(e) if self.deferred.is_none() => return Poll::Ready(Err(e)),
+                _ => {}
+            }
             if !self.tls.conn.is_handshaking() {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.poll_records(cx, None))? {
-                Some(Pumped::Closed) | None => {
+            let result = ready!(self.poll_records(cx, None));
+            if !self.tls.conn.is_handshaking() {
+                // The client's Finished was good; whatever followed it (an error, the end)
+                // is the first read's to report, after the alert goes out.
+                if let Err(e) = result {
+                    self.deferred = Some(e);
+                }
+                continue;
+            }
+            match result {
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(Some(Pumped::Closed) | None) => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the client closed the connection during the TLS handshake",
                     )));
                 }
-                Some(_) => {}
+                Ok(Some(_)) => {}
             }
         }
     }
@@ -582,7 +607,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for InnerTls<S> {
     /// Sends close_notify (once), then shuts the connection down.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.tls.close_sent && !this.failed {
+        if !this.tls.close_sent && !this.failed && !this.tls.broken {
             ready!(this.poll_out(cx))?;
             this.tls.close_sent = true;
             if let Ok(ConnectionState::WriteTraffic(mut write)) =
@@ -860,5 +885,68 @@ mod tests {
         let mut back = Vec::new();
         b.read_to_end(&mut back).await.unwrap();
         assert_eq!(back.first(), Some(&0x15), "an alert record: {back:?}");
+    }
+
+    /// Found by the `inner_tls` fuzz target: a bad record read together with the client's
+    /// Finished failed the handshake, although the handshake was complete.
+    #[tokio::test]
+    async fn a_bad_record_after_the_finished_is_the_first_reads_error() {
+        let p = pair(&[b"http/1.1"]);
+        for max in [17, usize::MAX] {
+            let (a, b) = tokio::io::duplex(16 * 1024);
+            let config = p.server.clone();
+            let server = tokio::spawn(async move {
+                let mut s = InnerTls::accept(Chunky { io: a, max }, config)
+                    .await
+                    .expect("the handshake itself was good");
+                let mut buf = [0u8; 64];
+                s.read(&mut buf).await
+            });
+            let mut raw = connect(&p, b, "tunnel.test").await.into_inner().0;
+            raw.write_all(b"\x17\x03\x3a\x9a\xca\x00ello")
+                .await
+                .unwrap();
+            let e = server.await.unwrap().unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        }
+    }
+
+    /// Found by the `inner_tls` fuzz target: after an error inside a handshake message
+    /// rustls was joining, fetching the alert with an empty buffer panicked in rustls (it
+    /// keeps offsets into the caller's buffer).
+    #[tokio::test]
+    async fn an_error_inside_a_joined_handshake_message_is_an_error_not_a_panic() {
+        let p = pair(&[b"http/1.1"]);
+        for wire in [
+            &b"\x16\x03\x01\x00\x02\x41\x01\x00"[..],
+            b"\x16\x03\x01\x00\x02\x01\x00\x16\x03\x01\x00\x01\x00",
+        ] {
+            let (a, mut b) = tokio::io::duplex(16 * 1024);
+            let config = p.server.clone();
+            let server = tokio::spawn(async move {
+                InnerTls::accept(
+                    Chunky {
+                        io: a,
+                        max: usize::MAX,
+                    },
+                    config,
+                )
+                .await
+                .err()
+            });
+            b.write_all(wire).await.unwrap();
+            b.shutdown().await.unwrap();
+            let e = server
+                .await
+                .expect("no panic")
+                .expect("the handshake fails");
+            assert!(
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+                ),
+                "{e}"
+            );
+        }
     }
 }
