@@ -333,9 +333,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
                 return Poll::Ready(Ok(()));
             }
             let result = ready!(self.poll_records(cx, None));
-            if !self.tls.conn.is_handshaking() {
-                // The client's Finished was good; whatever followed it (an error, the end)
-                // is the first read's to report, after the alert goes out.
+            let tls_failed = |e: &io::Error| e.get_ref().is_some_and(|i| i.is::<rustls::Error>());
+            if !self.tls.conn.is_handshaking() && result.as_ref().err().is_none_or(tls_failed) {
+                // The client's Finished was good; a bad record or the end after it is the
+                // first read's to report, after the alert goes out. A failure of the
+                // connection below (a WebSocket limit) still fails the handshake.
                 if let Err(e) = result {
                     self.deferred = Some(e);
                 }
