@@ -67,6 +67,11 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// Whether `e` is rustls' (made by [`tls_error`]) rather than the connection's below.
+fn is_tls_error(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<rustls::Error>())
+}
+
 /// Where rustls stands once every complete record held has been processed.
 enum Pumped {
     /// More ciphertext is needed (mid-record, or the handshake waits for the peer).
@@ -333,8 +338,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
                 return Poll::Ready(Ok(()));
             }
             let result = ready!(self.poll_records(cx, None));
-            let tls_failed = |e: &io::Error| e.get_ref().is_some_and(|i| i.is::<rustls::Error>());
-            if !self.tls.conn.is_handshaking() && result.as_ref().err().is_none_or(tls_failed) {
+            if !self.tls.conn.is_handshaking() && result.as_ref().err().is_none_or(is_tls_error) {
                 // The client's Finished was good; a bad record or the end after it is the
                 // first read's to report, after the alert goes out. A failure of the
                 // connection below (a WebSocket limit) still fails the handshake.
@@ -399,7 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> InnerTls<S> {
                 io::ErrorKind::UnexpectedEof,
                 "the connection ended inside a TLS record",
             ))),
-            Poll::Ready(Err(e)) if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => {
+            Poll::Ready(Err(e)) if is_tls_error(&e) => {
                 // The alert goes out if the connection takes it now.
                 let _ = self.poll_out(cx);
                 Poll::Ready(Err(e))
