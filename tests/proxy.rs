@@ -644,7 +644,7 @@ async fn an_http1_session_serves_requests_after_a_quiet_spell_and_slow_streams_a
     // the next request on the same session starts a new one. A response that streams with
     // gaps longer than H1_QUIET keeps the session busy, so it is never cut.
     let pki = TestPki::new();
-    let quiet = mcp_tunnel::proxy::H1_QUIET;
+    let quiet = mcp_tunnel::proxy::session::H1_QUIET;
     let gap = quiet + Duration::from_millis(300);
     let up = upstream(move |req: Request<Incoming>| async move {
         if req.uri().path() != "/slow" {

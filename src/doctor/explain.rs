@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::certs::preflight::{self, CertFacts};
 use crate::config::routes::{Miss, Outcome};
 use crate::config::{Config, IpPolicy, RouteTable};
+use crate::proxy::Answer;
 use crate::proxy::upstream::{self, ConnectError, Resolve};
 
 /// The inputs the data path decides from.
@@ -164,8 +165,9 @@ impl Explainer {
                 certificate,
                 forwarded: false,
                 outcome: format!(
-                    "502 {} (log: no route for host)",
-                    crate::proxy::NO_ROUTE.trim()
+                    "{} (log: {})",
+                    Answer::NoRoute.describe(),
+                    Answer::NoRoute.log_line()
                 ),
             };
         };
@@ -187,7 +189,7 @@ impl Explainer {
         let outcome = match upstream::resolve(self.resolver.as_ref(), &u.host, u.port).await {
             Err(e) => {
                 addresses.error = Some(e.to_string());
-                format!("502 {} ({e})", crate::proxy::CONNECT_FAILED.trim())
+                format!("{} ({e})", Answer::ConnectFailed.describe())
             }
             Ok(addrs) => {
                 let ips: Vec<std::net::IpAddr> = addrs.iter().map(|a| a.ip()).collect();
@@ -209,7 +211,7 @@ impl Explainer {
                             host: u.host.clone(),
                             ip,
                         };
-                        format!("502 {} (log: {log})", crate::proxy::NOT_ALLOWED.trim())
+                        format!("{} (log: {log})", Answer::AddressNotAllowed.describe())
                     }
                     Ok(()) => format!(
                         "forwarded to {} (the proxy dials only these checked addresses)",

@@ -12,9 +12,9 @@ use super::{Check, Env, Options};
 use crate::config::ipset::Verdict as IpVerdict;
 use crate::config::{Config, IpPolicy, Route};
 use crate::lifecycle::Shutdown;
-use crate::proxy::Proxy;
 use crate::proxy::edge::WsTarget;
 use crate::proxy::upstream::{self, ConnectError};
+use crate::proxy::{Answer as ProxyAnswer, Proxy};
 
 /// Where the probes go, and the in-process proxy to stop afterwards.
 struct ProbeTarget {
@@ -369,8 +369,9 @@ async fn mcp(
     }
     let sent_host = crate::proxy::upstream_host(route, host);
     let body = String::from_utf8_lossy(&answer.body);
+    let own = ProxyAnswer::recognise(answer.status, &answer.body);
     let c = match answer.status {
-        421 if body == crate::proxy::MISDIRECTED => Check::fail(
+        421 if own == Some(ProxyAnswer::Misdirected) => Check::fail(
             name,
             format!(
                 "POST {url}: 421 from the proxy: the TLS server name and Host name different routes"
@@ -406,18 +407,24 @@ async fn mcp(
                 "use the server's MCP path in the connector URL (https://{host}/<path>); find it in the server's docs and check it with `mcp-tunnel doctor --path /<path>`"
             ),
         ),
-        502 if body == crate::proxy::NO_ROUTE => Check::fail(
+        502 if own == Some(ProxyAnswer::NoRoute) => Check::fail(
             name,
-            format!("POST {url}: 502 `No route configured for host` (`no route for host`)"),
+            format!(
+                "POST {url}: {} (`{}`)",
+                ProxyAnswer::NoRoute.describe(),
+                ProxyAnswer::NoRoute.log_line()
+            ),
             "the running service has other routes than this file: it applies a saved file by itself; see service.config for a refused reload",
         ),
-        502 if body == crate::proxy::NOT_ALLOWED || body == crate::proxy::CONNECT_FAILED => {
-            Check::fail(
-                name,
-                format!("POST {url}: 502 from the proxy: {}", body.trim()),
-                "the running service's log (`journalctl -u mcp-tunnel`) has the dial error; its DNS answer or allowlist may differ from this file's",
-            )
-        }
+        502 | 504 if own.is_some() => Check::fail(
+            name,
+            format!(
+                "POST {url}: {} from the proxy: {}",
+                answer.status,
+                body.trim()
+            ),
+            "the running service's log (`journalctl -u mcp-tunnel`) has the dial error; its DNS answer or allowlist may differ from this file's",
+        ),
         s @ (301..=308) => Check::warn(
             name,
             format!(

@@ -35,9 +35,8 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
-use super::forward::UpstreamBody;
-use super::state::UpstreamPlane;
-use super::upstream::{Connector, UpstreamIo};
+use super::upstream::{Connector, UpstreamIo, UpstreamSettings};
+use super::workers;
 use crate::config::Upstream;
 
 /// Idle connections one worker keeps (as nginx's `keepalive 64`, doubled).
@@ -137,21 +136,41 @@ impl IdleConns {
     }
 }
 
+/// One idle list per data-plane worker, plus one (index 0) for sessions served anywhere
+/// else (tests, the fuzz targets). Indexed by `workers::current()`, so no list's lock or
+/// cache lines are shared between cores.
+pub struct IdlePools(Box<[Arc<IdleConns>]>);
+
+impl IdlePools {
+    pub fn new(workers: usize) -> IdlePools {
+        IdlePools((0..=workers).map(|_| Arc::default()).collect())
+    }
+
+    /// The list of the worker this runs on.
+    pub fn here(&self) -> &Arc<IdleConns> {
+        self.0.get(workers::current()).unwrap_or(&self.0[0])
+    }
+}
+
 /// Sends `req` (origin-form URI: the path and query only) to `upstream` on an idle
 /// connection of this worker, or on a new one (resolved and checked by the connector), and
 /// reads the response head. The response body reads the same connection and gives it back
 /// once it has ended cleanly.
-pub async fn send(
-    plane: &UpstreamPlane,
+pub async fn send<B>(
+    settings: &Arc<UpstreamSettings>,
+    idle: &Arc<IdleConns>,
     upstream: &Upstream,
-    req: Request<UpstreamBody>,
-) -> Result<Response<ResponseBody>, SendError> {
-    let idle = plane.idle.here();
+    req: Request<B>,
+) -> Result<Response<ResponseBody>, SendError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<SendError>,
+{
     let mut conn = match take_live(idle, upstream).await {
         Some(conn) => conn,
         None => {
             let uri = upstream_origin(upstream)?;
-            let io = Connector::connect(plane.settings.clone(), uri).await?;
+            let io = Connector::connect(settings.clone(), uri).await?;
             Box::new(Conn {
                 io,
                 buf: BytesMut::new(),
@@ -210,7 +229,11 @@ fn bodyless_by_default(m: &Method) -> bool {
 
 /// Writes the request head and its body. The head and whatever of the body is ready at once
 /// go out in one write (a tools/call is usually a single `write(2)`).
-async fn write_request(conn: &mut Conn, req: Request<UpstreamBody>) -> Result<(), SendError> {
+async fn write_request<B>(conn: &mut Conn, req: Request<B>) -> Result<(), SendError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<SendError>,
+{
     let (parts, mut body) = req.into_parts();
     let length = body.size_hint().exact();
     let mut out = Vec::with_capacity(512);
@@ -294,7 +317,7 @@ async fn write_request(conn: &mut Conn, req: Request<UpstreamBody>) -> Result<()
                     out.clear();
                 }
             }
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => return Err(e.into()),
             None => break,
         }
     }

@@ -35,6 +35,23 @@ use crate::mcp::{Id, Kind, Message, Options, Outcome, Parsed, method_label, sse}
 /// journal they carry `TARGET=mcp_audit`.
 pub const AUDIT_TARGET: &str = "mcp_audit";
 
+/// Audit records made (each one taken by the log subscriber): with the log pipeline's
+/// counts of audit entries written and dropped, every record is accounted for
+/// (`mcp_tunnel_audit_records_total`).
+static AUDIT_RECORDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn audit_records() -> u64 {
+    AUDIT_RECORDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts one audit record about to be logged, if the subscriber takes it (`RUST_LOG` can
+/// silence the target on purpose).
+fn count_audit_record() {
+    if tracing::enabled!(target: AUDIT_TARGET, tracing::Level::INFO) {
+        AUDIT_RECORDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// What `request` needs from the proxy.
 pub struct Scope<'a> {
     pub route: &'a Arc<Route>,
@@ -486,6 +503,7 @@ impl Exchange {
         let tool = p.tool.as_deref().map(bounded);
         let id = p.id.as_ref().map(Id::for_log);
         let arguments = p.arg_names.as_ref().map(|a| a.join(","));
+        count_audit_record();
         info!(
             target: AUDIT_TARGET,
             route = %self.route.name,
@@ -511,6 +529,7 @@ impl Drop for Exchange {
         let st = std::mem::take(self.state.get_mut().unwrap_or_else(|e| e.into_inner()));
         if let Some(reason) = st.request_uninspected {
             self.metrics.mcp.uninspected(&self.route.name, reason);
+            count_audit_record();
             info!(
                 target: AUDIT_TARGET,
                 route = %self.route.name,

@@ -24,10 +24,11 @@ pub enum Refusal {
     ConnectTimeout,
     ResponseTimeout,
     UpstreamError,
+    RouteRevoked,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::NoRoute,
         Refusal::Misdirected,
         Refusal::BadRequest,
@@ -36,6 +37,7 @@ impl Refusal {
         Refusal::ConnectTimeout,
         Refusal::ResponseTimeout,
         Refusal::UpstreamError,
+        Refusal::RouteRevoked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +50,7 @@ impl Refusal {
             Refusal::ConnectTimeout => "connect_timeout",
             Refusal::ResponseTimeout => "response_timeout",
             Refusal::UpstreamError => "upstream_error",
+            Refusal::RouteRevoked => "route_revoked",
         }
     }
 }
@@ -247,7 +250,7 @@ impl RouteTable {
 #[derive(Default)]
 pub struct ProxyMetrics {
     routes: RouteTable,
-    refusals: [AtomicU64; 8],
+    refusals: [AtomicU64; Refusal::ALL.len()],
     limits: [AtomicU64; 8],
     peer_refusals: [AtomicU64; 2],
     sessions_open: AtomicI64,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::exchange::IdlePools;
 use super::tls;
 use super::upstream::{ConnectError, Resolve, UpstreamSettings, resolve_checked};
 use crate::certs::CertError;
@@ -35,22 +36,6 @@ pub struct UpstreamPlane {
     /// Idle connections requests gave back (`proxy::exchange`), one list per
     /// worker: a session takes and returns connections on its own worker's only.
     pub idle: IdlePools,
-}
-
-/// One idle list per data-plane worker, plus one (index 0) for sessions served anywhere
-/// else (tests, the fuzz targets). Indexed by `workers::current()`, so no list's lock or
-/// cache lines are shared between cores.
-pub struct IdlePools(Box<[Arc<super::exchange::IdleConns>]>);
-
-impl IdlePools {
-    fn new(workers: usize) -> IdlePools {
-        IdlePools((0..=workers).map(|_| Arc::default()).collect())
-    }
-
-    /// The list of the worker this runs on.
-    pub fn here(&self) -> &Arc<super::exchange::IdleConns> {
-        self.0.get(super::workers::current()).unwrap_or(&self.0[0])
-    }
 }
 
 impl UpstreamPlane {

@@ -19,7 +19,7 @@ pub struct JsonLayer<W> {
 
 impl<W> JsonLayer<W>
 where
-    W: Fn() -> Box<dyn Write> + Send + Sync + 'static,
+    W: Fn(&tracing::Metadata<'_>) -> Box<dyn Write> + Send + Sync + 'static,
 {
     pub fn new(make_writer: W) -> JsonLayer<W> {
         JsonLayer { make_writer }
@@ -39,7 +39,7 @@ fn priority(level: &Level) -> &'static str {
 
 /// A journal field name: `.` becomes `_`, leading `_` and anything but `[A-Za-z0-9_]`
 /// dropped, upper case (what the journal accepts, and what tracing-journald writes).
-fn journal_name(name: &str) -> String {
+pub(super) fn journal_name(name: &str) -> String {
     name.chars()
         .map(|c| if c == '.' { '_' } else { c })
         .skip_while(|&c| c == '_')
@@ -89,10 +89,26 @@ pub fn line(event: &Event<'_>, micros: u128) -> String {
     Value::Object(m).to_string()
 }
 
+/// A notice of the log pipeline's own (lines were dropped) as one JSON line.
+pub fn notice(text: &str) -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let mut m = Map::new();
+    m.insert("__REALTIME_TIMESTAMP".into(), micros.to_string().into());
+    m.insert("PRIORITY".into(), "4".into());
+    m.insert("SYSLOG_IDENTIFIER".into(), "mcp-tunnel".into());
+    m.insert("TARGET".into(), "mcp_tunnel::telemetry".into());
+    m.insert("MESSAGE".into(), text.into());
+    let mut line = Value::Object(m).to_string();
+    line.push('\n');
+    line
+}
+
 impl<S, W> Layer<S> for JsonLayer<W>
 where
     S: Subscriber,
-    W: Fn() -> Box<dyn Write> + Send + Sync + 'static,
+    W: Fn(&tracing::Metadata<'_>) -> Box<dyn Write> + Send + Sync + 'static,
 {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let micros = std::time::SystemTime::now()
@@ -101,7 +117,7 @@ where
         let mut text = line(event, micros);
         text.push('\n');
         // One write per line, so that lines from several threads never interleave.
-        let _ = (self.make_writer)().write_all(text.as_bytes());
+        let _ = (self.make_writer)(event.metadata()).write_all(text.as_bytes());
     }
 }
 
@@ -128,9 +144,9 @@ mod tests {
     fn one_object_per_line_with_the_journal_keys() {
         let buf = Buf::default();
         let w = buf.clone();
-        let sub = tracing_subscriber::registry().with(JsonLayer::new(move || {
-            Box::new(w.clone()) as Box<dyn Write>
-        }));
+        let sub = tracing_subscriber::registry().with(JsonLayer::new(
+            move |_: &tracing::Metadata<'_>| Box::new(w.clone()) as Box<dyn Write>,
+        ));
         tracing::subscriber::with_default(sub, || {
             tracing::info!(
                 route = "echo",

@@ -299,12 +299,49 @@ pub fn render(s: &AppState, now: i64) -> String {
             r.as_str()
         );
     }
+    {
+        use super::writer::{Kind, SinkName, dropped, written};
+        head(
+            &mut o,
+            "mcp_tunnel_log_lines_dropped_total",
+            "counter",
+            "Log entries dropped because their sink (stderr or journald) did not take them in time (more than 8 MiB queued), by sink and kind (access, audit, other).",
+        );
+        for sink in SinkName::ALL {
+            for kind in Kind::ALL {
+                let _ = writeln!(
+                    o,
+                    "mcp_tunnel_log_lines_dropped_total{{sink=\"{}\",kind=\"{}\"}} {}",
+                    sink.as_str(),
+                    kind.as_str(),
+                    dropped(sink, kind)
+                );
+            }
+        }
+        head(
+            &mut o,
+            "mcp_tunnel_log_lines_written_total",
+            "counter",
+            "Log entries their sink took, by sink and kind.",
+        );
+        for sink in SinkName::ALL {
+            for kind in Kind::ALL {
+                let _ = writeln!(
+                    o,
+                    "mcp_tunnel_log_lines_written_total{{sink=\"{}\",kind=\"{}\"}} {}",
+                    sink.as_str(),
+                    kind.as_str(),
+                    written(sink, kind)
+                );
+            }
+        }
+    }
     scalar(
         &mut o,
-        "mcp_tunnel_log_lines_dropped_total",
+        "mcp_tunnel_audit_records_total",
         "counter",
-        "Log lines dropped because stderr did not take them (more than 8 MiB queued).",
-        &super::writer::dropped_lines(),
+        "MCP audit records made; each is then written or counted as dropped by its sink (mcp_tunnel_log_lines_*_total{kind=\"audit\"}).",
+        &crate::proxy::mcp::audit_records(),
     );
     scalar(
         &mut o,
