@@ -32,7 +32,9 @@ pub enum PreflightError {
     NotYetValid(String),
     #[error("certificate expired at {0}; renew it (`mcp-tunnel renew-cert`)")]
     Expired(String),
-    #[error("certificate SAN {sans:?} does not cover {missing}; issue it for *.{domain}")]
+    #[error(
+        "certificate SAN {sans:?} does not cover {missing}; issue it for *.{domain} (a wildcard covers one label: a deeper route host needs a SAN of its own)"
+    )]
     NameNotCovered {
         sans: Vec<String>,
         missing: String,
@@ -165,7 +167,9 @@ pub fn uncovered(f: &CertFacts, hosts: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// With a tunnel domain: the SAN holds `*.<domain>`, or covers every routed host.
+/// With a tunnel domain: the SAN covers every routed host. `*.<domain>` is not enough by
+/// itself: a route `a.b` is the host `a.b.<domain>`, which the wildcard does not cover, and
+/// a client would refuse the handshake.
 pub fn check_names(
     f: &CertFacts,
     tunnel_domain: Option<&str>,
@@ -174,9 +178,8 @@ pub fn check_names(
     let Some(domain) = tunnel_domain else {
         return Ok(());
     };
-    let wildcard = format!("*.{domain}");
     let missing = uncovered(f, route_hosts);
-    if !f.dns_names.contains(&wildcard) && !missing.is_empty() {
+    if !missing.is_empty() {
         return Err(PreflightError::NameNotCovered {
             sans: f.dns_names.clone(),
             missing: missing[0].clone(),

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod certs;
+pub mod change;
 pub mod cloudflared;
 pub mod duration;
 pub mod ipset;
@@ -68,7 +69,7 @@ pub enum LogFormat {
 
 /// A validated configuration. Paths are absolute (relative ones resolve against the
 /// config file's directory).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub path: PathBuf,
     pub listen_addr: SocketAddr,

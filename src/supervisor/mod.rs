@@ -308,7 +308,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     }
 
-    // Ordered stop.
+    // Ordered stop, by the running config: `shutdown_timeout` and `[cloudflared]
+    // grace_period` apply as last reloaded.
+    let config = reloader.config().await;
     state.stopping.store(true, Ordering::Relaxed);
     notifier.stopping(&metrics::status_line(&state, now()));
     if let Ok(signal) = stop_reason {
@@ -435,6 +437,13 @@ impl reload::ReloadHooks for SupervisorHooks {
     }
 
     fn reloaded(&self, result: &Result<reload::Reloaded, reload::ReloadError>) {
+        if let Ok(r) = result {
+            *self
+                .state
+                .restart_required
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = r.restart_required.clone();
+        }
         let last_error = match result {
             Ok(r) => r
                 .cert_refused

@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 use super::watch::{self, FileWatcher, WatchSet};
 use crate::certs::preflight::{self, CertFacts, Expectations, PreflightError};
 use crate::certs::{self, CertError, renew};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, change};
 use crate::lifecycle::Shutdown;
 use crate::proxy::Proxy;
 use crate::proxy::state::ApplyReport;
@@ -81,6 +81,25 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Proxy(#[from] crate::proxy::ProxyError),
+    /// The certificate that would be presented does not cover a route of the new config.
+    #[error("{file}: {source}")]
+    Certificate {
+        file: String,
+        source: PreflightError,
+    },
+    /// The new `cloudflared.token_file` fails the checks start makes.
+    #[error("{0}")]
+    Token(String),
+}
+
+/// The next state a reload would apply, built and checked.
+struct Checked {
+    next: Config,
+    /// The new pair and its facts, when the certificate inputs changed and it passed.
+    pair: Option<(Arc<CertifiedKey>, CertFacts)>,
+    bytes: (Vec<u8>, Vec<u8>),
+    cert_refused: Option<String>,
+    restart_required: Vec<&'static str>,
 }
 
 /// What one reload did.
@@ -91,6 +110,8 @@ pub struct Reloaded {
     pub new_cert_serial: Option<String>,
     /// The certificate change that was refused (the old pair keeps serving).
     pub cert_refused: Option<String>,
+    /// Fields that changed in the file but apply only at the next start.
+    pub restart_required: Vec<&'static str>,
 }
 
 /// Notifications around reloads (sd-notify RELOADING/READY, STATUS, metrics).
@@ -230,110 +251,151 @@ impl Reloader {
         WatchSet::for_files(&files)
     }
 
-    /// Re-reads the config file and the certificate pair and applies what changed.
+    /// Re-reads the config file and the certificate pair and applies what changed. Every
+    /// part of the next state is built and checked first (the certificate to present and
+    /// that it covers every route, a new token file, the upstream plane); only when all of
+    /// it is good is anything applied, so a refused reload leaves everything as it was.
     pub async fn reload(&self, now: i64) -> Result<Reloaded, ReloadError> {
         self.attempts.fetch_add(1, Ordering::Relaxed);
         let mut cur = self.current.lock().await;
-        let mut next = match Config::load(&self.path) {
+        let checked = match self.check_next(&cur, now) {
             Ok(c) => c,
-            Err(e) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                error!(error = %e, "config reload refused; the running config stays");
-                return Err(e.into());
-            }
+            Err(e) => return Err(self.refused(e)),
         };
-        if next.listen_addr != cur.config.listen_addr {
-            warn!(
-                running = %cur.config.listen_addr,
-                file = %next.listen_addr,
-                "listen_addr cannot change while running: restart the service to apply it; keeping the running value"
-            );
-            next.listen_addr = cur.config.listen_addr;
-        }
-        if next.limits != cur.config.limits || next.admin != cur.config.admin {
-            warn!(
-                "[limits] and [admin] changes need a restart to apply; keeping the running values"
-            );
-            next.limits = cur.config.limits.clone();
-            next.admin = cur.config.admin.clone();
-        }
-        if next.peer_check != cur.config.peer_check {
-            warn!("[peer_check] changes need a restart to apply; keeping the running values");
-            next.peer_check = cur.config.peer_check;
-        }
-        if next.workers != cur.config.workers {
-            warn!(
-                "workers changes need a restart to apply; keeping the running number of data-plane workers"
-            );
-            next.workers = cur.config.workers;
-        }
-        if next.log_format != cur.config.log_format {
-            warn!("log_format changes need a restart to apply; keeping the running format");
-            next.log_format = cur.config.log_format;
-        }
-        if next.cloudflared != cur.config.cloudflared {
-            match self.cloudflared.get() {
-                _ if next.cloudflared.enabled != cur.config.cloudflared.enabled => {
-                    warn!(
-                        "cloudflared.enabled cannot change while running: restart the service to apply it; keeping the running [cloudflared] values"
-                    );
-                    next.cloudflared = cur.config.cloudflared.clone();
-                }
-                Some(tx) => {
-                    info!("[cloudflared] changed: replacing the connector");
-                    let _ = tx.send(crate::cloudflared::Replace {
-                        cfg: Some(next.cloudflared.clone()),
-                        why: "[cloudflared] changed",
-                    });
-                }
-                None => {}
-            }
-        }
+        let Checked {
+            next,
+            pair,
+            bytes,
+            cert_refused,
+            restart_required,
+        } = checked;
         let routes = match self.proxy.apply(&next).await {
             Ok(r) => r,
-            Err(e) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                error!(error = %e, "config reload refused; the running config stays");
-                return Err(e.into());
-            }
+            Err(e) => return Err(self.refused(e.into())),
         };
         let mut out = Reloaded {
             routes,
+            cert_refused,
+            restart_required,
             ..Reloaded::default()
         };
-        let bytes = read_pair(&next);
-        let cert_inputs_changed = !self.provisioned
-            && (bytes != cur.pair_bytes
-                || next.tls != cur.config.tls
-                || next.tunnel_domain != cur.config.tunnel_domain
-                || next.certs.ca_cert_file != cur.config.certs.ca_cert_file);
-        if cert_inputs_changed {
-            match load_checked(&next, now) {
-                Ok((pair, facts)) => {
-                    if facts.serial != self.facts().serial || bytes != cur.pair_bytes {
-                        info!(serial = %facts.serial, not_after = facts.not_after, "server certificate swapped; new sessions get it");
-                        out.new_cert_serial = Some(facts.serial.clone());
-                    }
-                    self.proxy.cert_store().swap(pair);
-                    cur.pair_bytes = bytes;
-                    *self.facts.lock().expect("facts lock") = facts;
-                    cur.warned_days = None;
-                }
-                Err(e) => {
-                    warn!(error = %e, "new certificate refused; the last good pair keeps serving");
-                    out.cert_refused = Some(e.to_string());
-                }
+        if let Some((pair, facts)) = pair {
+            if facts.serial != self.facts().serial || bytes != cur.pair_bytes {
+                info!(serial = %facts.serial, not_after = facts.not_after, "server certificate swapped; new sessions get it");
+                out.new_cert_serial = Some(facts.serial.clone());
+            }
+            self.proxy.cert_store().swap(pair);
+            cur.pair_bytes = bytes;
+            *self.facts.lock().expect("facts lock") = facts;
+            cur.warned_days = None;
+        }
+        if next.cloudflared != cur.config.cloudflared
+            && let Some(tx) = self.cloudflared.get()
+        {
+            info!("[cloudflared] changed: replacing the connector");
+            let _ = tx.send(crate::cloudflared::Replace {
+                cfg: Some(next.cloudflared.clone()),
+                why: "[cloudflared] changed",
+            });
+        }
+        if next.log_level != cur.config.log_level {
+            // Said before it applies, so that a quieter level still shows the change.
+            info!(
+                from = cur.config.log_level.as_str(),
+                to = next.log_level.as_str(),
+                "log level changing"
+            );
+            match crate::telemetry::set_level(next.log_level.as_str()) {
+                Ok(()) => {}
+                Err(crate::telemetry::LevelNotApplied::RustLog) => warn!(
+                    log_level = next.log_level.as_str(),
+                    "log_level changed, but RUST_LOG is set and decides the level: unset it (and restart) for log_level to apply"
+                ),
             }
         }
-        let changed = !out.routes.is_empty()
-            || out.new_cert_serial.is_some()
-            || config_differs(&cur.config, &next);
+        let changed = !out.routes.is_empty() || out.new_cert_serial.is_some() || next != cur.config;
         cur.config = next;
         if changed {
             let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
             info!(generation = g, added = ?out.routes.added, removed = ?out.routes.removed, changed = ?out.routes.changed, "config reloaded");
         }
         Ok(out)
+    }
+
+    /// Counts and logs a refused reload.
+    fn refused(&self, e: ReloadError) -> ReloadError {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        error!(error = %e, "config reload refused; the running config stays");
+        e
+    }
+
+    /// The next config and certificate, checked, with nothing applied yet.
+    fn check_next(&self, cur: &Current, now: i64) -> Result<Checked, ReloadError> {
+        let file = Config::load(&self.path)?;
+        let restart_required = change::restart_required(&cur.config, &file);
+        if !restart_required.is_empty() {
+            warn!(
+                fields = %restart_required.join(", "),
+                "changed in the file, applied only at the next start: restart the service to apply them; the running values stay"
+            );
+        }
+        let next = change::live_part(&cur.config, file);
+        let bytes = read_pair(&next);
+        let cert_inputs_changed = !self.provisioned
+            && (bytes != cur.pair_bytes
+                || next.tls != cur.config.tls
+                || next.tunnel_domain != cur.config.tunnel_domain
+                || next.certs.ca_cert_file != cur.config.certs.ca_cert_file);
+        let (mut pair, mut cert_refused) = (None, None);
+        if cert_inputs_changed {
+            match load_checked(&next, now) {
+                Ok(p) => pair = Some(p),
+                Err(e) => {
+                    warn!(error = %e, "new certificate refused; the last good pair keeps serving");
+                    cert_refused = Some(e.to_string());
+                }
+            }
+        }
+        // The certificate that will be presented must cover every route of the new config,
+        // or clients of a new route would fail the handshake.
+        if pair.is_none() {
+            let facts = self.facts();
+            preflight::check_names(&facts, next.tunnel_domain.as_deref(), &next.route_hosts())
+                .map_err(|e| ReloadError::Certificate {
+                    file: next.tls.cert_file.display().to_string(),
+                    source: e,
+                })?;
+        }
+        // A token file the connector is to read next passes the checks start makes.
+        if self.cloudflared.get().is_some() && next.cloudflared.enabled {
+            let credentials =
+                std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+            let path = crate::cloudflared::token::token_path(
+                next.cloudflared.token_file.as_deref(),
+                credentials.as_deref(),
+            );
+            let running = crate::cloudflared::token::token_path(
+                cur.config.cloudflared.token_file.as_deref(),
+                credentials.as_deref(),
+            );
+            if path != running {
+                certs::perms::check_secret(
+                    "cloudflared.token_file",
+                    &path,
+                    next.allow_readable_secrets,
+                )
+                .map_err(|e| ReloadError::Token(e.to_string()))?;
+                crate::cloudflared::token::read(&path)
+                    .map_err(|e| ReloadError::Token(e.to_string()))?;
+            }
+        }
+        Ok(Checked {
+            next,
+            pair,
+            bytes,
+            cert_refused,
+            restart_required,
+        })
     }
 
     /// Renews the server certificate from the local CA when it is due at `now`, or warns
@@ -413,16 +475,6 @@ impl crate::provision::InstallCert for Reloader {
     }
 }
 
-fn config_differs(a: &Config, b: &Config) -> bool {
-    a.tls != b.tls
-        || a.routes != b.routes
-        || a.upstream != b.upstream
-        || a.tunnel_domain != b.tunnel_domain
-        || a.log_level != b.log_level
-        || a.shutdown_timeout != b.shutdown_timeout
-        || a.certs != b.certs
-}
-
 /// Serves reload triggers until shutdown: `requests` (the supervisor forwards SIGHUP there),
 /// file changes, and the renewal timer.
 pub async fn run_loop(
@@ -433,7 +485,7 @@ pub async fn run_loop(
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher: Option<FileWatcher> = start_watcher(reloader.watch_set().await, tx.clone());
-    let interval = reloader.config().await.certs.check_interval;
+    let mut interval = reloader.config().await.certs.check_interval;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -449,6 +501,13 @@ pub async fn run_loop(
         while rx.try_recv().is_ok() {}
         info!(trigger, "reloading");
         let _ = reloader.reload_notified(unix_now(), hooks.as_ref()).await;
+        let every = reloader.config().await.certs.check_interval;
+        if every != interval {
+            interval = every;
+            ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            info!(check_interval = ?every, "certs.check_interval changed");
+        }
         let set = reloader.watch_set().await;
         if watcher.as_ref().is_none_or(|w| w.set != set) {
             watcher = start_watcher(set, tx.clone());

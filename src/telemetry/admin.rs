@@ -124,6 +124,7 @@ pub fn status_json(s: &AppState, now: i64) -> serde_json::Value {
             "generation": s.config_generation.load(Relaxed),
             "reload_failures": s.reload_failures.load(Relaxed),
             "last_reload_error": s.last_reload_error.lock().ok().and_then(|e| e.clone()),
+            "restart_required": s.restart_required.lock().map(|f| f.clone()).unwrap_or_default(),
         },
         "certificate": {
             "not_after": (na != 0).then_some(na),

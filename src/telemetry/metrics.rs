@@ -43,6 +43,8 @@ pub struct AppState {
     pub last_reload: std::sync::Mutex<Option<LastReload>>,
     /// The routes served now, for the status page.
     pub route_list: std::sync::Mutex<Vec<Arc<crate::config::Route>>>,
+    /// Fields the last reload found changed in the file that apply only at the next start.
+    pub restart_required: std::sync::Mutex<Vec<&'static str>>,
 }
 
 /// The listener's peer check as `/readyz` and `/metrics` show it.
@@ -83,6 +85,7 @@ impl AppState {
             max_sessions: AtomicUsize::new(0),
             cert_renewal_failures: AtomicU64::new(0),
             last_reload: std::sync::Mutex::new(None),
+            restart_required: std::sync::Mutex::new(Vec::new()),
             route_list: std::sync::Mutex::new(Vec::new()),
         })
     }

@@ -118,6 +118,14 @@ pub fn summary(addr: SocketAddr, status: &str) -> String {
             .map(|e| format!(", last refused reload: {e}"))
             .unwrap_or_default(),
     );
+    if let Some(fields) = c["restart_required"].as_array().filter(|f| !f.is_empty()) {
+        let names: Vec<&str> = fields.iter().filter_map(|f| f.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  restart required to apply: {} (changed in the file; the running values stay)",
+            names.join(", ")
+        );
+    }
     let r = &v["requests"];
     let _ = writeln!(
         out,
