@@ -11,26 +11,17 @@ use common::TestPki;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs the appliance with `log_format = FORMAT` until it logs "proxy listening", stops it
 /// with SIGTERM and returns every stderr line and the listen address.
 fn run_and_stop(format: &str) -> (Vec<String>, String) {
     let pki = TestPki::new();
-    let listen = format!("127.0.0.1:{}", free_port());
+    // Port 0: the address the listener bound is read from the "proxy listening" line.
     let text = common::config_text(
         &pki,
         &format!("log_format = \"{format}\""),
         "echo = \"http://10.0.0.5:9000\"",
         "",
-    )
-    .replace("127.0.0.1:0", &listen);
+    );
     let path = pki.path("log.toml");
     std::fs::write(&path, text).unwrap();
     let mut child = Command::new(BIN)
@@ -53,14 +44,17 @@ fn run_and_stop(format: &str) -> (Vec<String>, String) {
         lines
     });
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let listen = loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("no \"proxy listening\" line on stderr");
         if line.contains("proxy listening") {
-            break;
+            break listen_of(&line);
         }
-    }
+    };
+    // The logged address is the one bound: port 0 resolved, and something listens there.
+    assert!(!listen.ends_with(":0"), "{listen}");
+    std::net::TcpStream::connect(&listen).expect("the logged listen address accepts");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -68,6 +62,15 @@ fn run_and_stop(format: &str) -> (Vec<String>, String) {
     .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
     (reader.join().unwrap(), listen)
+}
+
+/// The bound address in a "proxy listening" line: `F_LISTEN` (JSON) or `listen=` (text).
+fn listen_of(line: &str) -> String {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        return v["F_LISTEN"].as_str().unwrap_or_default().to_string();
+    }
+    let at = line.find("listen=").expect("a listen= field") + "listen=".len();
+    line[at..].split_whitespace().next().unwrap().to_string()
 }
 
 #[test]

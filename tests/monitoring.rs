@@ -16,14 +16,6 @@ use common::TestPki;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A plain HTTP/1.1 GET; returns the head and the body.
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
     let mut s = TcpStream::connect(addr)?;
@@ -47,22 +39,52 @@ impl Drop for Running {
     }
 }
 
-/// `mcp-tunnel run` with the admin endpoint on a free port; waits until it answers.
+/// `mcp-tunnel run` with the admin endpoint on port 0; the address it bound comes from its
+/// log (`admin endpoint listening`, JSON), and it is used once it answers.
 fn start(pki: &TestPki) -> (Running, SocketAddr) {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let text = common::config_text(pki, "", "echo = \"http://10.0.0.5:9000\"", "").replace(
+    let text = common::config_text(
+        pki,
+        "log_format = \"json\"",
+        "echo = \"http://10.0.0.5:9000\"",
+        "",
+    )
+    .replace(
         "[admin]\nenabled = false",
-        &format!("[admin]\nenabled = true\nlisten_addr = \"{admin}\""),
+        "[admin]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"",
     );
     let path = pki.path("monitoring.toml");
     std::fs::write(&path, text).unwrap();
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&path)
-        .stderr(Stdio::null())
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = child.stderr.take().unwrap();
     let running = Running(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["MESSAGE"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("admin endpoint listening"))
+            {
+                let _ = tx.send(v["F_LISTEN"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let admin: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("mcp-tunnel run logged no admin endpoint address")
+        .parse()
+        .unwrap();
     for _ in 0..200 {
         if get(admin, "/healthz").is_ok_and(|(h, _)| h.starts_with("HTTP/1.1 200")) {
             return (running, admin);
