@@ -153,9 +153,16 @@ impl Answer {
         }
     }
 
+    /// Counts the answer and writes its log line: what every answer the data path gives
+    /// does first.
+    pub fn record(self, metrics: &ProxyMetrics, said: &Said<'_>) {
+        self.count(metrics, said.route);
+        self.log(said);
+    }
+
     /// Counts the answer; one that stands for what the route's upstream did (it failed or
     /// timed out) is also the route's last upstream outcome, for the status page.
-    pub fn count(self, metrics: &ProxyMetrics, route: &str) {
+    fn count(self, metrics: &ProxyMetrics, route: &str) {
         match self.counter() {
             Counter::Refusal(r) => {
                 metrics.refusal(r);
@@ -168,7 +175,7 @@ impl Answer {
     }
 
     /// Writes the answer's log line with what the request was.
-    pub fn log(self, said: &Said<'_>) {
+    fn log(self, said: &Said<'_>) {
         let detail: &dyn fmt::Display = said.detail.unwrap_or(&"");
         let message: &dyn fmt::Display = match (self, said.detail) {
             (Answer::AddressNotAllowed, Some(d)) => d,

@@ -63,14 +63,16 @@ impl Session {
             // first would only take its time.
             let said = format!("declared length over {max} bytes");
             let answer = Answer::BodyTooLarge;
-            answer.count(&metrics, &route.name);
-            answer.log(&Said {
-                route: &route.name,
-                host: &host,
-                method: method.as_str(),
-                path: &path,
-                detail: Some(&said),
-            });
+            answer.record(
+                &metrics,
+                &Said {
+                    route: &route.name,
+                    host: &host,
+                    method: method.as_str(),
+                    path: &path,
+                    detail: Some(&said),
+                },
+            );
             metrics.request(&route.name, answer.status().as_u16());
             return Ok(own(answer));
         }
@@ -203,14 +205,16 @@ impl Session {
             (None, Answer::ResponseTimeout) => Some(&timeout),
             (None, _) => None,
         };
-        answer.count(metrics, &route.name);
-        answer.log(&Said {
-            route: &route.name,
-            host,
-            method: method.as_str(),
-            path: &path,
-            detail,
-        });
+        answer.record(
+            metrics,
+            &Said {
+                route: &route.name,
+                host,
+                method: method.as_str(),
+                path: &path,
+                detail,
+            },
+        );
         own(answer)
     }
 
@@ -228,14 +232,16 @@ impl Session {
     ) -> Response<ProxyBody> {
         const MAX_DRAIN: usize = 64 * 1024;
         let metrics = &self.proxy.metrics;
-        answer.count(metrics, route);
-        answer.log(&Said {
-            route,
-            host,
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            detail: detail.map(|d| d as _),
-        });
+        answer.record(
+            metrics,
+            &Said {
+                route,
+                host,
+                method: req.method().as_str(),
+                path: req.uri().path(),
+                detail: detail.map(|d| d as _),
+            },
+        );
         metrics.request(route, answer.status().as_u16());
         let mut incoming = req.into_body();
         let mut seen = 0usize;
