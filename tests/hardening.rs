@@ -32,6 +32,20 @@ fn limit_hits(proxy: &TestProxy, which: LimitHit) -> u64 {
         .map_or(0, |(_, n)| n)
 }
 
+/// The count of `which` once it reaches `at_least`, or what it is after 5 s. A session
+/// counts its limit when its task unwinds, which can be just after the peer has already
+/// seen the answer (a close frame, a 431), so a test reads the counter only once it settles.
+async fn limit_hits_reaching(proxy: &TestProxy, which: LimitHit, at_least: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = limit_hits(proxy, which);
+        if n >= at_least || tokio::time::Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn still_serving(proxy: &TestProxy, pki: &TestPki) {
     let mut edge = Edge::connect(proxy, pki, "echo.tunnel.test", false).await;
     assert_eq!(
@@ -80,7 +94,7 @@ async fn a_thousand_silent_connections_are_cut_and_others_served() {
         cut.iter().all(|bytes| bytes.is_empty()),
         "silent connections get no answer, only a close"
     );
-    assert!(limit_hits(&proxy, LimitHit::UpgradeTimeout) >= 1000);
+    assert!(limit_hits_reaching(&proxy, LimitHit::UpgradeTimeout, 1000).await >= 1000);
     still_serving(&proxy, &pki).await;
 }
 
@@ -122,7 +136,7 @@ async fn slowloris_trickling_request_headers_is_cut() {
         "the whole slow request was accepted ({:?})",
         started.elapsed()
     );
-    assert!(limit_hits(&proxy, LimitHit::HeaderTimeout) >= 1);
+    assert!(limit_hits_reaching(&proxy, LimitHit::HeaderTimeout, 1).await >= 1);
     still_serving(&proxy, &pki).await;
 }
 
@@ -160,7 +174,7 @@ async fn oversized_header_blocks_get_431() {
         answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
         "{answer}"
     );
-    assert!(limit_hits(&proxy, LimitHit::HeaderTooLarge) >= 1);
+    assert!(limit_hits_reaching(&proxy, LimitHit::HeaderTooLarge, 1).await >= 1);
     still_serving(&proxy, &pki).await;
 }
 
@@ -192,7 +206,7 @@ async fn oversized_websocket_message_gets_close_1009() {
         }
     }
     assert_eq!(close_code, Some(CloseCode::Size));
-    assert!(limit_hits(&proxy, LimitHit::WsMessageTooLarge) >= 1);
+    assert!(limit_hits_reaching(&proxy, LimitHit::WsMessageTooLarge, 1).await >= 1);
     still_serving(&proxy, &pki).await;
 }
 
@@ -315,7 +329,7 @@ async fn session_limit_refuses_with_503() {
         .err()
         .expect("a fourth session must be refused");
     assert!(err.to_string().contains("503"), "{err}");
-    assert_eq!(limit_hits(&proxy, LimitHit::Sessions), 1);
+    assert_eq!(limit_hits_reaching(&proxy, LimitHit::Sessions, 1).await, 1);
     // The held sessions still work; closing one frees a slot.
     assert_eq!(held[0].get("echo.tunnel.test", "/").await.0, 200);
     held.pop();
@@ -372,7 +386,7 @@ async fn idle_sessions_close_but_streaming_ones_do_not() {
         }
     }
     assert!(closed, "idle session still open");
-    assert!(limit_hits(&proxy, LimitHit::IdleSession) >= 1);
+    assert!(limit_hits_reaching(&proxy, LimitHit::IdleSession, 1).await >= 1);
     // A session with an SSE response streaming for longer than the idle timeout stays up.
     let mut streaming = Edge::connect(&proxy, &pki, "echo.tunnel.test", true).await;
     let mut body = streaming
@@ -430,7 +444,7 @@ async fn request_body_limit_answers_413() {
         .body(BodyExt::boxed(StreamBody::new(chunks)))
         .unwrap();
     assert_eq!(edge.send(chunked).await.status(), 413);
-    assert!(limit_hits(&proxy, LimitHit::RequestBodyTooLarge) >= 2);
+    assert!(limit_hits_reaching(&proxy, LimitHit::RequestBodyTooLarge, 2).await >= 2);
     still_serving(&proxy, &pki).await;
 }
 
