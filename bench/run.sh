@@ -499,7 +499,7 @@ EOF
 CF_RUN_PID=$!
 connected=""
 for _ in $(seq 1 600); do
-  if curl -s --max-time 2 "http://127.0.0.1:$CF_ADMIN_PORT/readyz" | grep -q '"connected 4/4"'; then connected=1; break; fi
+  if grep -q '"connected 4/4"' <<<"$(curl -s --max-time 2 "http://127.0.0.1:$CF_ADMIN_PORT/readyz")"; then connected=1; break; fi
   kill -0 "$CF_RUN_PID" 2>/dev/null || break
   sleep 0.1
 done

@@ -107,11 +107,14 @@ pass "traffic: 3 x 200 on echo, 502 on down (connect failed), 502 for a host wit
 
 # An edit the live reload must refuse; its message quotes the markup-laden key.
 write_config '"<b>bold</b><script>alert(1)</script>" = "http://127.0.0.1:1"'
+# The metrics are read whole before grep: with pipefail, `curl | grep -q` fails whenever grep
+# stops reading first and curl gets SIGPIPE.
+reload_refused() { local m; m=$(curl -sf "http://$ADMIN/metrics") && grep -qx 'mcp_tunnel_config_last_reload_success 0' <<<"$m"; }
 for _ in $(seq 1 100); do
-  curl -sf "http://$ADMIN/metrics" | grep -qx 'mcp_tunnel_config_last_reload_success 0' && break
+  reload_refused && break
   sleep 0.1
 done
-curl -sf "http://$ADMIN/metrics" | grep -qx 'mcp_tunnel_config_last_reload_success 0' || fail "the broken config was not refused"
+reload_refused || fail "the broken config was not refused"
 pass "a config edit with markup in a route key was refused by the live reload"
 
 chrome() {
