@@ -1175,3 +1175,186 @@ fn documented_examples_are_valid_configs() {
         }
     }
 }
+
+// ------------------------------------------------------------------ MCP 2026-07-28 headers
+
+/// A 2026-07-28 request: the revision in `_meta`, and the standard headers (SEP-2243).
+fn modern_post(host: &str, body: &Value, headers: &[(&str, &str)], h2: bool) -> Request<Body> {
+    let b = Request::builder()
+        .method("POST")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    let b = headers.iter().fold(b, |b, (k, v)| b.header(*k, *v));
+    let b = if h2 {
+        b.uri(format!("https://{host}/mcp"))
+    } else {
+        b.uri("/mcp").header("host", host)
+    };
+    b.body(full(body.to_string())).unwrap()
+}
+
+fn modern_call(id: u64, tool: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+        "name": tool, "arguments": {"region": "us-west1"},
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
+        }
+    }})
+}
+
+#[tokio::test]
+async fn modern_headers_that_disagree_with_the_body_are_refused_before_the_upstream() {
+    let pki = TestPki::new();
+    // The upstream keeps the headers and body of every request it gets.
+    let got: Arc<Mutex<Vec<(HeaderMap, Value)>>> = Arc::default();
+    let up = {
+        let got = got.clone();
+        upstream(move |req: Request<Incoming>| {
+            let got = got.clone();
+            async move {
+                let headers = req.headers().clone();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                got.lock().unwrap().push((headers, v.clone()));
+                let out = json!({"jsonrpc": "2.0", "id": v["id"], "result": {
+                    "resultType": "complete", "content": [{"type": "text", "text": "ok"}]}});
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(full(out.to_string()))
+                    .unwrap()
+            }
+        })
+        .await
+    };
+    let routes = format!(
+        "sepinsp = {{ upstream = \"http://{up}\", inspect = true }}\n\
+         seppol = {{ upstream = \"http://{up}\", tools_deny = [\"admin*\"] }}\n\
+         sepplain = \"http://{up}\"\n"
+    );
+    let proxy = start(&pki, &routes, "").await;
+    let agree = [
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "echo"),
+        ("mcp-param-region", "us-west1"),
+    ];
+    let mut id = 0;
+    for h2 in [false, true] {
+        for route in ["sepinsp", "seppol"] {
+            let host = format!("{route}.tunnel.test");
+            let mut edge = Edge::connect(&proxy, &pki, &host, h2).await;
+            // Headers that agree: forwarded, every header as the client sent it.
+            id += 1;
+            let before = got.lock().unwrap().len();
+            let a = send(
+                &mut edge,
+                modern_post(&host, &modern_call(id, "echo"), &agree, h2),
+            )
+            .await;
+            assert_eq!(a.status, 200, "{route}: {}", a.body);
+            {
+                let got = got.lock().unwrap();
+                assert_eq!(got.len(), before + 1);
+                let (h, body) = got.last().unwrap();
+                for (k, v) in agree {
+                    assert_eq!(h.get(k).unwrap(), v, "{route}: {k} forwarded untouched");
+                }
+                assert_eq!(body, &modern_call(id, "echo"));
+            }
+            let line = audit_line(route, &id.to_string()).await;
+            assert_eq!(field(&line, "outcome").as_deref(), Some("ok"), "{line}");
+            assert_eq!(
+                field(&line, "protocol_version").as_deref(),
+                Some("2026-07-28"),
+                "{line}"
+            );
+            assert_eq!(
+                field(&line, "trace_id").as_deref(),
+                Some("0af7651916cd43dd8448eb211c80319c"),
+                "{line}"
+            );
+            assert_eq!(field(&line, "session_id"), None, "{line}");
+
+            // Each way the headers can disagree: 400 and -32020 from the proxy, nothing sent on.
+            let admin = modern_call(0, "admin-reset");
+            let mismatches: [(&[(&str, &str)], Value); 5] = [
+                // The header names an allowed tool, the body calls a denied one.
+                (&agree, admin.clone()),
+                (
+                    &[agree[0], ("mcp-method", "tools/list"), agree[2]],
+                    modern_call(0, "echo"),
+                ),
+                (&[agree[0], agree[1]], modern_call(0, "echo")),
+                (
+                    &[agree[0], agree[1], ("mcp-name", "=?base64?ZWNobw?=")],
+                    modern_call(0, "echo"),
+                ),
+                (
+                    &[agree[0], agree[1], agree[2], ("mcp-name", "echo")],
+                    modern_call(0, "echo"),
+                ),
+            ];
+            for (headers, mut body) in mismatches {
+                id += 1;
+                body["id"] = json!(id);
+                let before = got.lock().unwrap().len();
+                let a = send(&mut edge, modern_post(&host, &body, headers, h2)).await;
+                assert_eq!(a.status, 400, "{route} {headers:?}: {}", a.body);
+                let r = a.response(json!(id));
+                assert_eq!(r["error"]["code"], -32020, "{}", a.body);
+                assert!(
+                    r["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("Header mismatch: "),
+                    "{}",
+                    a.body
+                );
+                assert_eq!(
+                    got.lock().unwrap().len(),
+                    before,
+                    "{route}: never forwarded"
+                );
+                let line = audit_line(route, &id.to_string()).await;
+                assert_eq!(field(&line, "outcome").as_deref(), Some("denied"), "{line}");
+                assert_eq!(
+                    field(&line, "reason").as_deref(),
+                    Some("header_mismatch"),
+                    "{line}"
+                );
+                assert_eq!(
+                    field(&line, "error_code").as_deref(),
+                    Some("-32020"),
+                    "{line}"
+                );
+            }
+        }
+        // A plain route reads nothing and passes the same disagreeing request on as it is.
+        let host = "sepplain.tunnel.test";
+        let mut edge = Edge::connect(&proxy, &pki, host, h2).await;
+        id += 1;
+        let mut body = modern_call(0, "admin-reset");
+        body["id"] = json!(id);
+        let a = send(&mut edge, modern_post(host, &body, &agree, h2)).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        let got = got.lock().unwrap();
+        let (h, forwarded) = got.last().unwrap();
+        assert_eq!(h.get("mcp-name").unwrap(), "echo");
+        assert_eq!(forwarded, &body);
+    }
+    let text = metrics_text(&proxy);
+    for route in ["sepinsp", "seppol"] {
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    "mcp_tunnel_mcp_refused_total{{route=\"{route}\",reason=\"header_mismatch\"}}"
+                )
+            ),
+            10,
+            "{text}"
+        );
+    }
+}

@@ -90,7 +90,26 @@ pub struct Params {
     pub arg_names: Option<Vec<String>>,
     /// `params.protocolVersion` of an `initialize` request.
     pub protocol_version: Option<String>,
+    /// `params.uri` (the resource of a `resources/read`).
+    pub uri: Name,
+    /// What `params._meta` carries for the 2026-07-28 revision.
+    pub meta: Meta,
 }
+
+/// Members of `params._meta` the proxy reads (MCP 2026-07-28: the revision travels in every
+/// request instead of a handshake, and the W3C trace context beside it, SEP-414).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// `params._meta` was present.
+    pub present: bool,
+    /// `io.modelcontextprotocol/protocolVersion`; `Name::Invalid` when not a string.
+    pub protocol_version: Name,
+    /// `traceparent`, when a string.
+    pub traceparent: Option<String>,
+}
+
+/// The `_meta` key that carries a 2026-07-28 request's protocol revision.
+pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 
 /// What the proxy reads from a `result`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -263,6 +282,10 @@ enum KeyName {
     IsError,
     Tools,
     Code,
+    Uri,
+    Meta,
+    MetaProtocolVersion,
+    TraceParent,
     Other,
 }
 
@@ -287,6 +310,10 @@ impl<'de> Deserialize<'de> for Key {
                     "isError" => KeyName::IsError,
                     "tools" => KeyName::Tools,
                     "code" => KeyName::Code,
+                    "uri" => KeyName::Uri,
+                    "_meta" => KeyName::Meta,
+                    META_PROTOCOL_VERSION => KeyName::MetaProtocolVersion,
+                    "traceparent" => KeyName::TraceParent,
                     _ => KeyName::Other,
                 }))
             }
@@ -296,8 +323,8 @@ impl<'de> Deserialize<'de> for Key {
 }
 
 /// Fails on a second copy of a member the proxy reads.
-fn once<E: de::Error>(seen: &mut u16, key: KeyName, name: &str) -> Result<(), E> {
-    let bit = 1u16 << (key as u16);
+fn once<E: de::Error>(seen: &mut u32, key: KeyName, name: &str) -> Result<(), E> {
+    let bit = 1u32 << (key as u32);
     if *seen & bit != 0 {
         return Err(E::custom(format_args!("duplicate member {name:?}")));
     }
@@ -346,7 +373,7 @@ impl<'de> Visitor<'de> for MessageSeed {
     default_for!(bool, num, str, unit, seq);
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
         let mut m = Message::default();
-        let mut seen = 0u16;
+        let mut seen = 0u32;
         while let Some(Key(key)) = map.next_key::<Key>()? {
             match key {
                 KeyName::Method => {
@@ -466,15 +493,12 @@ impl<'de> Visitor<'de> for ParamsSeed {
             object: true,
             ..Params::default()
         };
-        let mut seen = 0u16;
+        let mut seen = 0u32;
         while let Some(Key(key)) = map.next_key::<Key>()? {
             match key {
                 KeyName::Name => {
                     once(&mut seen, key, "params.name")?;
-                    p.name = match map.next_value::<MaybeString>()?.0 {
-                        Some(s) => Name::Str(s),
-                        None => Name::Invalid,
-                    };
+                    p.name = name_of(map.next_value::<MaybeString>()?.0);
                 }
                 KeyName::Arguments => {
                     once(&mut seen, key, "params.arguments")?;
@@ -488,12 +512,68 @@ impl<'de> Visitor<'de> for ParamsSeed {
                     once(&mut seen, key, "params.protocolVersion")?;
                     p.protocol_version = map.next_value::<MaybeString>()?.0;
                 }
+                KeyName::Uri => {
+                    once(&mut seen, key, "params.uri")?;
+                    p.uri = name_of(map.next_value::<MaybeString>()?.0);
+                }
+                KeyName::Meta => {
+                    once(&mut seen, key, "params._meta")?;
+                    p.meta = map.next_value::<MetaValue>()?.0;
+                }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
         Ok(p)
+    }
+}
+
+fn name_of(s: Option<String>) -> Name {
+    match s {
+        Some(s) => Name::Str(s),
+        None => Name::Invalid,
+    }
+}
+
+/// `params._meta`: its protocol revision and trace context; anything else is skipped.
+#[derive(Default)]
+struct MetaValue(Meta);
+
+impl<'de> Deserialize<'de> for MetaValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MetaValue, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MetaValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("request metadata")
+            }
+            default_for!(bool, num, str, unit, seq);
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MetaValue, A::Error> {
+                let mut m = Meta {
+                    present: true,
+                    ..Meta::default()
+                };
+                let mut seen = 0u32;
+                while let Some(Key(key)) = map.next_key::<Key>()? {
+                    match key {
+                        KeyName::MetaProtocolVersion => {
+                            once(&mut seen, key, META_PROTOCOL_VERSION)?;
+                            m.protocol_version = name_of(map.next_value::<MaybeString>()?.0);
+                        }
+                        KeyName::TraceParent => {
+                            once(&mut seen, key, "params._meta.traceparent")?;
+                            m.traceparent = map.next_value::<MaybeString>()?.0;
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(MetaValue(m))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -539,7 +619,7 @@ impl<'de> Deserialize<'de> for ResultValue {
             default_for!(bool, num, str, unit, seq);
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ResultValue, A::Error> {
                 let mut r = ResultFacts::default();
-                let mut seen = 0u16;
+                let mut seen = 0u32;
                 while let Some(Key(key)) = map.next_key::<Key>()? {
                     match key {
                         KeyName::IsError => {
@@ -655,7 +735,7 @@ impl<'de> Deserialize<'de> for ToolEntry {
             default_for!(bool, num, str, unit, seq);
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ToolEntry, A::Error> {
                 let mut name = None;
-                let mut seen = 0u16;
+                let mut seen = 0u32;
                 while let Some(Key(key)) = map.next_key::<Key>()? {
                     if key == KeyName::Name {
                         once(&mut seen, key, "tools[].name")?;
@@ -686,7 +766,7 @@ impl<'de> Deserialize<'de> for ErrorValue {
             default_for!(bool, num, str, unit, seq);
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ErrorValue, A::Error> {
                 let mut code = None;
-                let mut seen = 0u16;
+                let mut seen = 0u32;
                 while let Some(Key(key)) = map.next_key::<Key>()? {
                     if key == KeyName::Code {
                         once(&mut seen, key, "error.code")?;

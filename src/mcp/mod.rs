@@ -3,6 +3,7 @@
 //! proxy (`proxy::mcp`) feeds them only on routes that ask for inspection or a policy, so
 //! the plain path pays nothing.
 
+pub mod headers;
 pub mod jsonrpc;
 pub mod policy;
 pub mod sse;
@@ -10,9 +11,10 @@ pub mod sse;
 pub use jsonrpc::{Id, Kind, Message, Options, Parsed, parse};
 pub use policy::{Decision, Denial, Pattern, Policy};
 
-/// Methods with a metric label of their own (MCP 2025-11-25 and earlier); any other method
-/// counts as `other`, so a caller cannot grow the label set.
-pub const KNOWN_METHODS: [&str; 30] = [
+/// Methods with a metric label of their own (MCP 2025-11-25 and earlier, then 2026-07-28
+/// and its Tasks extension); any other method counts as `other`, so a caller cannot grow the
+/// label set.
+pub const KNOWN_METHODS: [&str; 35] = [
     "initialize",
     "ping",
     "tools/list",
@@ -43,6 +45,11 @@ pub const KNOWN_METHODS: [&str; 30] = [
     "notifications/resources/list_changed",
     "notifications/tools/list_changed",
     "notifications/prompts/list_changed",
+    "server/discover",
+    "subscriptions/listen",
+    "notifications/subscriptions/acknowledged",
+    "tasks/update",
+    "notifications/tasks",
 ];
 
 /// The metric label of a client message: its method when known, `response` for the
@@ -146,6 +153,14 @@ mod tests {
             "tools/call"
         );
         assert_eq!(method_label(&m(r#"{"id":1,"method":"x/y"}"#)), "other");
+        assert_eq!(
+            method_label(&m(r#"{"id":1,"method":"server/discover"}"#)),
+            "server/discover"
+        );
+        assert_eq!(
+            method_label(&m(r#"{"id":1,"method":"subscriptions/listen"}"#)),
+            "subscriptions/listen"
+        );
         assert_eq!(method_label(&m(r#"{"id":1,"result":{}}"#)), "response");
         assert_eq!(method_label(&m(r#"{"id":1}"#)), "other");
     }

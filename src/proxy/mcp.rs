@@ -27,7 +27,8 @@ use tracing::{info, warn};
 
 use super::metrics::{LimitHit, ProxyMetrics};
 use crate::config::{McpConfig, Route};
-use crate::mcp::jsonrpc::{self, bounded};
+use crate::mcp::headers::{self, HEADER_MISMATCH_CODE, Mismatch};
+use crate::mcp::jsonrpc::{self, Name, bounded};
 use crate::mcp::policy::{self, Decision, Denial, Policy};
 use crate::mcp::{Id, Kind, Message, Options, Outcome, Parsed, method_label, sse};
 
@@ -95,6 +96,9 @@ where
         ex.lock().stream_only = true;
         return Inspected::Forward(req.map(Left), Some(ex));
     }
+    // Headers that mirror the body (MCP 2026-07-28) are checked against it before anything
+    // goes upstream, so such a body is read whole first, as on a policy route.
+    let mirrored = headers::present(req.headers());
     let unreadable = if !is_json(req.headers()) {
         Some("request_not_json")
     } else if is_encoded(req.headers()) {
@@ -109,11 +113,17 @@ where
             policy::INVALID_REQUEST_CODE,
             "The tunnel's policy for this server only forwards uncompressed application/json JSON-RPC POSTs",
         )),
+        (None, Some(reason)) if mirrored => Inspected::Refused(ex.refuse(
+            reason,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            HEADER_MISMATCH_CODE,
+            "Header mismatch: the tunnel checks MCP request headers against the body, and only reads uncompressed application/json bodies",
+        )),
         (None, Some(reason)) => {
             ex.lock().request_uninspected = Some(reason);
             Inspected::Forward(req.map(Left), None)
         }
-        (None, None) => {
+        (None, None) if !mirrored => {
             let max = ex.max_bytes;
             let args = scope.route.mcp.log_argument_names;
             Inspected::Forward(
@@ -121,12 +131,13 @@ where
                 Some(ex),
             )
         }
-        (Some(policy), None) => gate(ex, policy, req).await,
+        (policy, None) => gate(ex, policy, req).await,
     }
 }
 
-/// The policy path: read the whole body (bounded), judge it, forward it or answer.
-async fn gate<B>(ex: Arc<Exchange>, policy: &Policy, req: Request<B>) -> Inspected<B>
+/// The path of a body that must be judged before it goes: read it whole (bounded), check
+/// its mirrored headers and the route's policy, forward it or answer.
+async fn gate<B>(ex: Arc<Exchange>, policy: Option<&Policy>, req: Request<B>) -> Inspected<B>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -181,7 +192,10 @@ where
             ));
         }
     };
-    match policy.decide(&parsed) {
+    if let Err(mismatch) = headers::check(&parts.headers, &parsed) {
+        return Inspected::Refused(ex.mismatch(&parsed, &mismatch));
+    }
+    match policy.map_or(Decision::Forward, |p| p.decide(&parsed)) {
         Decision::Forward => {
             ex.expect(&parsed);
             let req = Request::from_parts(parts, Full::new(Bytes::from(buf)));
@@ -263,6 +277,9 @@ struct State {
     status: Option<u16>,
     session_id: Option<String>,
     protocol_version: Option<String>,
+    /// The W3C trace id of the HTTP request (`traceparent`), for requests whose `_meta`
+    /// carries none: with no session (2026-07-28) it and the JSON-RPC id correlate a line.
+    trace_id: Option<String>,
     /// A GET stream: no client messages, only what the server sends.
     stream_only: bool,
 }
@@ -276,6 +293,8 @@ struct Pending {
     method: String,
     tool: Option<String>,
     arg_names: Option<Vec<String>>,
+    /// From `params._meta.traceparent` (SEP-414).
+    trace_id: Option<String>,
 }
 
 impl Pending {
@@ -291,8 +310,25 @@ impl Pending {
             },
             tool: m.tool().map(str::to_owned),
             arg_names: m.params.arg_names.clone(),
+            trace_id: m.params.meta.traceparent.as_deref().and_then(trace_id),
         }
     }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), or `None` when the
+/// value is not one: a made-up value never reaches a log line.
+fn trace_id(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, id, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(id, 32)
+        && id.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && (version != "00" || parts.next().is_none());
+    valid.then(|| id.to_ascii_lowercase())
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -311,6 +347,10 @@ impl Exchange {
             state: Mutex::new(State {
                 session_id: header_text(headers, "mcp-session-id"),
                 protocol_version: header_text(headers, "mcp-protocol-version"),
+                trace_id: headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(trace_id),
                 ..State::default()
             }),
         })
@@ -336,6 +376,9 @@ impl Exchange {
             if m.method() == Some("initialize")
                 && let Some(v) = &m.params.protocol_version
             {
+                st.protocol_version = Some(bounded(v));
+            }
+            if let Name::Str(v) = &m.params.meta.protocol_version {
                 st.protocol_version = Some(bounded(v));
             }
             st.pending.push(Pending::of(m));
@@ -417,9 +460,38 @@ impl Exchange {
             method: "(unreadable)".into(),
             tool: None,
             arg_names: None,
+            trace_id: None,
         };
         self.audit(&st, &p, Outcome::Denied, Some(code), Some(reason));
         json_response(status, error_body(&Id::Null, code, message))
+    }
+
+    /// Refuses a body whose mirrored headers disagree with it (MCP 2026-07-28): 400 with
+    /// `HeaderMismatch`, every message logged as denied.
+    fn mismatch(&self, parsed: &Parsed, mismatch: &Mismatch) -> Response<Full<Bytes>> {
+        let message = mismatch.to_string();
+        let mut st = self.lock();
+        st.status = Some(StatusCode::BAD_REQUEST.as_u16());
+        for m in &parsed.messages {
+            let p = Pending::of(m);
+            self.audit(
+                &st,
+                &p,
+                Outcome::Denied,
+                Some(HEADER_MISMATCH_CODE),
+                Some("header_mismatch"),
+            );
+        }
+        drop(st);
+        warn!(route = %self.route.name, caller = %self.caller, header = %mismatch.header, detail = %message, "refused MCP request: its headers disagree with its body");
+        let id = match parsed.messages.as_slice() {
+            [m] if !parsed.batch => m.id.clone().unwrap_or(Id::Null),
+            _ => Id::Null,
+        };
+        json_response(
+            StatusCode::BAD_REQUEST,
+            error_body(&id, HEADER_MISMATCH_CODE, &message),
+        )
     }
 
     fn too_large(&self) -> Response<Full<Bytes>> {
@@ -487,7 +559,7 @@ impl Exchange {
         p: &Pending,
         outcome: Outcome,
         code: Option<i64>,
-        reason: Option<&str>,
+        reason: Option<&'static str>,
     ) {
         let elapsed = self.start.elapsed();
         let latency = (p.kind == Kind::Request && outcome != Outcome::Denied)
@@ -503,6 +575,10 @@ impl Exchange {
         let tool = p.tool.as_deref().map(bounded);
         let id = p.id.as_ref().map(Id::for_log);
         let arguments = p.arg_names.as_ref().map(|a| a.join(","));
+        if let (Outcome::Denied, Some(reason)) = (outcome, reason) {
+            self.metrics.mcp.refused(&self.route.name, reason);
+        }
+        let trace_id = p.trace_id.as_deref().or(st.trace_id.as_deref());
         count_audit_record();
         info!(
             target: AUDIT_TARGET,
@@ -517,6 +593,7 @@ impl Exchange {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             caller = %self.caller,
             protocol_version = st.protocol_version.as_deref(),
+            trace_id,
             arguments = arguments.as_deref(),
             reason,
             "mcp message"

@@ -434,6 +434,9 @@ pub struct RouteMcpStats {
     pub latency: BTreeMap<&'static str, Histogram>,
     /// Bodies or events passed on without being read, by reason.
     pub uninspected: BTreeMap<&'static str, u64>,
+    /// Client messages the proxy refused, by reason (policy denial, header mismatch, a body
+    /// that could not be judged).
+    pub refused: BTreeMap<&'static str, u64>,
     /// Tools taken out of `tools/list` results by the policy.
     pub tools_hidden: u64,
     /// Tool names that have a label of their own.
@@ -524,6 +527,10 @@ impl McpMetrics {
 
     pub fn uninspected(&self, route: &str, reason: &'static str) {
         self.with(route, |s| *s.uninspected.entry(reason).or_default() += 1);
+    }
+
+    pub fn refused(&self, route: &str, reason: &'static str) {
+        self.with(route, |s| *s.refused.entry(reason).or_default() += 1);
     }
 
     pub fn hidden(&self, route: &str, n: usize) {

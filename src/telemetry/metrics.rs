@@ -646,6 +646,21 @@ fn render_mcp(o: &mut String, mcp: &crate::proxy::metrics::McpMetrics) {
     }
     head(
         o,
+        "mcp_tunnel_mcp_refused_total",
+        "counter",
+        "Client messages the proxy answered itself instead of forwarding, by route and reason (policy denials, header_mismatch, bodies that could not be judged).",
+    );
+    for (route, st) in &snap {
+        for (reason, n) in &st.refused {
+            let _ = writeln!(
+                o,
+                "mcp_tunnel_mcp_refused_total{{route=\"{}\",reason=\"{reason}\"}} {n}",
+                label(route)
+            );
+        }
+    }
+    head(
+        o,
         "mcp_tunnel_mcp_tools_hidden_total",
         "counter",
         "Tools taken out of tools/list results by the route's policy.",
