@@ -26,7 +26,10 @@
 # reload gives both routes a tool policy denying get-env (pyserver now a py_server.py
 # answering with JSON bodies instead of SSE), and both SDK clients must not see it in
 # tools/list, get the tunnel's JSON-RPC error when they call it anyway, and still use the
-# other tools.
+# other tools. MCP 2026-07-28: modern_client.mjs (TypeScript SDK v2) negotiates the new
+# revision (server/discover, standard headers, Mcp-Param-*) and then the old one with
+# modern_server.mjs (SDK v2, both eras) behind a tool policy; raw POSTs whose standard headers
+# disagree with the body must get the tunnel's 400 with -32020.
 #
 # Environment:
 #   MCP_TUNNEL_BIN   the binary (default target/debug/mcp-tunnel, relative to the repo root)
@@ -52,6 +55,9 @@ BIN="${MCP_TUNNEL_BIN:-target/debug/mcp-tunnel}"
 [[ "$BIN" = /* ]] || BIN="$REPO_ROOT/$BIN"
 TUNNEL_DOMAIN="tunnel.test"
 ROUTES=(everything pyserver)
+# modern: modern_server.mjs (TypeScript SDK v2, both eras) behind a tool policy; its checks
+# are modern_client.mjs's, not the loops over ROUTES.
+NAMED_ROUTES=("${ROUTES[@]}" modern)
 VIA="${E2E_VIA:-bridge}"
 case "$VIA" in
   bridge | cloudflared) ;;
@@ -194,7 +200,7 @@ if [[ "$VIA" == cloudflared ]]; then
 fi
 
 # The clients connect to <route>.tunnel.test: the names must resolve to 127.0.0.1.
-for route in "${ROUTES[@]}"; do
+for route in "${NAMED_ROUTES[@]}"; do
   host="$route.$TUNNEL_DOMAIN"
   addr="$(getent ahostsv4 "$host" 2>/dev/null | awk 'NR==1{print $1}')" || true
   if [[ -z "$addr" ]]; then
@@ -313,6 +319,7 @@ key_file = "$CERTS/tls.key"
 [routes]
 everything = $everything
 pyserver = $pyserver
+modern = { upstream = "http://127.0.0.1:$MODERN_PORT", tools_deny = ["admin-reset"] }
 $([[ "$VIA" == cloudflared ]] && echo "capture = \"http://127.0.0.1:$CAP_PORT\"")
 
 [upstream]
@@ -376,6 +383,16 @@ PY
 fi
   mv "$WORK/mcp-tunnel.toml.new" "$WORK/mcp-tunnel.toml"
 }
+# The SDK v2 server listens on port 0 and says which port it got.
+start modern "$NODE22" "$E2E_DIR/modern_server.mjs"
+MODERN_PORT=""
+for _ in $(seq 1 200); do
+  MODERN_PORT="$(sed -n 's/^listening \([0-9]*\)$/\1/p' "$WORK/modern.log")"
+  [[ -n "$MODERN_PORT" ]] && break
+  kill -0 "$PID_modern" 2>/dev/null || { show_log modern; die "modern_server.mjs exited before listening"; }
+  sleep 0.1
+done
+[[ -n "$MODERN_PORT" ]] || { show_log modern; die "modern_server.mjs did not say its port within 20 s"; }
 write_config
 
 start everything env PORT="$EV_PORT" node "$EVERYTHING_JS" streamableHttp
@@ -743,6 +760,31 @@ audit_policy() {
   return "$ok"
 }
 run_check "policy: audit log and metrics show the refused calls" audit_policy
+
+# ---------------------------------------------------------------------------- MCP 2026-07-28
+# The TypeScript SDK v2 client and server through the tunnel, in both eras, on a policy route:
+# the standard headers (SEP-2243) pass untouched when they agree with the body and are refused
+# by the tunnel (400, -32020) when they do not.
+for mode in auto legacy; do
+  run_check "2026-07-28: SDK v2 client ($mode) via tunnel to an SDK v2 server on a policy route" \
+    env NODE_EXTRA_CA_CERTS="$CERTS/ca.crt" timeout 90 "$NODE22" modern_client.mjs "$(url_tunnel modern)" "$mode"
+done
+modern_audit() {
+  local lines
+  lines="$(grep ' mcp message route=modern ' "$WORK/proxy.log" | sed -e 's/\x1b\[[0-9;]*m//g')" || true
+  grep -q 'method=server/discover .*outcome="ok".*protocol_version="2026-07-28"' <<<"$lines" \
+    || { echo "no audit line for server/discover at 2026-07-28"; return 1; }
+  grep -q 'method=tools/call .*outcome="ok".*protocol_version="2026-07-28"' <<<"$lines" \
+    || { echo "no audit line for a tools/call at 2026-07-28"; return 1; }
+  local mismatches denied
+  mismatches="$(grep -c 'reason="header_mismatch"' <<<"$lines")" || true
+  [[ "$mismatches" == 4 ]] || { echo "expected 4 header_mismatch audit lines, got $mismatches"; return 1; }
+  denied="$(grep -c 'tool="admin-reset".*outcome="denied".*reason="tool_denied"' <<<"$lines")" || true
+  [[ "$denied" == 2 ]] || { echo "expected admin-reset denied once per era, got $denied"; return 1; }
+  grep -q 'method=initialize .*outcome="ok"' <<<"$lines" || { echo "no audit line for the legacy initialize"; return 1; }
+  echo "  server/discover and tools/call at 2026-07-28, 4 header mismatches, admin-reset denied in both eras, the legacy initialize"
+}
+run_check "2026-07-28: the audit log has both eras and the refused mismatches" modern_audit
 
 # ---------------------------------------------------------------------------- shutdown
 # bridge and proxy must stop by themselves on SIGTERM, with status 0.
