@@ -98,13 +98,32 @@ pub fn is_modern_revision(v: &str) -> bool {
     date_shaped && v >= MODERN_REVISION
 }
 
+/// The body field `Mcp-Name` mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameField {
+    /// `params.name`: `tools/call`, `prompts/get`.
+    Name,
+    /// `params.uri`: `resources/read`.
+    Uri,
+    /// `params.taskId`: `tasks/get`, `tasks/update`, `tasks/cancel` (Tasks extension, SEP-2663).
+    TaskId,
+}
+
 /// The body field `Mcp-Name` mirrors for `method`, if it has one.
-pub fn name_source(method: &str) -> Option<&'static str> {
+pub fn name_source(method: &str) -> Option<NameField> {
     match method {
-        "tools/call" | "prompts/get" => Some("params.name"),
-        "resources/read" => Some("params.uri"),
+        "tools/call" | "prompts/get" => Some(NameField::Name),
+        "resources/read" => Some(NameField::Uri),
+        "tasks/get" | "tasks/update" | "tasks/cancel" => Some(NameField::TaskId),
         _ => None,
     }
+}
+
+/// Whether `method` is one the proxy knows to carry no name: an `Mcp-Name` on it can only
+/// mislead. A method it does not know (an extension's) may define one, so its `Mcp-Name`
+/// passes unchecked, as an intermediary passes headers it does not recognise.
+fn names_nothing(method: &str) -> bool {
+    name_source(method).is_none() && super::KNOWN_METHODS.contains(&method)
 }
 
 /// Whether the request carries a header this module checks: then the proxy must read the
@@ -158,7 +177,7 @@ pub fn check(headers: &HeaderMap, parsed: &Parsed) -> Result<Era, Mismatch> {
     };
     let kind = m.kind();
     if era == Era::Modern {
-        check_version(version, m, kind)?;
+        check_version(version, m)?;
     }
     check_method(method, m, kind, era)?;
     check_name(name, m, kind, era)?;
@@ -210,13 +229,13 @@ fn decode(value: &str) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
-fn check_version(header: Option<&str>, m: &Message, kind: Kind) -> Result<(), Mismatch> {
+fn check_version(header: Option<&str>, m: &Message) -> Result<(), Mismatch> {
     const H: &str = "MCP-Protocol-Version";
     match (header, &m.params.meta.protocol_version) {
         (Some(h), Name::Str(b)) if h == b => Ok(()),
         (Some(_), Name::Str(_) | Name::Invalid) => Err(mismatch(H, Problem::Differs)),
-        // Only requests must carry the revision in `_meta`; a notification may not.
-        (Some(_), Name::Absent) if kind == Kind::Request => Err(mismatch(H, Problem::Orphan)),
+        // A request without the revision in `_meta` is malformed, and the revision gives the
+        // server its own error for it (-32602 with 400); nothing in it disagrees.
         (Some(_), Name::Absent) => Ok(()),
         (None, _) => Err(mismatch(H, Problem::Missing)),
     }
@@ -237,13 +256,14 @@ fn check_method(header: Option<&str>, m: &Message, kind: Kind, era: Era) -> Resu
 
 fn check_name(header: Option<&str>, m: &Message, kind: Kind, era: Era) -> Result<(), Mismatch> {
     const H: &str = "Mcp-Name";
-    let body = m.method().and_then(name_source).map(|field| {
-        if field == "params.uri" {
-            &m.params.uri
-        } else {
-            &m.params.name
-        }
+    let body = m.method().and_then(name_source).map(|field| match field {
+        NameField::Name => &m.params.name,
+        NameField::Uri => &m.params.uri,
+        NameField::TaskId => &m.params.task_id,
     });
+    if body.is_none() && !m.method().is_some_and(names_nothing) && kind != Kind::Response {
+        return Ok(());
+    }
     match (header, body) {
         (Some(h), Some(Name::Str(b))) => match decode(h) {
             Some(h) if h == b.as_str() => Ok(()),
@@ -324,6 +344,21 @@ mod tests {
             run(&[MODERN[0], ("mcp-method", "tools/list")], &list),
             Ok(Era::Modern)
         );
+        let task = format!(
+            r#"{{"jsonrpc":"2.0","id":3,"method":"tasks/get","params":{{"taskId":"t-1",{V}}}}}"#
+        );
+        let h = [MODERN[0], ("mcp-method", "tasks/get"), ("mcp-name", "t-1")];
+        assert_eq!(run(&h, &task), Ok(Era::Modern));
+        // A method of an extension the proxy does not know may define an Mcp-Name of its own.
+        let ext = format!(
+            r#"{{"jsonrpc":"2.0","id":4,"method":"acme/lookup","params":{{"key":"k",{V}}}}}"#
+        );
+        let h = [MODERN[0], ("mcp-method", "acme/lookup"), ("mcp-name", "k")];
+        assert_eq!(run(&h, &ext), Ok(Era::Modern));
+        // Without the revision in `_meta` the request is malformed, and the server says so
+        // (-32602): the proxy passes it on.
+        let bare = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#;
+        assert_eq!(run(&MODERN, bare), Ok(Era::Modern));
         // A parameter header the proxy cannot map is forwarded, only its encoding is checked.
         let p = [
             MODERN[0],
@@ -412,10 +447,13 @@ mod tests {
                 format!(r#"{{"jsonrpc":"2.0","id":2,"method":"tools/list","params":{{{V}}}}}"#),
                 err("Mcp-Name", Problem::Orphan),
             ),
+            // The task a tasks/get names (Tasks extension).
             (
-                MODERN.to_vec(),
-                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#.into(),
-                err("MCP-Protocol-Version", Problem::Orphan),
+                vec![MODERN[0], ("mcp-method", "tasks/get"), ("mcp-name", "t-2")],
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":3,"method":"tasks/get","params":{{"taskId":"t-1",{V}}}}}"#
+                ),
+                err("Mcp-Name", Problem::Differs),
             ),
             // Repeated: which copy would the server read?
             (

