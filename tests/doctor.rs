@@ -1285,3 +1285,117 @@ async fn https_upstream_tls_is_checked_by_the_pools_connector() {
     );
     expect(&r, "route.sec.mcp", Verdict::Skip, &["not probed"], &[]);
 }
+
+/// A server of MCP 2026-07-28 only: `server/discover` answered, `initialize` refused (as the
+/// revision lets such a server do), and the request headers the revision requires checked.
+async fn modern_only_server(versions: &'static str) -> SocketAddr {
+    upstream(move |req: http::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let headers = req.headers().clone();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let json = |status: u16, v: serde_json::Value| {
+            http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(full(v.to_string()))
+                .unwrap()
+        };
+        let modern = headers.get("mcp-protocol-version").is_some_and(|h| h == "2026-07-28")
+            && headers.get("mcp-method").is_some_and(|h| h == "server/discover")
+            && v["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] == "2026-07-28";
+        if v["method"] == "server/discover" && modern && versions.contains("2026-07-28") {
+            return json(200, serde_json::json!({"jsonrpc": "2.0", "id": v["id"], "result": {
+                "resultType": "complete", "supportedVersions": ["2026-07-28"], "capabilities": {"tools": {}},
+                "ttlMs": 0, "cacheScope": "public",
+                "_meta": {"io.modelcontextprotocol/serverInfo": {"name": "stateless", "version": "2.0"}}}}));
+        }
+        if v["method"] == "server/discover" {
+            return json(400, serde_json::json!({"jsonrpc": "2.0", "id": v["id"], "error": {
+                "code": -32022, "message": "Unsupported protocol version",
+                "data": {"supported": [versions], "requested": "2026-07-28"}}}));
+        }
+        json(400, serde_json::json!({"jsonrpc": "2.0", "id": v["id"], "error": {
+            "code": -32022, "message": "initialize is not served", "data": {"supported": ["2026-07-28"]}}}))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_stateless_server_is_probed_with_server_discover_and_its_revision_named() {
+    let pki = TestPki::new();
+    let up = modern_only_server("2026-07-28").await;
+    let r = doctor(
+        &pki,
+        &config_text(&pki, "", &format!("echo = \"http://{up}\""), LOOPBACK),
+    )
+    .await;
+    assert_healthy(&r);
+    let mcp = check(&r, "route.echo.mcp");
+    assert_eq!(mcp.facts["protocol_version"], "2026-07-28", "{mcp:?}");
+    assert_eq!(mcp.facts["server_name"], "stateless");
+    assert!(
+        mcp.reason
+            .contains("MCP protocol 2026-07-28 (server/discover"),
+        "{}",
+        mcp.reason
+    );
+
+    // A server of a later revision only: it answers -32022 with what it supports, and doctor
+    // says so instead of calling the endpoint broken or not MCP.
+    let up = modern_only_server("2027-03-01").await;
+    let r = doctor(
+        &pki,
+        &config_text(&pki, "", &format!("echo = \"http://{up}\""), LOOPBACK),
+    )
+    .await;
+    expect(
+        &r,
+        "route.echo.mcp",
+        Verdict::Fail,
+        &[
+            "server/discover",
+            "-32022",
+            "the server supports [\"2027-03-01\"]",
+        ],
+        &["MCP server's log"],
+    );
+
+    // A server of the older revisions only, answering server/discover as the TypeScript SDK v1
+    // does (400, not initialized): it is asked with initialize, and its revision named.
+    let up = upstream(|req: http::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let (status, answer) = if v["method"] == "initialize" {
+            (
+                200,
+                serde_json::json!({"jsonrpc": "2.0", "id": v["id"], "result": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "serverInfo": {"name": "legacy", "version": "1.0"}}}),
+            )
+        } else {
+            (
+                400,
+                serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {
+                "code": -32000, "message": "Bad Request: Server not initialized"}}),
+            )
+        };
+        http::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(full(answer.to_string()))
+            .unwrap()
+    })
+    .await;
+    let r = doctor(
+        &pki,
+        &config_text(&pki, "", &format!("echo = \"http://{up}\""), LOOPBACK),
+    )
+    .await;
+    let mcp = check(&r, "route.echo.mcp");
+    assert_eq!(mcp.verdict, Verdict::Ok, "{mcp:?}");
+    assert_eq!(mcp.facts["protocol_version"], "2025-06-18", "{mcp:?}");
+    assert_eq!(mcp.facts["server_name"], "legacy", "{mcp:?}");
+    assert!(!mcp.reason.contains("server/discover"), "{}", mcp.reason);
+}

@@ -178,6 +178,34 @@ pub(super) fn initialize(path: &str) -> Result<Request<Full<Bytes>>, String> {
         .map_err(|e| format!("{path:?} is not a request path: {e}"))
 }
 
+/// The MCP revision `discover` asks for: the first without a handshake.
+pub(super) const MODERN_PROTOCOL_VERSION: &str = crate::mcp::headers::MODERN_REVISION;
+
+/// The `server/discover` request of MCP 2026-07-28, with the standard headers that revision
+/// requires (a server of it refuses a request without them); `Err` for a path that is no
+/// request target.
+pub(super) fn discover(path: &str) -> Result<Request<Full<Bytes>>, String> {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "server/discover",
+        "params": {
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": MODERN_PROTOCOL_VERSION,
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": { "name": "mcp-tunnel-doctor", "version": env!("CARGO_PKG_VERSION") },
+            },
+        },
+    });
+    Request::post(path)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::ACCEPT, "application/json, text/event-stream")
+        .header("mcp-protocol-version", MODERN_PROTOCOL_VERSION)
+        .header("mcp-method", "server/discover")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| format!("{path:?} is not a request path: {e}"))
+}
+
 /// Ends the session `initialize` opened (MCP servers keep state per `Mcp-Session-Id`).
 pub(super) fn delete_session(
     path: &str,

@@ -334,7 +334,9 @@ async fn probe_target(
     })
 }
 
-/// `initialize` on the route, and what its answer means.
+/// The route's MCP endpoint probed in both eras: `server/discover` (2026-07-28) first, then,
+/// unless that answer shows a server of that revision, `initialize` as older revisions
+/// open; what the answer means, and which revision the upstream speaks.
 async fn mcp(
     config: &Config,
     table: &crate::config::RouteTable,
@@ -345,6 +347,18 @@ async fn mcp(
 ) -> Check {
     let name = format!("route.{}.mcp", route.name);
     let url = format!("https://{host}{}", opts.mcp_path);
+    // Whatever a server of an older revision answers to `server/discover` (an error, a 4xx,
+    // nothing MCP at all) only means "ask the old way"; the `initialize` answer is diagnosed.
+    if let Ok(req) = probe::discover(&opts.mcp_path)
+        && let Ok(answer) = probe::send(&t.target, host, req, opts.timeout).await
+        && let Some(c) = discovered(&name, &url, &answer)
+    {
+        return c
+            .fact("via", t.via.as_str())
+            .fact("status", answer.status)
+            .fact("session_ms", ms(answer.session))
+            .fact("latency_ms", ms(answer.latency));
+    }
     let req = match probe::initialize(&opts.mcp_path) {
         Ok(r) => r,
         Err(e) => return Check::fail(name, e, "pass --path /<the server's MCP path>"),
@@ -464,6 +478,69 @@ async fn mcp(
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 10000.0).round() / 10.0
+}
+
+/// The answer to `server/discover`, when it shows a server of 2026-07-28 or later: its result,
+/// or an error only such a server sends (-32020 to -32022). `None`: not that revision.
+fn discovered(name: &str, url: &str, a: &Answer) -> Option<Check> {
+    let msg = probe::jsonrpc(a)?;
+    if let Some(err) = msg.get("error") {
+        let code = err["code"].as_i64()?;
+        if !(-32022..=-32020).contains(&code) {
+            return None;
+        }
+        let supported = &err["data"]["supported"];
+        return Some(
+            Check::fail(
+                name.to_string(),
+                format!(
+                    "POST {url}: {} to `server/discover` (MCP {}): error {code}: {}{}",
+                    a.status,
+                    probe::MODERN_PROTOCOL_VERSION,
+                    err["message"].as_str().unwrap_or(""),
+                    if supported.is_array() {
+                        format!("; the server supports {supported}")
+                    } else {
+                        String::new()
+                    }
+                ),
+                "see the MCP server's log; the tunnel carried the request and its answer",
+            )
+            .fact("protocol_version", probe::MODERN_PROTOCOL_VERSION),
+        );
+    }
+    let r = &msg["result"];
+    let versions: Vec<&str> = r["supportedVersions"]
+        .as_array()?
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    if !(200..300).contains(&a.status) || versions.is_empty() {
+        return None;
+    }
+    let info = &r["_meta"]["io.modelcontextprotocol/serverInfo"];
+    let server = info["name"].as_str().unwrap_or("?");
+    let version = info["version"].as_str().unwrap_or("?");
+    let protocol = if versions.contains(&probe::MODERN_PROTOCOL_VERSION) {
+        probe::MODERN_PROTOCOL_VERSION
+    } else {
+        versions.iter().max().copied().unwrap_or("?")
+    };
+    Some(
+        Check::ok(
+            name.to_string(),
+            format!(
+                "POST {url}: {} in {:.1} ms, server {server} {version}, MCP protocol {protocol} (server/discover; supports {})",
+                a.status,
+                ms(a.latency),
+                versions.join(", ")
+            ),
+        )
+        .fact("server_name", server)
+        .fact("server_version", version)
+        .fact("protocol_version", protocol)
+        .fact("supported_versions", versions.join(",")),
+    )
 }
 
 /// A 2xx answer: an `initialize` result, or something that is not MCP.

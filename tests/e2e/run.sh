@@ -618,6 +618,12 @@ doctor_real_servers() {
   grep -q '"via": "the running listener ws://127.0.0.1:'"$PROXY_PORT"'"' "$out" || { echo "  the probe did not use the running listener"; return 1; }
   [[ "$(doctor_verdict "$out" route.pyserver.mcp)" == *"server mcp-tunnel-e2e-pyserver 0.0.0"* ]] || return 1
   [[ "$(doctor_verdict "$out" route.everything.mcp)" == *"server mcp-servers/everything"* ]] || return 1
+  # The SDK v2 server answers server/discover; the older servers are asked with initialize.
+  v="$(doctor_verdict "$out" route.modern.mcp)"
+  echo "  route.modern.mcp: $v"
+  [[ "$v" == ok\|*"server modern-e2e 1.0.0, MCP protocol 2026-07-28 (server/discover"* ]] || return 1
+  # server-everything (TypeScript SDK v1) knows no server/discover: asked with initialize.
+  [[ "$(doctor_verdict "$out" route.everything.mcp)" == *"MCP protocol 2025-"* ]] || return 1
 }
 doctor_421() {
   # Outside the directories the running proxy watches.
@@ -633,7 +639,7 @@ doctor_421() {
   [[ "$v" == *"remove preserve_host = true from routes.pyserver"* ]] || return 1
   [[ "$(doctor_verdict "$out" route.everything.mcp)" == ok\|* ]]
 }
-run_check "doctor: initialize through the running listener reaches both real servers" doctor_real_servers
+run_check "doctor: server/discover, then initialize, through the running listener reaches the real servers of both eras" doctor_real_servers
 run_check "doctor: the Python SDK's 421 (preserve_host = true) is explained" doctor_421
 # ---------------------------------------------------------------------------- MCP boundary
 metrics() { curl -sS --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics"; }
