@@ -2,11 +2,16 @@
 //! what the rest is, the second how it is cut into chunks:
 //!
 //! ```text
-//! byte 0 % 3 == 0: a client body   -> jsonrpc::parse, Policy::decide
-//! byte 0 % 3 == 1: a server body   -> jsonrpc::parse, Policy::filter_tools_list
-//! byte 0 % 3 == 2: an SSE stream   -> sse::Reader (chunks of byte 1 % 17 + 1), then each
+//! byte 0 % 4 == 0: a client body   -> jsonrpc::parse, Policy::decide
+//! byte 0 % 4 == 1: a server body   -> jsonrpc::parse, Policy::filter_tools_list
+//! byte 0 % 4 == 2: an SSE stream   -> sse::Reader (chunks of byte 1 % 17 + 1), then each
 //!                                     event's data as a server body
+//! byte 0 % 4 == 3: a client body with the 2026-07-28 standard headers -> headers::check
 //! ```
+//!
+//! For the headers: taken from the reference reading of the body, `check` never calls them
+//! a disagreement about that name; with `Mcp-Name` naming anything else, `check` never lets
+//! the body pass (byte 1 picks the plain or the `=?base64?...?=` form).
 //!
 //! Besides "no panic", the policy is never bypassed, judged against serde_json's own `Value`
 //! (last duplicate wins, as in JavaScript and Python): a body the policy forwards calls no
@@ -15,6 +20,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mcp_tunnel::mcp::headers::{self, Problem};
 use mcp_tunnel::mcp::jsonrpc::{MAX_LOGGED_LEN, Options, parse};
 use mcp_tunnel::mcp::sse::{Piece, Reader, rewrite_event};
 use mcp_tunnel::mcp::{Decision, Pattern, Policy};
@@ -172,16 +178,84 @@ fn sse_stream(data: &[u8], chunk: usize, policy: &Policy) {
     }
 }
 
+/// The `Mcp-Name` value a client sends for `name`: plain when it may be, else (or when asked)
+/// the base64 form.
+fn encoded(name: &str, base64: bool) -> String {
+    use base64::Engine;
+    let plain = !name.is_empty()
+        && name.bytes().all(|b| (0x21..=0x7e).contains(&b))
+        && !(name.starts_with("=?base64?") && name.ends_with("?="));
+    if plain && !base64 {
+        name.to_string()
+    } else {
+        format!("=?base64?{}?=", base64::engine::general_purpose::STANDARD.encode(name))
+    }
+}
+
+fn with_headers(body: &[u8], base64: bool) {
+    let Ok(parsed) = parse(body, Options::default()) else {
+        return;
+    };
+    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    let Some(method) = m.get("method").and_then(Value::as_str) else {
+        return;
+    };
+    let field = match headers::name_source(method) {
+        Some(headers::NameField::Name) => "name",
+        Some(headers::NameField::Uri) => "uri",
+        Some(headers::NameField::TaskId) => "taskId",
+        None => return,
+    };
+    let params = m.get("params");
+    let Some(name) = params.and_then(|p| p.get(field)).and_then(Value::as_str) else {
+        return;
+    };
+    let version = params
+        .and_then(|p| p.get("_meta"))
+        .and_then(|m| m.get("io.modelcontextprotocol/protocolVersion"))
+        .and_then(Value::as_str);
+    let build = |name_value: &str| {
+        let mut h = http::HeaderMap::new();
+        let value = |v: &str| http::HeaderValue::from_str(v).ok();
+        if let Some(v) = value(method) {
+            h.insert("mcp-method", v);
+        }
+        if let Some(v) = version.and_then(value) {
+            h.insert("mcp-protocol-version", v);
+        }
+        if let Some(v) = value(&encoded(name_value, base64)) {
+            h.insert("mcp-name", v);
+        }
+        h
+    };
+    if let Err(e) = headers::check(&build(name), &parsed) {
+        assert!(
+            !(e.header == "Mcp-Name" && matches!(e.problem, Problem::Differs | Problem::Invalid)),
+            "the body's own name called a mismatch: {e:?} for {:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    let other = format!("{name}x");
+    assert!(
+        headers::check(&build(&other), &parsed).is_err(),
+        "an Mcp-Name other than the body's passed: {:?}",
+        String::from_utf8_lossy(body)
+    );
+}
+
 fuzz_target!(|data: &[u8]| {
     let [mode, split, rest @ ..] = data else {
         return;
     };
     let policy = policy();
-    match mode % 3 {
+    match mode % 4 {
         0 => client_body(rest, &policy),
         1 => {
             server_body(rest, &policy);
         }
-        _ => sse_stream(rest, usize::from(*split % 17) + 1, &policy),
+        2 => sse_stream(rest, usize::from(*split % 17) + 1, &policy),
+        _ => with_headers(rest, split % 2 == 1),
     }
 });
