@@ -109,6 +109,27 @@ pub enum Command {
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Stop serving now, on this host, and stay stopped: writes a marker in the state
+    /// directory (which `run` refuses to start past, exit 78), then tells the running service
+    /// (SIGUSR1): cloudflared killed without a grace period, every session closed. Needs no
+    /// API and no network. `--lift` removes the marker; the severed service then exits so
+    /// that systemd starts it afresh.
+    Sever {
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Admin endpoint address; default: `[admin] listen_addr` from the config file.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Why, recorded in the marker and shown by `status`, `/readyz` and the journal.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Remove the marker and let the service start again.
+        #[arg(long)]
+        lift: bool,
+        /// How long to wait for the running service to confirm.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Turn a reference Docker Compose deployment folder (config/mcp-proxy.yaml, data/, .env)
     /// into this appliance's config file and state directory, printing every decision; then
     /// check the result as `check` does.
@@ -400,6 +421,19 @@ pub fn dispatch(cli: Cli) -> u8 {
             config,
             timeout,
         } => crate::telemetry::restart_connector::run(admin, &config, timeout),
+        Command::Sever {
+            config,
+            admin,
+            reason,
+            lift,
+            timeout,
+        } => crate::incident::sever::main(&crate::incident::sever::Options {
+            config,
+            admin,
+            reason,
+            lift,
+            timeout,
+        }),
         Command::ExecChild { parent, argv } => crate::cloudflared::spawn::exec_child(parent, &argv),
         Command::Bridge { listen, to } => {
             crate::telemetry::init("info");

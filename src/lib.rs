@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod doctor;
 pub mod import;
+pub mod incident;
 pub mod lifecycle;
 pub mod mcp;
 pub mod provision;

@@ -12,6 +12,9 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
+    /// Cancelled by `close_now`: every tracked task is dropped where it stands (its sockets
+    /// close), for when waiting is the wrong thing to do (`mcp-tunnel sever`).
+    immediate: CancellationToken,
     tracker: TaskTracker,
 }
 
@@ -25,7 +28,7 @@ impl Shutdown {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.tracker.spawn(fut);
+        self.tracker.spawn(abortable(fut, self.immediate.clone()));
     }
 
     /// As `spawn`, on the runtime `handle` names (a data-plane worker's).
@@ -33,7 +36,8 @@ impl Shutdown {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.tracker.spawn_on(fut, handle);
+        self.tracker
+            .spawn_on(abortable(fut, self.immediate.clone()), handle);
     }
 
     /// Resolves once shutdown has begun and every tracked task has ended: the drain is
@@ -63,9 +67,29 @@ impl Shutdown {
         }
     }
 
+    /// Begins shutdown and drops every tracked task now, without waiting for in-flight work;
+    /// returns how many were running. Waits (briefly) until they are gone.
+    pub async fn close_now(&self) -> usize {
+        let running = self.tracker.len();
+        self.token.cancel();
+        self.immediate.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        running
+    }
+
     /// Number of tracked tasks still running.
     pub fn active(&self) -> usize {
         self.tracker.len()
+    }
+}
+
+/// `fut`, unless `immediate` is cancelled first: then it is dropped.
+async fn abortable<F: Future<Output = ()>>(fut: F, immediate: CancellationToken) {
+    tokio::select! {
+        biased;
+        _ = immediate.cancelled() => {}
+        _ = fut => {}
     }
 }
 

@@ -780,3 +780,185 @@ async fn cloudflared_dies_with_the_supervisor() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `mcp-tunnel run` with its state directory in the test's folder and its log in `log`.
+fn start_with_state(env: &Env, config: &Path, log: &str) -> Child {
+    let file = std::fs::File::create(env.path(log)).unwrap();
+    Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("NOTIFY_SOCKET", env.path("notify.sock"))
+        .env("STATE_DIRECTORY", env.path("state"))
+        .env("RUST_LOG", "info")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The address a value of `field` names in the first log line containing `message`.
+async fn logged_addr(env: &Env, log: &str, message: &str, field: &str) -> SocketAddr {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(env.path(log)).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(message)) {
+            let at = line.find(&format!("{field}=")).expect("field in line") + field.len() + 1;
+            return line[at..].split(' ').next().unwrap().parse().unwrap();
+        }
+        assert!(
+            Instant::now() < end,
+            "no {message:?} line in {log}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `mcp-tunnel sever` as an operator runs it: its exit status and what it printed.
+async fn sever(env: &Env, config: &Path, admin: SocketAddr, args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("sever")
+        .arg("--config")
+        .arg(config)
+        .arg("--admin")
+        .arg(admin.to_string())
+        .args(args)
+        .env("STATE_DIRECTORY", env.path("state"))
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sever_stops_serving_at_once_and_the_host_stays_down_until_lifted() {
+    use futures_util::StreamExt;
+    let env = Env::new().await;
+    std::fs::create_dir(env.path("state")).unwrap();
+    let cfg = env.config(
+        Some("127.0.0.1:0".parse().unwrap()),
+        "grace_period = \"30s\"",
+        &[("STANDIN_FORWARD", "127.0.0.1:0")],
+    );
+    let mut sup = start_with_state(&env, &cfg, "run-1.log");
+    env.wait_notify(|m| m.starts_with("READY=1\n"), Duration::from_secs(15))
+        .await;
+    let admin = logged_addr(&env, "run-1.log", "admin endpoint listening", "listen").await;
+    let listen = logged_addr(&env, "run-1.log", "proxy listening", "listen").await;
+    let pid = env.wait_events("started", 1, Duration::from_secs(5)).await[0]["pid"]
+        .as_u64()
+        .unwrap();
+
+    // An open tunnel session straight to the listener: it stays open until severed.
+    let tcp = TcpStream::connect(listen).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{listen}/"), tcp)
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), ws.next())
+            .await
+            .is_err(),
+        "the session is open and quiet before the sever"
+    );
+
+    let t0 = Instant::now();
+    let (code, out) = sever(&env, &cfg, admin, &["--reason", "token leaked"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("marker written"), "{out}");
+    assert!(out.contains("severed in"), "{out}");
+    assert!(out.contains("other hosts keep serving"), "{out}");
+    // cloudflared got no grace period (30 s configured): it is gone at once.
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "cloudflared still runs after the sever"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    // The open session was closed, and the listener takes no new ones.
+    let closed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the session is closed by the sever");
+    assert!(
+        !matches!(
+            closed,
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(_)))
+        ),
+        "{closed:?}"
+    );
+    assert!(
+        TcpStream::connect(listen).await.is_err(),
+        "the listener still accepts"
+    );
+    // Shown by /readyz, /metrics and the journal; the process is still up, only severed.
+    let (status, readyz) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 503, "{readyz}");
+    let v: serde_json::Value = serde_json::from_str(&readyz).unwrap();
+    assert!(
+        v["severed"]
+            .as_str()
+            .unwrap()
+            .contains("(token leaked): marker "),
+        "{readyz}"
+    );
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(metrics.contains("\nmcp_tunnel_severed 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("mcp_tunnel_incident_actions_total{action=\"sever\"} 1"),
+        "{metrics}"
+    );
+    let log = std::fs::read_to_string(env.path("run-1.log")).unwrap();
+    assert!(log.contains("SEVERING"), "{log}");
+    assert!(
+        sup.try_wait().unwrap().is_none(),
+        "a severed service stays up to show why"
+    );
+
+    // Twice is the same as once.
+    let (code, out) = sever(&env, &cfg, admin, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("already severed"), "{out}");
+    assert!(out.contains("(token leaked)"), "{out}");
+
+    // A start (systemctl start, a reboot, Restart=) refuses while the marker is there.
+    let mut again = start_with_state(&env, &cfg, "run-2.log");
+    let code = exit_code(&mut again, Duration::from_secs(20)).await;
+    let log = std::fs::read_to_string(env.path("run-2.log")).unwrap();
+    assert_eq!(code, 78, "{log}");
+    assert!(
+        log.contains("refusing to start: severed since") && log.contains("mcp-tunnel sever --lift"),
+        "{log}"
+    );
+
+    // Lifted: the severed process exits 75 (systemd's Restart=on-failure starts it afresh),
+    // and the next start serves again.
+    let (code, out) = sever(&env, &cfg, admin, &["--lift"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("marker removed"), "{out}");
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(10)).await, 75);
+    let (code, out) = sever(&env, &cfg, admin, &["--lift"]).await;
+    assert_eq!(code, 0, "lifting twice is fine: {out}");
+    assert!(out.contains("not severed"), "{out}");
+    let mut back = start_with_state(&env, &cfg, "run-3.log");
+    let admin = logged_addr(&env, "run-3.log", "admin endpoint listening", "listen").await;
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok =
+            TcpStream::connect(admin).await.is_ok() && http_get(admin, "/readyz").await.0 == 200;
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the lifted service did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sigterm(&back);
+    assert_eq!(exit_code(&mut back, Duration::from_secs(40)).await, 0);
+}

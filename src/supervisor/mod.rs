@@ -35,6 +35,10 @@ use notify::Notifier;
 /// `RestartPreventExitStatus=78` stops systemd from looping on them.
 pub const EXIT_CONFIG: u8 = 78;
 
+/// Exit status of a severed service whose marker was lifted (sysexits EX_TEMPFAIL): not 0 and
+/// not 78, so that `Restart=on-failure` starts the service afresh.
+pub const EXIT_LIFTED: u8 = 75;
+
 /// How often the supervision loop wakes up (STATUS refresh, watchdog evidence).
 const TICK: Duration = Duration::from_millis(500);
 
@@ -60,6 +64,10 @@ pub enum RunError {
     Provision(#[from] crate::provision::ProvisionError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("refusing to start: {0}")]
+    Severed(String),
+    #[error("the sever marker was lifted: exiting so that the service starts afresh")]
+    Lifted,
 }
 
 impl RunError {
@@ -73,6 +81,8 @@ impl RunError {
             | RunError::CloudflaredPermanent(_) => EXIT_CONFIG,
             // Transient API failures are retried inside `run`; what comes out needs a person.
             RunError::Provision(_) => EXIT_CONFIG,
+            RunError::Severed(_) => EXIT_CONFIG,
+            RunError::Lifted => EXIT_LIFTED,
             _ => 1,
         }
     }
@@ -83,6 +93,7 @@ struct Signals {
     term: Signal,
     int: Signal,
     hup: Signal,
+    usr1: Signal,
     usr2: Signal,
 }
 
@@ -91,6 +102,8 @@ enum Sig {
     Reload,
     /// SIGUSR2 (`mcp-tunnel restart-connector`): replace cloudflared without a gap.
     RestartConnector,
+    /// SIGUSR1 (`mcp-tunnel sever`): read the sever marker and act on it.
+    Sever,
 }
 
 impl Signals {
@@ -99,6 +112,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
             usr2: signal(SignalKind::user_defined2())?,
         })
     }
@@ -109,6 +123,7 @@ impl Signals {
             _ = self.int.recv() => Sig::Stop("SIGINT"),
             _ = self.hup.recv() => Sig::Reload,
             _ = self.usr2.recv() => Sig::RestartConnector,
+            _ = self.usr1.recv() => Sig::Sever,
         }
     }
 }
@@ -123,6 +138,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // Read once: the environment is never modified while threads run.
     let watchdog = notify::watchdog_interval();
     let mut signals = Signals::new().map_err(RunError::Signals)?;
+    // A severed host stays down across restarts and reboots until the marker is lifted.
+    let marker = crate::incident::sever::marker_path(
+        Some(&config),
+        std::env::var_os("STATE_DIRECTORY").as_deref(),
+    );
+    if let Some(m) = crate::incident::sever::read(&marker).map_err(RunError::Severed)? {
+        return Err(RunError::Severed(crate::incident::sever::describe(
+            &m, &marker,
+        )));
+    }
 
     // `[provision]` with an empty state directory: provision before the certificate loads.
     let config = if config.provision.is_some() {
@@ -137,7 +162,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                         info!(signal = name, "stopping before provisioning completed");
                         return Ok(());
                     }
-                    Sig::Reload | Sig::RestartConnector => info!("signal while provisioning at start: nothing to reload or replace yet"),
+                    Sig::Reload | Sig::RestartConnector | Sig::Sever => info!("signal while provisioning at start: nothing to reload or replace yet"),
                 },
             }
         }
@@ -235,6 +260,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
 
     let stop_reason: Result<&'static str, String>;
+    let mut severed: Option<String> = None;
     let mut ready_sent = false;
     if !(config.cloudflared.ready_requires_tunnel && cf.is_some()) {
         notifier.ready(&metrics::status_line(&state, now()));
@@ -260,6 +286,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                         let _ = sup.replacer().send(cloudflared::Replace { cfg: None, why: "operator request (SIGUSR2)" });
                     }
                     None => warn!("SIGUSR2: cloudflared is not supervised here ([cloudflared] enabled = false); nothing to replace"),
+                },
+                Sig::Sever => match crate::incident::sever::read(&marker) {
+                    Ok(Some(m)) => {
+                        severed = Some(crate::incident::sever::describe(&m, &marker));
+                        stop_reason = Ok("SIGUSR1");
+                        break;
+                    }
+                    Ok(None) => warn!(marker = %marker.display(), "SIGUSR1 without a sever marker: nothing to do (`mcp-tunnel sever` writes the marker, then signals)"),
+                    Err(e) => warn!(error = %e, "SIGUSR1: cannot read the sever marker; nothing done"),
                 },
             },
             outcome = async { cf.as_mut().expect("guarded").finished().await }, if cf.is_some() => {
@@ -308,6 +343,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     }
 
+    if let Some(why) = severed {
+        return sever(
+            why, &marker, cf, &shutdown, &state, notifier, signals, admin_stop,
+        )
+        .await;
+    }
     // Ordered stop, by the running config: `shutdown_timeout` and `[cloudflared]
     // grace_period` apply as last reloaded.
     let config = reloader.config().await;
@@ -373,6 +414,62 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             Err(RunError::CloudflaredPermanent(why))
         }
     }
+}
+
+/// Stops serving now (`mcp-tunnel sever`): cloudflared killed without its grace period, every
+/// session closed, the listener closed; then stays up severed, the admin endpoint showing
+/// why, until SIGTERM (exit 0) or until the marker is lifted (exit 75, so that systemd starts
+/// the service afresh and every start check runs again).
+#[allow(clippy::too_many_arguments)]
+async fn sever(
+    why: String,
+    marker: &std::path::Path,
+    cf: Option<cloudflared::Supervision>,
+    shutdown: &Shutdown,
+    state: &Arc<AppState>,
+    notifier: Notifier,
+    mut signals: Signals,
+    admin_stop: CancellationToken,
+) -> Result<(), RunError> {
+    error!(reason = %why, "SEVERING: killing cloudflared and closing every session now");
+    *state.severed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+    *state
+        .incident_actions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry("sever")
+        .or_default() += 1;
+    if let Some(sup) = cf {
+        sup.force_token().cancel();
+        sup.begin_stop();
+        sup.stopped().await;
+    }
+    let closed = shutdown.close_now().await;
+    error!(connections_closed = closed, reason = %why, "severed: no tunnel on this host until the marker is lifted");
+    notifier.status(&metrics::status_line(state, now()));
+    let mut tick = tokio::time::interval(TICK);
+    let result = loop {
+        tokio::select! {
+            sig = signals.next() => match sig {
+                Sig::Stop(name) => {
+                    info!(signal = name, "stopping a severed service");
+                    break Ok(());
+                }
+                Sig::Sever => match crate::incident::sever::read(marker) {
+                    Ok(None) => {
+                        warn!(marker = %marker.display(), "sever marker lifted: exiting with status 75 so that the service starts afresh");
+                        break Err(RunError::Lifted);
+                    }
+                    _ => info!("SIGUSR1: still severed (the marker is in place)"),
+                },
+                Sig::Reload | Sig::RestartConnector => warn!("severed: nothing to reload or replace until `mcp-tunnel sever --lift`"),
+            },
+            // The process is healthy, only severed: systemd's watchdog must not restart it.
+            _ = tick.tick() => notifier.watchdog(),
+        }
+    };
+    admin_stop.cancel();
+    result
 }
 
 /// Sends `EXTEND_TIMEOUT_USEC` every few seconds while stopping: the time left of `budget`

@@ -118,6 +118,7 @@ pub fn status_json(s: &AppState, now: i64) -> serde_json::Value {
     let watchdog = s.watchdog_usec.load(Relaxed);
     serde_json::json!({
         "ready": ready,
+        "severed": s.severed(),
         "components": components,
         "listen_addr": s.listen_addr.get().map(|a| a.to_string()),
         "config": {

@@ -45,6 +45,10 @@ pub struct AppState {
     pub route_list: std::sync::Mutex<Vec<Arc<crate::config::Route>>>,
     /// Fields the last reload found changed in the file that apply only at the next start.
     pub restart_required: std::sync::Mutex<Vec<&'static str>>,
+    /// Set once `mcp-tunnel sever` took effect: what the marker says (`incident::sever`).
+    pub severed: std::sync::Mutex<Option<String>>,
+    /// Incident actions this process carried out, by action (`sever`).
+    pub incident_actions: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 /// The listener's peer check as `/readyz` and `/metrics` show it.
@@ -76,6 +80,8 @@ impl AppState {
             reload_failures: AtomicU64::new(0),
             listener_bound: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            severed: std::sync::Mutex::new(None),
+            incident_actions: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             provisioning: std::sync::Mutex::new(None),
             provision_failures: AtomicU64::new(0),
             last_reload_error: std::sync::Mutex::new(None),
@@ -93,6 +99,14 @@ impl AppState {
     /// The last reload attempt, if any.
     pub fn last_reload(&self) -> Option<LastReload> {
         self.last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What the sever marker says, once this process has severed.
+    pub fn severed(&self) -> Option<String> {
+        self.severed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -189,11 +203,17 @@ pub fn readiness(s: &AppState, now: i64) -> Vec<Component> {
         });
     }
     let stopping = s.stopping.load(Ordering::Relaxed);
+    let severed = s.severed();
     out.push(Component {
         name: "supervisor",
-        ready: !stopping,
-        state: if stopping { "stopping" } else { "running" }.into(),
-        reason: stopping.then(|| "shutting down".into()),
+        ready: !stopping && severed.is_none(),
+        state: match (&severed, stopping) {
+            (Some(_), _) => "severed",
+            (None, true) => "stopping",
+            (None, false) => "running",
+        }
+        .into(),
+        reason: severed.or_else(|| stopping.then(|| "shutting down".into())),
     });
     out
 }
@@ -204,8 +224,12 @@ pub fn readyz(s: &AppState, now: i64) -> (bool, String) {
     let ready = comps.iter().all(|c| c.ready);
     // The PID lets `mcp-tunnel restart-connector` signal the service (the kernel checks it
     // may: only root or the service's user can).
-    let body =
-        serde_json::json!({ "ready": ready, "pid": std::process::id(), "components": comps });
+    let body = serde_json::json!({
+        "ready": ready,
+        "pid": std::process::id(),
+        "severed": s.severed(),
+        "components": comps,
+    });
     (ready, format!("{body}\n"))
 }
 
@@ -240,7 +264,9 @@ pub fn status_line(s: &AppState, now: i64) -> String {
     } else {
         format!("cert expires in {}d", (na - now) / 86400)
     };
-    let stopping = if s.stopping.load(Ordering::Relaxed) {
+    let stopping = if s.severed().is_some() {
+        "SEVERED (mcp-tunnel sever --lift); "
+    } else if s.stopping.load(Ordering::Relaxed) {
         "stopping; "
     } else {
         ""
@@ -554,6 +580,30 @@ pub fn render(s: &AppState, now: i64) -> String {
         "1 when every component is ready (as /readyz).",
         &(u8::from(readiness(s, now).iter().all(|c| c.ready))),
     );
+    scalar(
+        &mut o,
+        "mcp_tunnel_severed",
+        "gauge",
+        "1 once `mcp-tunnel sever` took effect: no tunnel on this host until `mcp-tunnel sever --lift`.",
+        &u8::from(s.severed().is_some()),
+    );
+    head(
+        &mut o,
+        "mcp_tunnel_incident_actions_total",
+        "counter",
+        "Incident actions this process carried out (mcp-tunnel sever), by action.",
+    );
+    for (action, n) in s
+        .incident_actions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        let _ = writeln!(
+            o,
+            "mcp_tunnel_incident_actions_total{{action=\"{action}\"}} {n}"
+        );
+    }
     render_mcp(&mut o, &s.proxy.mcp);
     o
 }

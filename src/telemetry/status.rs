@@ -233,6 +233,15 @@ pub fn print(admin: Option<SocketAddr>, config: &Path) -> u8 {
         }
         Err(e) => {
             eprintln!("error: {e}");
+            // A severed host refuses to start: say so, or the operator restarts it in vain.
+            let cfg = crate::config::Config::load(config).ok();
+            let marker = crate::incident::sever::marker_path(
+                cfg.as_ref(),
+                std::env::var_os("STATE_DIRECTORY").as_deref(),
+            );
+            if let Ok(Some(m)) = crate::incident::sever::read(&marker) {
+                println!("SEVERED: {}", crate::incident::sever::describe(&m, &marker));
+            }
             2
         }
     }
