@@ -357,6 +357,43 @@ else failc "no watchdog timeout after SIGSTOP (NRestarts $(show NRestarts), was 
 rm -rf /run/systemd/system/mcp-tunnel.service.d; systemctl daemon-reload
 systemctl restart mcp-tunnel; wait_state active 30
 
+step "sever: the service stops serving at once and stays down across systemctl restart, until lifted"
+# The restarts of the steps before count against StartLimitBurst=5 per 5 min: start clean.
+systemctl reset-failed mcp-tunnel
+for _ in $(seq 100); do curl -s 127.0.0.1:9180/readyz | grep -q '"connected 4/4"' && break; sleep 0.2; done
+sv_pid=$(show MainPID); restarts=$(show NRestarts)
+sever_out="$(mcp-tunnel sever --reason "system test" 2>&1)"; sever_rc=$?
+sv_readyz="$(curl -s 127.0.0.1:9180/readyz)"
+call_out="$(mcp_call hello)"
+if [[ $sever_rc == 0 && "$sever_out" == *"severed in"* && "$(show ActiveState)" == active && "$(show MainPID)" == "$sv_pid" \
+      && "$(show StatusText)" == SEVERED* && "$sv_readyz" == *'"severed":"severed since'*"(system test)"* \
+      && "$call_out" != *'Hello, systemd!'* ]] && ! pgrep -f '^/usr/lib/mcp-tunnel/cloudflared' >/dev/null; then
+  pass "severed: cloudflared gone, the call fails (${call_out:0:60}), the unit stays active with STATUS \"$(show StatusText | cut -c1-60)...\""
+else failc "sever: rc $sever_rc, out: $sever_out; state $(show ActiveState) pid $(show MainPID) (was $sv_pid); STATUS $(show StatusText); readyz $sv_readyz; call: $call_out"; fi
+systemctl restart mcp-tunnel; sleep 7
+refused="$(journalctl -u mcp-tunnel -o cat --no-pager | grep -c 'refusing to start: severed since' || true)"
+if [[ "$(show ActiveState)" == failed && "$(show ExecMainStatus)" == 78 && "$(show NRestarts)" == "$restarts" && $refused -ge 1 ]]; then
+  pass "systemctl restart: run refused to start (exit 78, naming the marker), and systemd did not restart it within RestartSec"
+else failc "after restart while severed: $(show ActiveState)/$(show Result), status $(show ExecMainStatus), NRestarts $(show NRestarts) (was $restarts), refusals logged: $refused"; fi
+status_out="$(mcp-tunnel status 2>&1)"
+[[ "$status_out" == *"SEVERED: severed since"*"mcp-tunnel sever --lift"* ]] && pass "mcp-tunnel status names the marker while the service is down" \
+  || failc "status while severed and down: $status_out"
+lift_out="$(mcp-tunnel sever --lift 2>&1)"; systemctl reset-failed mcp-tunnel; systemctl start mcp-tunnel; wait_state active 30
+for _ in $(seq 100); do curl -s 127.0.0.1:9180/readyz | grep -q '"connected 4/4"' && break; sleep 0.2; done
+out="$(mcp_call hello)"
+[[ "$lift_out" == *"marker removed"* && "$(show ActiveState)" == active && "$out" == *'Hello, systemd!'* ]] \
+  && pass "sever --lift, then systemctl start: serving again" || failc "after lift: $lift_out; $(show ActiveState); call: $out"
+# Lifted while a severed service runs: it exits 75 and Restart=on-failure brings it back.
+mcp-tunnel sever --reason "system test, second" >/dev/null 2>&1
+restarts=$(show NRestarts)
+lift_out="$(mcp-tunnel sever --lift 2>&1)"
+for _ in $(seq 150); do [[ "$(show NRestarts)" -gt "$restarts" && "$(show ActiveState)" == active ]] && break; sleep 0.1; done
+for _ in $(seq 100); do curl -s 127.0.0.1:9180/readyz | grep -q '"connected 4/4"' && break; sleep 0.2; done
+out="$(mcp_call hello)"
+if [[ "$(show NRestarts)" -gt "$restarts" && "$(show ActiveState)" == active && "$out" == *'Hello, systemd!'* ]]; then
+  pass "lifted while severed and running: the service exited 75 and systemd restarted it; serving again"
+else failc "lift of a running severed service: $lift_out; NRestarts $(show NRestarts) (was $restarts), $(show ActiveState); call: $out"; fi
+
 step "systemctl stop is clean"
 # All 4 connections up first: READY=1 comes with the first one, and a SIGTERM while the others
 # are still being set up makes cloudflared register and unregister them one by one until its
