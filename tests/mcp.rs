@@ -1233,7 +1233,7 @@ async fn modern_headers_that_disagree_with_the_body_are_refused_before_the_upstr
          seppol = {{ upstream = \"http://{up}\", tools_deny = [\"admin*\"] }}\n\
          sepplain = \"http://{up}\"\n"
     );
-    let proxy = start(&pki, &routes, "").await;
+    let proxy = start(&pki, &routes, "[mcp]\nmax_inspect_bytes = 65536").await;
     let agree = [
         ("mcp-protocol-version", "2026-07-28"),
         ("mcp-method", "tools/call"),
@@ -1343,6 +1343,25 @@ async fn modern_headers_that_disagree_with_the_body_are_refused_before_the_upstr
         let (h, forwarded) = got.last().unwrap();
         assert_eq!(h.get("mcp-name").unwrap(), "echo");
         assert_eq!(forwarded, &body);
+    }
+    // Over mcp.max_inspect_bytes (64 KiB here): an audit-only route passes it on uninspected, as
+    // any body too large to read; a policy route cannot judge it and refuses it.
+    let mut big = modern_call(0, "echo");
+    big["params"]["arguments"]["blob"] = json!("x".repeat(70_000));
+    for (route, want) in [("sepinsp", 200), ("seppol", 413)] {
+        let host = format!("{route}.tunnel.test");
+        // h2: a refusal before the body is read resets one stream, not the connection.
+        let mut edge = Edge::connect(&proxy, &pki, &host, true).await;
+        let before = got.lock().unwrap().len();
+        let a = send(&mut edge, modern_post(&host, &big, &agree, true)).await;
+        assert_eq!(
+            a.status,
+            want,
+            "{route}: {}",
+            &a.body[..a.body.len().min(200)]
+        );
+        let forwarded = got.lock().unwrap().len() - before;
+        assert_eq!(forwarded, usize::from(want == 200), "{route}");
     }
     let text = metrics_text(&proxy);
     for route in ["sepinsp", "seppol"] {

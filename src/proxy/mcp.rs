@@ -145,6 +145,14 @@ where
     let (parts, mut body) = req.into_parts();
     let max = ex.max_bytes;
     if body.size_hint().lower() > max as u64 {
+        if policy.is_none() {
+            // Only mirrored headers brought it here, and there is no policy whose verdict
+            // they could contradict: a large body passes uninspected, as on any inspected
+            // route, instead of being refused.
+            ex.request_uninspected("request_too_large");
+            let req = Request::from_parts(parts, body);
+            return Inspected::Forward(req.map(http_body_util::Either::Left), None);
+        }
         return Inspected::Refused(ex.too_large());
     }
     let mut buf = Vec::new();
