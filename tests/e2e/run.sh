@@ -779,6 +779,8 @@ run_check "policy: audit log and metrics show the refused calls" audit_policy
 for mode in auto legacy; do
   run_check "2026-07-28: SDK v2 client ($mode) via tunnel to an SDK v2 server on a policy route" \
     env NODE_EXTRA_CA_CERTS="$CERTS/ca.crt" timeout 90 "$NODE22" modern_client.mjs "$(url_tunnel modern)" "$mode"
+  run_check "2026-07-28: Python SDK client ($mode) via tunnel to an SDK v2 server on a policy route" \
+    timeout 90 "$PYTHON" py_modern_client.py "$(url_tunnel modern)" "$mode" --ca "$CERTS/ca.crt"
 done
 modern_audit() {
   local lines
@@ -791,9 +793,9 @@ modern_audit() {
   mismatches="$(grep -c 'reason="header_mismatch"' <<<"$lines")" || true
   [[ "$mismatches" == 4 ]] || { echo "expected 4 header_mismatch audit lines, got $mismatches"; return 1; }
   denied="$(grep -c 'tool="admin-reset".*outcome="denied".*reason="tool_denied"' <<<"$lines")" || true
-  [[ "$denied" == 2 ]] || { echo "expected admin-reset denied once per era, got $denied"; return 1; }
+  [[ "$denied" == 4 ]] || { echo "expected admin-reset denied once per era and SDK, got $denied"; return 1; }
   grep -q 'method=initialize .*outcome="ok"' <<<"$lines" || { echo "no audit line for the legacy initialize"; return 1; }
-  echo "  server/discover and tools/call at 2026-07-28, 4 header mismatches, admin-reset denied in both eras, the legacy initialize"
+  echo "  server/discover and tools/call at 2026-07-28, 4 header mismatches, admin-reset denied in both eras by both SDKs, the legacy initialize"
 }
 run_check "2026-07-28: the audit log has both eras and the refused mismatches" modern_audit
 modern_conformance() {
