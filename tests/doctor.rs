@@ -154,6 +154,15 @@ async fn healthy_setup_is_all_ok_and_the_probe_reports_the_server() {
         check(&r, "route.echo.allowlist").facts["verdicts"][0]["rule"],
         "inside 127.0.0.0/8"
     );
+    // A plain route leaves no audit trail, and doctor says so (issue 24).
+    let audit = check(&r, "routes.audit");
+    assert_eq!(audit.facts["not_audited"], serde_json::json!(["echo"]));
+    assert!(
+        audit.reason.contains("1 of 1 routes not audited")
+            && audit.reason.contains("inspect = true"),
+        "{}",
+        audit.reason
+    );
     // The JSON rendering carries the same checks.
     let json = r.json();
     assert_eq!(json["ok"], true);

@@ -188,6 +188,7 @@ echo, down = routes.get("echo"), routes.get("down")
 check(echo is not None and echo[1:3] == ["3", "0"] and echo[3].startswith("answered 200,"), f"route echo: 3 requests, 0 errors, answered 200: {echo}")
 check(down is not None and down[1:3] == ["1", "1"] and down[3].startswith("connect failed,"), f"route down: 1 request, 1 error, connect failed: {down}")
 check("http://127.0.0.1:1" in (down or ["", ""])[0], f"route down shows its upstream: {down}")
+check(echo is not None and echo[4:5] == ["not audited"], f"route echo is shown as not audited (plain route): {echo}")
 nomatch = routes.get("(no route matched)")
 check(nomatch is not None and nomatch[1:3] == ["1", "1"], f"requests without a route are counted: {nomatch}")
 

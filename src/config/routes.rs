@@ -152,6 +152,16 @@ impl RouteMcp {
     ];
 
     /// Whether the proxy reads this route's MCP messages at all.
+    /// How the route's MCP traffic is read, for `doctor`, `status` and the status page:
+    /// `policy`, `audited`, or `not audited` (forwarded without being read).
+    pub fn audit_label(&self) -> &'static str {
+        match (&self.policy, self.inspect) {
+            (Some(_), _) => "policy",
+            (None, true) => "audited",
+            (None, false) => "not audited",
+        }
+    }
+
     pub fn active(&self) -> bool {
         self.inspect || self.policy.is_some()
     }

@@ -39,6 +39,7 @@ pub(super) async fn checks(
         ));
         return;
     }
+    out.push(audit(config));
     let target = probe_target(config, cert, service, env, opts).await;
     let table = config.route_table();
     for (route, host) in config.routes.iter().zip(config.route_hosts()) {
@@ -62,6 +63,31 @@ pub(super) async fn checks(
     {
         sd.drain(Duration::from_secs(1)).await;
     }
+}
+
+/// Which routes leave no audit trail: their MCP traffic is forwarded without being read
+/// (no `inspect`, no policy). Said, not judged: a plain route is a valid choice.
+fn audit(config: &Config) -> Check {
+    let plain: Vec<&str> = config
+        .routes
+        .iter()
+        .filter(|r| r.mcp.audit_label() == "not audited")
+        .map(|r| r.name.as_str())
+        .collect();
+    let reason = if plain.is_empty() {
+        format!(
+            "every route ({}) is audited: one audit line per MCP message",
+            config.routes.len()
+        )
+    } else {
+        format!(
+            "{} of {} routes not audited (MCP traffic forwarded without being read, no audit line): {}; `inspect = true` on a route audits it",
+            plain.len(),
+            config.routes.len(),
+            plain.join(", ")
+        )
+    };
+    Check::ok("routes.audit", reason).fact("not_audited", plain)
 }
 
 /// DNS, allowlist and connect; whether the upstream can be reached.

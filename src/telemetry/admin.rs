@@ -120,6 +120,17 @@ pub fn status_json(s: &AppState, now: i64) -> serde_json::Value {
         "ready": ready,
         "severed": s.severed(),
         "components": components,
+        "not_audited": s
+            .route_list
+            .lock()
+            .map(|routes| {
+                routes
+                    .iter()
+                    .filter(|r| r.mcp.audit_label() == "not audited")
+                    .map(|r| r.name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
         "listen_addr": s.listen_addr.get().map(|a| a.to_string()),
         "config": {
             "generation": s.config_generation.load(Relaxed),

@@ -189,7 +189,7 @@ fn routes(o: &mut String, s: &AppState, now: i64) {
     };
     let _ = writeln!(
         o,
-        "<h2>Routes</h2>\n<p class=\"muted\">{} open sessions of {} allowed &middot; {} requests in flight</p>\n<table id=\"routes\"><tr><th>route</th><th>upstream</th><th>requests</th><th>errors (5xx)</th><th>upstream verdict</th></tr>",
+        "<h2>Routes</h2>\n<p class=\"muted\">{} open sessions of {} allowed &middot; {} requests in flight</p>\n<table id=\"routes\"><tr><th>route</th><th>upstream</th><th>requests</th><th>errors (5xx)</th><th>upstream verdict</th><th>MCP audit</th></tr>",
         s.proxy.sessions_open(),
         s.max_sessions.load(Ordering::Relaxed),
         s.proxy.requests_in_flight(),
@@ -198,7 +198,7 @@ fn routes(o: &mut String, s: &AppState, now: i64) {
         let (ok, verdict) = verdict_text(verdicts.get(&r.name), now);
         let _ = writeln!(
             o,
-            "<tr><td>{}</td><td><code>{}</code>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td><code>{}</code>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td></tr>",
             escape(&r.name),
             escape(&r.upstream.to_string()),
             if r.preserve_host {
@@ -209,16 +209,17 @@ fn routes(o: &mut String, s: &AppState, now: i64) {
             count(&r.name, &|_| true),
             count(&r.name, &|st| st >= 500),
             badge(ok, &verdict),
+            r.mcp.audit_label(),
         );
     }
     if routes.is_empty() {
-        o.push_str("<tr><td colspan=\"5\" class=\"muted\">no routes configured</td></tr>\n");
+        o.push_str("<tr><td colspan=\"6\" class=\"muted\">no routes configured</td></tr>\n");
     }
     let unmatched = count("", &|_| true);
     if unmatched > 0 {
         let _ = writeln!(
             o,
-            "<tr><td class=\"muted\">(no route matched)</td><td></td><td class=\"n\">{unmatched}</td><td class=\"n\">{}</td><td></td></tr>",
+            "<tr><td class=\"muted\">(no route matched)</td><td></td><td class=\"n\">{unmatched}</td><td class=\"n\">{}</td><td></td><td></td></tr>",
             count("", &|st| st >= 500)
         );
     }
@@ -290,7 +291,15 @@ mod tests {
             preserve_host: false,
             mcp: Default::default(),
         };
-        *s.route_list.lock().unwrap() = vec![Arc::new(route)];
+        let audited = crate::config::Route {
+            name: "files".into(),
+            mcp: crate::config::RouteMcp {
+                inspect: true,
+                ..Default::default()
+            },
+            ..route.clone()
+        };
+        *s.route_list.lock().unwrap() = vec![Arc::new(route), Arc::new(audited)];
         s.proxy.request("echo", 200);
         s.proxy.request("echo", 502);
         *s.last_reload.lock().unwrap() = Some(super::super::metrics::LastReload {
@@ -306,5 +315,17 @@ mod tests {
         assert!(!page.contains("<x>"), "{page}");
         assert!(!page.contains("<script"), "{page}");
         assert!(page.contains("disabled ([cloudflared] enabled = false)"));
+        // Which routes leave no audit trail (issue 24, until inspection is the default).
+        assert!(page.contains("<th>MCP audit</th>"), "{page}");
+        assert!(page.contains("</td><td>not audited</td></tr>"), "{page}");
+        assert!(page.contains("</td><td>audited</td></tr>"), "{page}");
+        let status = crate::telemetry::admin::status_json(&s, 1000);
+        assert_eq!(status["not_audited"], serde_json::json!(["echo"]));
+        let text =
+            crate::telemetry::status::summary("127.0.0.1:9".parse().unwrap(), &status.to_string());
+        assert!(
+            text.contains("not audited (MCP traffic forwarded unread, no audit line): echo\n"),
+            "{text}"
+        );
     }
 }

@@ -144,6 +144,14 @@ pub fn summary(addr: SocketAddr, status: &str) -> String {
             num(&pc["refused_unknown_owner"]),
         );
     }
+    if let Some(plain) = v["not_audited"].as_array().filter(|p| !p.is_empty()) {
+        let names: Vec<&str> = plain.iter().filter_map(|r| r.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  not audited (MCP traffic forwarded unread, no audit line): {}",
+            names.join(", ")
+        );
+    }
     let routes = v["routes"].as_array().cloned().unwrap_or_default();
     if !routes.is_empty() {
         let _ = writeln!(out, "  {:<24} {:>10} {:>8}", "route", "requests", "errors");
