@@ -18,14 +18,6 @@ use mcp_tunnel::proxy::edge::WsTarget;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn check(pki: &TestPki, text: &str) -> (i32, String) {
     let path = pki.path("check.toml");
     std::fs::write(&path, text).unwrap();
@@ -125,20 +117,26 @@ struct Running {
 
 impl Running {
     async fn start(pki: &TestPki, routes: &str) -> Running {
-        let port = free_port();
-        let text = config_text(pki, "", routes, "allowed_ips = [\"127.0.0.0/8\"]")
-            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+        // Port 0: the address it bound comes from its log.
+        let text = config_text(pki, "", routes, "allowed_ips = [\"127.0.0.0/8\"]");
         let path = pki.path("run.toml");
         std::fs::write(&path, text).unwrap();
+        let log = pki.path("run.log");
         let child = Command::new(BIN)
             .args(["run", "--config"])
             .arg(&path)
-            .stderr(Stdio::null())
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         // Owned by `Running` from here on, so that its Drop reaps the child on any failure.
-        let running = Running { child, addr };
+        let mut running = Running {
+            child,
+            addr: "127.0.0.1:0".parse().unwrap(),
+        };
+        running.addr = common::logged_addr(&log, "proxy listening", "listen").await;
+        let addr = running.addr;
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
                 return running;
@@ -382,9 +380,9 @@ fn the_documented_example_config_parses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_hello_through_the_bridge_as_printed() {
     use std::io::BufRead;
-    let port = free_port();
+    // Port 0: the demo prints the port it bound in the curl command.
     let mut child = Command::new(BIN)
-        .args(["demo", "--port", &port.to_string()])
+        .args(["demo", "--port", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -409,9 +407,16 @@ async fn demo_serves_hello_through_the_bridge_as_printed() {
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
         .expect("curl command printed");
+    let port: u16 = printed
+        .split("--resolve hello.demo.mcp-tunnel.test:")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no --resolve with the bridge's port: {printed}"));
+    assert_ne!(port, 0, "{printed}");
     assert!(
         printed.contains(&format!(
-            "--resolve hello.demo.mcp-tunnel.test:{port}:127.0.0.1"
+            "bridge (TLS clients connect here) 127.0.0.1:{port}"
         )),
         "{printed}"
     );

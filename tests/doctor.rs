@@ -802,11 +802,6 @@ async fn cloudflared_binary_version_and_flags_are_checked_by_running_it() {
     );
 }
 
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// Waits for `/status` to say ready with all four edge connections.
 async fn wait_ready(admin: SocketAddr, log: &Path) {
     for _ in 0..200 {
@@ -833,9 +828,9 @@ async fn running_service_is_inspected_through_its_admin_endpoint() {
     let (up, _sd) = mcp_server().await;
     let token = pki.path("tunnel-token");
     write_token(&token, 0o600);
-    let admin = free_port();
-    let listen = free_port();
-    let text = cloudflared_config(
+    // The service listens on port 0 (listener and admin endpoint) from a config in a folder of
+    // its own; doctor's copy names the addresses the service logged.
+    let run_text = cloudflared_config(
         &pki,
         up,
         &format!(
@@ -843,14 +838,11 @@ async fn running_service_is_inspected_through_its_admin_endpoint() {
             standin_bin::path(),
             token.display()
         ),
-        &format!("[admin]\nlisten_addr = \"{admin}\""),
-    )
-    .replace(
-        "listen_addr = \"127.0.0.1:0\"",
-        &format!("listen_addr = \"{listen}\""),
+        "[admin]\nlisten_addr = \"127.0.0.1:0\"",
     );
-    let config = pki.path("mcp-tunnel.toml");
-    std::fs::write(&config, &text).unwrap();
+    let config = pki.dir.path().join("run").join("mcp-tunnel.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(&config, &run_text).unwrap();
     let log = pki.path("run.log");
     let mut child = tokio::process::Command::new(BIN)
         .args(["run", "--config"])
@@ -862,7 +854,20 @@ async fn running_service_is_inspected_through_its_admin_endpoint() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let admin = logged_addr(&log, "admin endpoint listening", "listen").await;
+    let listen = logged_addr(&log, "proxy listening", "listen").await;
     wait_ready(admin, &log).await;
+    let text = run_text
+        .replacen(
+            "listen_addr = \"127.0.0.1:0\"",
+            &format!("listen_addr = \"{listen}\""),
+            1,
+        )
+        .replace(
+            "[admin]\nlisten_addr = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten_addr = \"{admin}\""),
+        );
+    assert!(!text.contains(":0\""), "{text}");
 
     let r = doctor(&pki, &text).await;
     assert_healthy(&r);
@@ -937,6 +942,11 @@ async fn running_service_is_inspected_through_its_admin_endpoint() {
     // A broken edit: doctor reports the file, and the service's refusal of it.
     std::fs::write(
         &config,
+        run_text.replace("[routes]", "[routes]\nbad = \"http://h:1/mcp\""),
+    )
+    .unwrap();
+    std::fs::write(
+        pki.path("mcp-tunnel.toml"),
         text.replace("[routes]", "[routes]\nbad = \"http://h:1/mcp\""),
     )
     .unwrap();

@@ -23,14 +23,6 @@ mod standin_bin;
 const DOMAIN: &str = "abcd1234.tunnel.anthropic.com";
 const TUNNEL: &str = "2f1e8a4c-1111-4222-8333-944455556666";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A cloudflared token (base64 of {"a","t","s"}), as the Console shows it (`eyJ...`).
 fn token() -> String {
     use base64::Engine;
@@ -299,20 +291,26 @@ async fn the_manual_flow_folder_becomes_a_config_that_check_accepts_and_run_serv
     assert!(check.status.success(), "{check:?}");
 
     // `run` serves a request through it, cloudflared (the stand-in) supervised. Only the two
-    // fixed ports change, so that parallel tests do not collide.
-    let (listen, admin) = (free_port(), free_port());
-    let config = config.replace("127.0.0.1:8080", &format!("127.0.0.1:{listen}"))
-        + &format!("\n[admin]\nlisten_addr = \"127.0.0.1:{admin}\"\n");
+    // fixed ports change, to port 0, so that parallel tests do not collide; the bound
+    // addresses come from the service's log.
+    let config = config.replace("127.0.0.1:8080", "127.0.0.1:0")
+        + "\n[admin]\nlisten_addr = \"127.0.0.1:0\"\n";
     std::fs::write(target.config(), config).unwrap();
+    let log = target.root.path().join("run.log");
     let child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(target.config())
         .env("PATH", path_with_cloudflared(target.root.path()))
-        .stderr(Stdio::null())
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let _running = Running(child);
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let listen = common::logged_addr(&log, "proxy listening", "listen")
+        .await
+        .port();
+    let admin = common::logged_addr(&log, "admin endpoint listening", "listen").await;
     let mut ready = None;
     for _ in 0..200 {
         ready = get(admin, "/readyz").await;

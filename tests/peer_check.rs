@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{DOMAIN, TestPki, echo_upstream, roots_from};
+use common::{DOMAIN, TestPki, echo_upstream, logged_addr, roots_from};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
@@ -44,13 +44,6 @@ impl Bin {
         std::fs::copy(BIN, &path).unwrap();
         Bin { _dir: dir, path }
     }
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 /// Kills the process when the test ends, however it ends.
@@ -104,15 +97,15 @@ async fn start_service(
     peer_check: &str,
 ) -> Service {
     let upstream = echo_upstream().await;
-    let (listen, admin) = (free_port(), free_port());
+    // Port 0 for both: the bound addresses come from the service's log.
     let config = pki.path(&format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
-            "listen_addr = \"{listen}\"\ntunnel_domain = \"{DOMAIN}\"\nshutdown_timeout = \"1s\"\n\
+            "listen_addr = \"127.0.0.1:0\"\ntunnel_domain = \"{DOMAIN}\"\nshutdown_timeout = \"1s\"\n\
              [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[routes]\necho = \"http://{upstream}\"\n\
              [upstream]\nallowed_ips = [\"127.0.0.0/8\"]\n[cloudflared]\nenabled = false\n\
-             [admin]\nlisten_addr = \"{admin}\"\n[peer_check]\n{peer_check}\n",
+             [admin]\nlisten_addr = \"127.0.0.1:0\"\n[peer_check]\n{peer_check}\n",
             pki.path("tls.crt").display(),
             pki.path("tls.key").display(),
         ),
@@ -135,6 +128,8 @@ async fn start_service(
     .unwrap();
     let pid = child.id();
     let proc = Proc(child);
+    let listen = logged_addr(&log, "proxy listening", "listen").await;
+    let admin = logged_addr(&log, "admin endpoint listening", "listen").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok((200, _)) = http_get(admin, "/readyz").await {
@@ -163,10 +158,9 @@ async fn start_service(
 /// `mcp-tunnel bridge` to the service's listener, as `uid`; returns once it listens (read
 /// from its log: a probe connection would already reach the listener through it).
 fn start_bridge(bin: &Bin, service: &Service, uid: Option<u32>) -> (Proc, SocketAddr) {
-    let addr = free_port();
     let mut child = as_user(
         Command::new(&bin.path)
-            .args(["bridge", "--listen", &addr.to_string(), "--to"])
+            .args(["bridge", "--listen", "127.0.0.1:0", "--to"])
             .arg(format!("ws://{}", service.listen))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -183,15 +177,17 @@ fn start_bridge(bin: &Bin, service: &Service, uid: Option<u32>) -> (Proc, Socket
     let stderr = child.stderr.take().unwrap();
     let proc = Proc(child);
     let mut lines = BufReader::new(stderr).lines();
-    loop {
+    let addr: SocketAddr = loop {
         let line = lines
             .next()
             .expect("bridge exited before listening")
             .unwrap();
+        // `bridge listening listen=127.0.0.1:PORT`: it bound port 0 and says which port.
         if line.contains("bridge listening") {
-            break;
+            let at = line.find("listen=").expect("listen= in the line") + "listen=".len();
+            break line[at..].split(' ').next().unwrap().parse().unwrap();
         }
-    }
+    };
     // Keep draining its log so that it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     (proc, addr)

@@ -292,13 +292,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 fn sigterm(child: &Child) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
@@ -319,13 +312,14 @@ async fn exit_code(child: &mut Child, within: Duration) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_path_notify_argv_env_admin_and_stop_order() {
     let env = Env::new().await;
-    let admin = free_port();
     let cfg = env.config(
-        Some(admin),
+        Some("127.0.0.1:0".parse().unwrap()),
         "ready_requires_tunnel = true\ngrace_period = \"5s\"",
         &[("STANDIN_FORWARD", "127.0.0.1:0")],
     );
     let mut sup = env.start(&cfg, true);
+    // Port 0: the address the admin endpoint bound comes from the service's log.
+    let admin = logged_addr(&env, "supervisor.log", "admin endpoint listening", "listen").await;
 
     // READY=1 only once the tunnel has an edge connection, with the STATUS line.
     let ready = env

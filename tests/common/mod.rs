@@ -242,3 +242,34 @@ pub async fn echo_upstream() -> SocketAddr {
     })
     .await
 }
+
+/// The address in field `field` of the first line of the log file `log` that contains
+/// `message` (the service logs what it bound, e.g. `proxy listening listen=127.0.0.1:40123`):
+/// a test starts processes on port 0 and reads their addresses here, instead of binding a
+/// port, releasing it and handing it over (another process may take it in between).
+#[allow(dead_code)]
+pub async fn logged_addr(log: &std::path::Path, message: &str, field: &str) -> SocketAddr {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(message)) {
+            let at = line
+                .find(&format!("{field}="))
+                .unwrap_or_else(|| panic!("no {field}= in {line:?}"))
+                + field.len()
+                + 1;
+            return line[at..]
+                .split([' ', '"'])
+                .find(|s| !s.is_empty())
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no {message:?} line in {}:\n{text}",
+            log.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
