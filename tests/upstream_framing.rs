@@ -140,6 +140,16 @@ fn answers(path: &str) -> Vec<u8> {
         "/smuggle" => {
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled"
         }
+        // Less than it announced, then the connection closes ("close" in the path).
+        "/short-body-close" => "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nonly this",
+        // A head that never ends: header lines, about 1 MB of them, and no blank line.
+        "/endless-head" => {
+            return [
+                b"HTTP/1.1 200 OK\r\n".to_vec(),
+                b"x-filler: 0123456789abcdef\r\n".repeat(40_000),
+            ]
+            .concat();
+        }
         _ => "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext",
     };
     r.as_bytes().to_vec()
@@ -353,4 +363,46 @@ async fn request_bodies_go_out_framed_by_length_or_chunked() {
         .collect();
     assert_eq!(decoded, "part one, part two", "{text:?}");
     assert!(text.ends_with("0\r\n\r\n"), "{text:?}");
+}
+
+/// Faults of the upstream (issue 23, item 4): a head that never ends, and a body cut short by
+/// a close. Each fails only its own request, within bounds, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_head_or_a_body_cut_short_fails_only_that_request() {
+    let pki = TestPki::new();
+    let (addr, seen) = raw_upstream(answers).await;
+    let proxy = start(&pki, addr).await;
+    let mut edge = Edge::connect(&proxy, &pki, "echo.tunnel.test", false).await;
+    let t0 = std::time::Instant::now();
+    let (status, body) = get(&mut edge, "/endless-head").await;
+    assert_eq!(status, 502, "{body:?}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(
+        wait_for(&seen, |s| s.closed_by_proxy >= 1).await,
+        "the proxy must close the connection the endless head came on"
+    );
+    let (status, body) = get(&mut edge, "/next").await;
+    assert_eq!((status, body.unwrap()), (200, Bytes::from("next")));
+
+    let Edge::H1(mut send) = Edge::connect(&proxy, &pki, "echo.tunnel.test", false).await else {
+        unreachable!("asked for HTTP/1.1")
+    };
+    let req = request(
+        "GET",
+        "echo.tunnel.test",
+        "/short-body-close",
+        full(""),
+        false,
+    );
+    let ended_cleanly = match send.send_request(req).await {
+        Ok(resp) => resp.into_body().collect().await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !ended_cleanly,
+        "a body cut short must not end cleanly for the client"
+    );
+    let mut edge = Edge::connect(&proxy, &pki, "echo.tunnel.test", false).await;
+    let (status, body) = get(&mut edge, "/next").await;
+    assert_eq!((status, body.unwrap()), (200, Bytes::from("next")));
 }
