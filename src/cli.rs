@@ -130,6 +130,28 @@ pub enum Command {
         #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Review a window of the service's own records, before restoring after an incident:
+    /// requests per route, callers, MCP methods and tools with their outcomes, refusals,
+    /// and reloads, rotations, connector changes and sever in time order. Reads the journal
+    /// (`journalctl -o json`) or, with --file, a JSON log (`log_format = "json"`).
+    Audit {
+        /// Start of the window: as journalctl takes it ("2026-12-07 03:00", "2h ago"); with
+        /// --file, RFC 3339 or `YYYY-MM-DD HH:MM[:SS]` in UTC.
+        #[arg(long)]
+        since: String,
+        /// End of the window (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// The systemd unit whose journal is read.
+        #[arg(long, default_value = "mcp-tunnel")]
+        unit: String,
+        /// A file of JSON log lines instead of the journal.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print the review as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn a reference Docker Compose deployment folder (config/mcp-proxy.yaml, data/, .env)
     /// into this appliance's config file and state directory, printing every decision; then
     /// check the result as `check` does.
@@ -421,6 +443,19 @@ pub fn dispatch(cli: Cli) -> u8 {
             config,
             timeout,
         } => crate::telemetry::restart_connector::run(admin, &config, timeout),
+        Command::Audit {
+            since,
+            until,
+            unit,
+            file,
+            json,
+        } => crate::incident::audit::main(&crate::incident::audit::Options {
+            since,
+            until,
+            unit,
+            file,
+            json,
+        }),
         Command::Sever {
             config,
             admin,

@@ -2,4 +2,5 @@
 //! that cannot be half-done, is safe to repeat, and says what it did and what is left for a
 //! person. `sever` needs nothing but this host (no API, no network).
 
+pub mod audit;
 pub mod sever;
