@@ -394,6 +394,21 @@ if [[ "$(show NRestarts)" -gt "$restarts" && "$(show ActiveState)" == active && 
   pass "lifted while severed and running: the service exited 75 and systemd restarted it; serving again"
 else failc "lift of a running severed service: $lift_out; NRestarts $(show NRestarts) (was $restarts), $(show ActiveState); call: $out"; fi
 
+step "mcp-tunnel audit reviews the window from the real journal"
+audit_out="$(mcp-tunnel audit --since -30min 2>audit.err)"; audit_rc=$?
+ok_calls=$(awk '$1 == "audited" && $2 == "tools/call" && $3 == "hello" && $4 == "ok" {print $5}' <<<"$audit_out")
+hello_reqs=$(awk '$1 == "hello" && $3 ~ /^\(/ {print $2}' <<<"$audit_out")
+reload_at=$(grep -n '  config reloaded' <<<"$audit_out" | head -1 | cut -d: -f1)
+sever_at=$(grep -n '  SEVERING' <<<"$audit_out" | head -1 | cut -d: -f1)
+if [[ $audit_rc == 0 && ${ok_calls:-0} -ge 1000 && ${hello_reqs:-0} -ge 1 && -n "$reload_at" && -n "$sever_at" && $reload_at -lt $sever_at ]] \
+   && grep -q '^callers' <<<"$audit_out" && grep -q '^refusals' <<<"$audit_out"; then
+  pass "audit --since -30min from the journal: $(head -1 <<<"$audit_out"); $ok_calls audited tools/call ok, $hello_reqs requests on hello, the reload listed before the sever"
+else failc "audit: rc $audit_rc, audited ok ${ok_calls:-none}, hello ${hello_reqs:-none}, reload line ${reload_at:-none}, sever line ${sever_at:-none}; $(head -c 300 audit.err); $(head -20 <<<"$audit_out" | tr '\n' '|')"; fi
+empty_out="$(mcp-tunnel audit --since '2100-01-01' 2>&1)"; empty_rc=$?
+[[ $empty_rc == 1 && "$empty_out" == *"no entries of unit mcp-tunnel since 2100-01-01"* ]] && pass "an empty window says so (exit 1)" || failc "empty window: rc $empty_rc: $empty_out"
+nobody_out="$(runuser -u nobody -- mcp-tunnel audit --since -30min 2>&1)"; nobody_rc=$?
+[[ $nobody_rc == 1 && "$nobody_out" == *"not readable by this user"* ]] && pass "a caller who may not read the journal is told so (exit 1)" || failc "audit as nobody: rc $nobody_rc: $nobody_out"
+
 step "systemctl stop is clean"
 # All 4 connections up first: READY=1 comes with the first one, and a SIGTERM while the others
 # are still being set up makes cloudflared register and unregister them one by one until its

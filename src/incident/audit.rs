@@ -341,15 +341,10 @@ fn read_journal(opts: &Options, review: &mut Review) -> Result<(), (u8, String)>
         .wait_with_output()
         .map_err(|e| (1, format!("journalctl: {e}")))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        return Err((
-            1,
-            format!("journalctl failed ({}): {}", out.status, stderr.trim()),
-        ));
-    }
-    if review.entries == 0
-        && (stderr.contains("not seeing messages") || stderr.contains("insufficient permissions"))
-    {
+    let denied = stderr.contains("not seeing messages")
+        || stderr.contains("insufficient permissions")
+        || stderr.contains("Permission denied");
+    if review.entries == 0 && denied {
         return Err((
             1,
             format!(
@@ -357,6 +352,12 @@ fn read_journal(opts: &Options, review: &mut Review) -> Result<(), (u8, String)>
                 opts.unit,
                 stderr.trim()
             ),
+        ));
+    }
+    if !out.status.success() {
+        return Err((
+            1,
+            format!("journalctl failed ({}): {}", out.status, stderr.trim()),
         ));
     }
     Ok(())
