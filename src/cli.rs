@@ -262,6 +262,33 @@ pub enum SetupCommand {
         #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Archive a tunnel, after severing this host (`mcp-tunnel sever`): irreversible, the
+    /// domain is retired forever, the token invalidated and every CA certificate archived;
+    /// the only step that severs every connector of the tunnel. Safe to repeat. With
+    /// --reprovision, a fresh tunnel follows at once through the `setup init` path (new CA,
+    /// certificate and token; the old state files are set aside in the state directory).
+    Archive {
+        /// The tunnel to archive (tnl_...).
+        #[arg(long)]
+        tunnel: String,
+        /// Required: archiving cannot be undone.
+        #[arg(long)]
+        yes_archive_permanently: bool,
+        /// Create a new tunnel right after, and print the URLs that must switch to it.
+        #[arg(long)]
+        reprovision: bool,
+        /// Claude API base URL [env: API_URL]
+        #[arg(long)]
+        api_url: Option<String>,
+        /// dir:PATH [default: provision.state_dir or /var/lib/mcp-tunnel]
+        #[arg(long)]
+        output: Option<String>,
+        /// Admin endpoint of the running service (for the sever); default from the config.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Issue a new server certificate from the stored CA; no API calls.
     RenewCert {
         /// dir:PATH [default: provision.state_dir or /var/lib/mcp-tunnel]
@@ -276,6 +303,121 @@ pub enum SetupCommand {
         #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+}
+
+/// `setup archive`: refuse without the confirmation, sever this host, archive, and with
+/// `reprovision` provision a fresh tunnel; each step says what it did.
+fn setup_archive(
+    tunnel: &str,
+    confirmed: bool,
+    reprovision: bool,
+    flags: crate::provision::Overrides,
+    admin: Option<SocketAddr>,
+    config: &std::path::Path,
+) -> u8 {
+    use crate::provision::{ErrorClass, Settings};
+    if !confirmed {
+        eprintln!(
+            "error: archiving tunnel {tunnel} cannot be undone (its domain is retired forever, its token invalidated, every CA certificate archived, every connector severed): pass --yes-archive-permanently"
+        );
+        return 2;
+    }
+    let section = match provision_section(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    let settings = match Settings::resolve(&flags, &env, section.as_ref()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("note: {e}");
+            None
+        }
+    };
+    // This host first, API or not: nothing of it may keep serving the tunnel.
+    let code = crate::incident::sever::main(&crate::incident::sever::Options {
+        config: config.to_path_buf(),
+        admin,
+        reason: Some(format!("tunnel {tunnel} is being archived (setup archive)")),
+        lift: false,
+        timeout: std::time::Duration::from_secs(15),
+    });
+    if code == 2 {
+        eprintln!("error: this host could not be severed: nothing was archived");
+        return 2;
+    }
+    let Some(settings) = settings else {
+        println!("{}", crate::incident::archive::console_steps(tunnel));
+        return 1;
+    };
+    crate::telemetry::init("info");
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        eprintln!("error: cannot start the async runtime");
+        return 1;
+    };
+    match rt.block_on(crate::incident::archive::run(
+        &settings,
+        tunnel,
+        reprovision,
+    )) {
+        Ok(a) => {
+            if a.already {
+                println!(
+                    "tunnel {} ({}) was already archived at {}: nothing changed",
+                    a.tunnel_id,
+                    a.domain,
+                    a.archived_at.as_deref().unwrap_or("?")
+                );
+            } else {
+                println!(
+                    "tunnel {} archived at {}: {} is retired forever, its token invalid, its CA certificates archived; every connector of it is severed",
+                    a.tunnel_id,
+                    a.archived_at.as_deref().unwrap_or("?"),
+                    a.domain
+                );
+            }
+            match a.fresh {
+                Some((o, aside)) => {
+                    println!(
+                        "new tunnel {} ({}) provisioned in {} (new CA, certificate and token); the archived tunnel's files are in {}",
+                        o.tunnel_id,
+                        o.domain,
+                        settings.output.display(),
+                        aside.display()
+                    );
+                    if let Ok(c) = Config::load(config) {
+                        println!("switch Managed Agent sessions and mcp_servers entries to:");
+                        for r in &c.routes {
+                            let host = if r.name.contains('.') {
+                                r.name.clone()
+                            } else {
+                                format!("{}.{}", r.name, o.domain)
+                            };
+                            println!("  {}: https://{host}/mcp", r.name);
+                        }
+                    }
+                    println!(
+                        "then lift the sever (`mcp-tunnel sever --lift`): the service starts on the new tunnel. Other hosts of the old tunnel need the new state directory (docs/PACKAGING.md, Scaling out)."
+                    );
+                }
+                None => println!(
+                    "this host stays severed (`mcp-tunnel sever --lift` once it has a new tunnel: `mcp-tunnel setup init`, or rerun with --reprovision)"
+                ),
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            if e.class() == ErrorClass::Config {
+                EXIT_CONFIG
+            } else {
+                1
+            }
+        }
+    }
 }
 
 /// `--renew-before` takes a duration, or the reference's bare `0`.
@@ -370,6 +512,27 @@ fn setup(command: SetupCommand) -> u8 {
                 }
             }
         }
+        SetupCommand::Archive {
+            tunnel,
+            yes_archive_permanently,
+            reprovision,
+            api_url,
+            output,
+            admin,
+            config,
+        } => setup_archive(
+            &tunnel,
+            yes_archive_permanently,
+            reprovision,
+            Overrides {
+                api_url,
+                tunnel_id: Some(tunnel.clone()),
+                output,
+                ..Overrides::default()
+            },
+            admin,
+            &config,
+        ),
         SetupCommand::RenewCert {
             output,
             cert_duration,

@@ -768,3 +768,176 @@ async fn setup_init_cli_uses_env_and_config_section() {
         assert!(!all.contains(&secret), "a secret reached the terminal");
     }
 }
+
+/// `setup archive` (issue 26): refused without the confirmation; with it, this host is
+/// severed first, the tunnel archived (its certificates too), and with --reprovision a new
+/// tunnel provisioned with a new CA, the old state set aside and the new URLs printed. Run
+/// twice, it reports the archive and changes nothing; an unknown tunnel is named and leaves
+/// the state directory as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_archive_severs_archives_and_reprovisions_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fake, env) = setup(tmp.path()).await;
+    let out = tmp.path().join("state");
+    let config = tmp.path().join("mcp-tunnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[admin]\nlisten_addr = \"127.0.0.1:1\"\n[provision]\nstate_dir = \"state\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
+            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
+        ),
+    )
+    .unwrap();
+    let run = |args: Vec<String>| {
+        let (config, url) = (config.clone(), fake.url.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+                    .env_clear()
+                    .env("API_URL", url)
+                    .args(&args)
+                    .arg("--config")
+                    .arg(config)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let first = run(s(&["setup", "init"])).await;
+    assert!(first.status.success(), "{}", text(&first));
+    let old = fake.with(|s| s.tunnels[0].clone());
+    let old_ca = std::fs::read_to_string(out.join("ca.crt")).unwrap();
+
+    // Without the confirmation: refused, nothing sent, nothing severed.
+    let o = run(s(&["setup", "archive", "--tunnel", &old.id])).await;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--yes-archive-permanently"),
+        "{}",
+        text(&o)
+    );
+    assert!(fake.with(|s| s.tunnels[0].archived_at.is_none()));
+    assert!(!out.join("severed").exists());
+
+    // An unknown tunnel: named, and the state directory stays as it was.
+    let o = run(s(&[
+        "setup",
+        "archive",
+        "--tunnel",
+        "tnl_unknown",
+        "--yes-archive-permanently",
+    ]))
+    .await;
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("tnl_unknown"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(out.join("tunnel-id")).unwrap(),
+        old.id
+    );
+    std::fs::remove_file(out.join("severed")).unwrap();
+
+    let o = run(s(&[
+        "setup",
+        "archive",
+        "--tunnel",
+        &old.id,
+        "--yes-archive-permanently",
+        "--reprovision",
+    ]))
+    .await;
+    let said = text(&o);
+    assert!(o.status.success(), "{said}");
+    assert!(
+        out.join("severed").exists(),
+        "this host is severed first: {said}"
+    );
+    let (archived, tunnels, active_old) = fake.with(|s| {
+        (
+            s.tunnels[0].archived_at.clone(),
+            s.tunnels.len(),
+            s.certs
+                .iter()
+                .filter(|c| c.tunnel_id == old.id && c.archived_at.is_none())
+                .count(),
+        )
+    });
+    assert!(archived.is_some(), "{said}");
+    assert_eq!(
+        active_old, 0,
+        "the archived tunnel's CA certificates are archived too"
+    );
+    assert_eq!(tunnels, 2, "{said}");
+    let new = fake.with(|s| s.tunnels[1].clone());
+    assert_eq!(
+        std::fs::read_to_string(out.join("tunnel-id")).unwrap(),
+        new.id
+    );
+    assert_ne!(
+        std::fs::read_to_string(out.join("ca.crt")).unwrap(),
+        old_ca,
+        "a new CA"
+    );
+    assert!(
+        said.contains(&format!("tunnel {} archived at", old.id)),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("https://echo.{}/mcp", new.domain)),
+        "{said}"
+    );
+    let aside: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("archived-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{said}");
+    assert_eq!(
+        std::fs::read_to_string(aside[0].path().join("ca.crt")).unwrap(),
+        old_ca,
+        "the archived tunnel's files are kept aside, not lost"
+    );
+
+    // Twice: the archive is reported, nothing changes (the state holds the new tunnel now,
+    // so a second --reprovision is refused before anything is sent).
+    let o = run(s(&[
+        "setup",
+        "archive",
+        "--tunnel",
+        &old.id,
+        "--yes-archive-permanently",
+    ]))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("was already archived"), "{}", text(&o));
+    let o = run(s(&[
+        "setup",
+        "archive",
+        "--tunnel",
+        &old.id,
+        "--yes-archive-permanently",
+        "--reprovision",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("holds tunnel {}", new.id)),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(fake.with(|s| s.tunnels.len()), 2);
+    let all = format!("{said}{}", text(&first));
+    assert!(!all.contains(&old.token), "the archived tunnel's token reached the terminal");
+    for secret in fake.with(|s| s.secrets()) {
+        assert!(!all.contains(&secret), "a secret reached the terminal");
+    }
+}

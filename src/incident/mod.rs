@@ -2,5 +2,6 @@
 //! that cannot be half-done, is safe to repeat, and says what it did and what is left for a
 //! person. `sever` needs nothing but this host (no API, no network).
 
+pub mod archive;
 pub mod audit;
 pub mod sever;

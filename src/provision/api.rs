@@ -244,6 +244,18 @@ impl ApiClient {
         .await
     }
 
+    /// Irreversible: the domain is retired, the token invalidated, every CA certificate
+    /// archived. Safe to repeat: an archived tunnel's record comes back unchanged.
+    pub async fn archive_tunnel(&self, id: &str) -> Result<Tunnel, ProvisionError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/tunnels/{}/archive", seg(id)),
+            None,
+            Repeat::Safe,
+        )
+        .await
+    }
+
     pub async fn reveal_token(&self, id: &str) -> Result<TunnelToken, ProvisionError> {
         self.call(
             Method::POST,

@@ -160,6 +160,8 @@ impl State {
         out.extend(self.assertions_seen.iter().cloned());
         out.extend(self.accepted_assertions.iter().cloned());
         out.extend(self.api_keys.iter().cloned());
+        // An archived tunnel's token is cleared: an empty string is no secret to look for.
+        out.retain(|s| !s.is_empty());
         out
     }
 }
