@@ -152,6 +152,33 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take this host off the tunnel for good: stop the service (with --stop; refused while
+    /// it runs otherwise), archive the tunnel (unless --keep-tunnel), then remove the state
+    /// directory's secrets (CA key, server key, token, tunnel ID). Nothing is removed before
+    /// the archive succeeded; prints what was removed and what was not.
+    Teardown {
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Admin endpoint of the running service; default from the config.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Stop the running service first (SIGTERM, a clean stop).
+        #[arg(long)]
+        stop: bool,
+        /// Keep the tunnel: remove this host's secrets only (other hosts keep serving it).
+        #[arg(long)]
+        keep_tunnel: bool,
+        /// Required: the secrets are deleted, and without --keep-tunnel the tunnel is archived
+        /// (irreversible).
+        #[arg(long)]
+        yes: bool,
+        /// Claude API base URL [env: API_URL]
+        #[arg(long)]
+        api_url: Option<String>,
+        /// dir:PATH [default: provision.state_dir or /var/lib/mcp-tunnel]
+        #[arg(long)]
+        output: Option<String>,
+    },
     /// Turn a reference Docker Compose deployment folder (config/mcp-proxy.yaml, data/, .env)
     /// into this appliance's config file and state directory, printing every decision; then
     /// check the result as `check` does.
@@ -420,6 +447,121 @@ fn setup_archive(
     }
 }
 
+/// `teardown`: stop, archive, remove; each step says what it did, and what is left for a
+/// person is listed at the end.
+fn teardown(
+    config: &std::path::Path,
+    admin: Option<SocketAddr>,
+    stop: bool,
+    keep_tunnel: bool,
+    yes: bool,
+    api_url: Option<String>,
+    output: Option<String>,
+) -> u8 {
+    use crate::incident::teardown as td;
+    use crate::provision::{Overrides, Settings};
+    if !yes {
+        eprintln!(
+            "error: teardown deletes this host's tunnel secrets{}: pass --yes",
+            if keep_tunnel {
+                ""
+            } else {
+                " and archives the tunnel (irreversible)"
+            }
+        );
+        return 2;
+    }
+    let addr = crate::telemetry::status::admin_addr(admin, config);
+    if let Some(pid) = td::running_pid(addr) {
+        if !stop {
+            eprintln!(
+                "error: the service is running (PID {pid}, admin endpoint {addr}): stop it first (`systemctl stop mcp-tunnel`), or pass --stop"
+            );
+            return 2;
+        }
+        if let Err(e) = td::stop(pid, std::time::Duration::from_secs(90)) {
+            eprintln!("error: {e}");
+            return 1;
+        }
+        println!("stopped the service (PID {pid})");
+    }
+    let section = match provision_section(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    let flags = Overrides {
+        api_url,
+        output,
+        ..Overrides::default()
+    };
+    let resolved = Settings::resolve(&flags, &env, section.as_ref());
+    let dir = match &resolved {
+        Ok(s) => s.output.clone(),
+        Err(_) => crate::incident::sever::state_dir(
+            Config::load(config).ok().as_ref(),
+            std::env::var_os("STATE_DIRECTORY").as_deref(),
+        ),
+    };
+    let tunnel = std::fs::read_to_string(dir.join(crate::provision::state::TUNNEL_ID))
+        .ok()
+        .map(|s| s.trim().to_string());
+    let mut left = Vec::new();
+    match (&tunnel, keep_tunnel, resolved) {
+        (_, true, _) => left.push("the tunnel itself (--keep-tunnel): archive it in the Console or with `mcp-tunnel setup archive` when no host needs it".to_string()),
+        (None, false, _) => left.push(format!("no tunnel ID in {}: if a tunnel exists, archive it in the Console", dir.display())),
+        (Some(id), false, Ok(settings)) => {
+            crate::telemetry::init("info");
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                eprintln!("error: cannot start the async runtime");
+                return 1;
+            };
+            match rt.block_on(td::archive(&settings, id)) {
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    eprintln!("error: {e}
+nothing was removed: the state directory is as it was");
+                    return 1;
+                }
+            }
+        }
+        (Some(id), false, Err(e)) => {
+            eprintln!(
+                "error: cannot archive tunnel {id}: {e}
+nothing was removed. Archive it in the Console (Tunnels -> {id} -> Archive) and rerun with --keep-tunnel"
+            );
+            return 1;
+        }
+    }
+    match td::remove_secrets(&dir) {
+        Ok((removed, kept)) => {
+            if removed.is_empty() {
+                println!("nothing left to remove in {}", dir.display());
+            } else {
+                println!("removed from {}: {}", dir.display(), removed.join(", "));
+            }
+            for k in kept {
+                left.push(format!("{} (an archived tunnel's files, kept by `setup archive --reprovision`): remove it when no longer needed", k.display()));
+            }
+        }
+        Err(e) => {
+            eprintln!("error: removing the secrets from {}: {e}", dir.display());
+            return 1;
+        }
+    }
+    left.push(format!(
+        "the config file {} (it holds no secret)",
+        config.display()
+    ));
+    left.push("copies of the state directory on other hosts, and any backups of it".into());
+    left.push("the package itself: `apt purge mcp-tunnel` or `dnf remove mcp-tunnel`".into());
+    println!("not removed:");
+    for l in left {
+        println!("  - {l}");
+    }
+    0
+}
+
 /// `--renew-before` takes a duration, or the reference's bare `0`.
 fn parse_renew_before(s: &str) -> Result<std::time::Duration, String> {
     if s.trim() == "0" {
@@ -619,6 +761,15 @@ pub fn dispatch(cli: Cli) -> u8 {
             file,
             json,
         }),
+        Command::Teardown {
+            config,
+            admin,
+            stop,
+            keep_tunnel,
+            yes,
+            api_url,
+            output,
+        } => teardown(&config, admin, stop, keep_tunnel, yes, api_url, output),
         Command::Sever {
             config,
             admin,

@@ -936,8 +936,133 @@ async fn setup_archive_severs_archives_and_reprovisions_once() {
     );
     assert_eq!(fake.with(|s| s.tunnels.len()), 2);
     let all = format!("{said}{}", text(&first));
-    assert!(!all.contains(&old.token), "the archived tunnel's token reached the terminal");
+    assert!(
+        !all.contains(&old.token),
+        "the archived tunnel's token reached the terminal"
+    );
     for secret in fake.with(|s| s.secrets()) {
         assert!(!all.contains(&secret), "a secret reached the terminal");
     }
+}
+
+/// A stand-in for the running service's admin endpoint: `/readyz` names `pid`.
+async fn readyz_naming(pid: u32) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let body = format!("{{\"ready\":true,\"pid\":{pid}}}");
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `teardown` (issue 26): refused without --yes and while the service runs (unless --stop);
+/// then the service is stopped, the tunnel archived, the secrets removed, and what was not
+/// removed listed. Twice: nothing left, nothing sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_stops_archives_and_removes_the_secrets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fake, env) = setup(tmp.path()).await;
+    let out = tmp.path().join("state");
+    // The "service": a process whose PID the admin endpoint names.
+    let mut service = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let admin = readyz_naming(service.id()).await;
+    let config = tmp.path().join("mcp-tunnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[admin]\nlisten_addr = \"{admin}\"\n[provision]\nstate_dir = \"state\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
+            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (config, url) = (config.clone(), fake.url.clone());
+        async move {
+            let o = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+                    .env_clear()
+                    .env("API_URL", url)
+                    .args(&args)
+                    .arg("--config")
+                    .arg(config)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            (o.status.code().unwrap_or(-1), text)
+        }
+    };
+    let (code, said) = run(&["setup", "init"]).await;
+    assert_eq!(code, 0, "{said}");
+    let tunnel = fake.with(|s| s.tunnels[0].clone());
+
+    let (code, said) = run(&["teardown"]).await;
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("pass --yes"), "{said}");
+    let (code, said) = run(&["teardown", "--yes"]).await;
+    assert_eq!(code, 2, "{said}");
+    assert!(
+        said.contains("the service is running") && said.contains("--stop"),
+        "{said}"
+    );
+    assert!(out.join("ca.key").exists() && fake.with(|s| s.tunnels[0].archived_at.is_none()));
+
+    let (code, said) = run(&["teardown", "--yes", "--stop"]).await;
+    assert_eq!(code, 0, "{said}");
+    assert!(
+        service.try_wait().unwrap().is_some(),
+        "the service was stopped: {said}"
+    );
+    assert!(
+        said.contains(&format!("tunnel {} archived", tunnel.id)),
+        "{said}"
+    );
+    assert!(fake.with(|s| s.tunnels[0].archived_at.is_some()));
+    for f in ["tunnel-token", "ca.key", "tls.key", "tunnel-id"] {
+        assert!(!out.join(f).exists(), "{f} left behind: {said}");
+        assert!(said.contains(f), "{said}");
+    }
+    assert!(
+        said.contains("not removed:") && said.contains("other hosts"),
+        "{said}"
+    );
+
+    let (code, said) = run(&["teardown", "--yes"]).await;
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("nothing left to remove"), "{said}");
+    assert!(said.contains("no tunnel ID in"), "{said}");
+    assert_eq!(
+        fake.with(|s| s.tunnels.len()),
+        1,
+        "nothing created or sent twice"
+    );
 }

@@ -5,3 +5,4 @@
 pub mod archive;
 pub mod audit;
 pub mod sever;
+pub mod teardown;
