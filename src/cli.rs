@@ -137,10 +137,10 @@ pub enum Command {
     Audit {
         /// Start of the window: as journalctl takes it ("2026-12-07 03:00", "2h ago"); with
         /// --file, RFC 3339 or `YYYY-MM-DD HH:MM[:SS]` in UTC.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         since: String,
         /// End of the window (default: now).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         until: Option<String>,
         /// The systemd unit whose journal is read.
         #[arg(long, default_value = "mcp-tunnel")]
