@@ -205,7 +205,10 @@ async fn audit_reviews_what_the_service_logged_in_the_window() {
     // journalctl's relative form ("-30min") is a value, not a flag.
     let (code, _, err) = audit(&log, "-30min");
     assert_eq!(code, 2);
-    assert!(err.contains("--since \"-30min\": expected an RFC 3339 time"), "{err}");
+    assert!(
+        err.contains("--since \"-30min\": expected an RFC 3339 time"),
+        "{err}"
+    );
     // A time it cannot read is named.
     let (code, _, err) = audit(&log, "yesterday");
     assert_eq!(code, 2);
