@@ -102,6 +102,9 @@ async fn serve_raw(mut stream: TcpStream, answer: fn(&str) -> Vec<u8>, seen: Arc
         seen.lock().unwrap().requests.push((head, body));
         let out = answer(&path);
         if stream.write_all(&out).await.is_err() {
+            // Only the proxy closing the connection mid-answer makes a write fail here (an
+            // answer it refuses to read to the end, such as an endless head).
+            seen.lock().unwrap().closed_by_proxy += 1;
             return;
         }
         if path.contains("close") {

@@ -432,6 +432,13 @@ async fn sever(
     admin_stop: CancellationToken,
 ) -> Result<(), RunError> {
     error!(reason = %why, "SEVERING: killing cloudflared and closing every session now");
+    if let Some(sup) = cf {
+        sup.force_token().cancel();
+        sup.begin_stop();
+        sup.stopped().await;
+    }
+    let closed = shutdown.close_now().await;
+    // Shown only once it is done: `mcp-tunnel sever` waits for this to confirm.
     *state.severed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
     *state
         .incident_actions
@@ -439,12 +446,6 @@ async fn sever(
         .unwrap_or_else(|e| e.into_inner())
         .entry("sever")
         .or_default() += 1;
-    if let Some(sup) = cf {
-        sup.force_token().cancel();
-        sup.begin_stop();
-        sup.stopped().await;
-    }
-    let closed = shutdown.close_now().await;
     error!(connections_closed = closed, reason = %why, "severed: no tunnel on this host until the marker is lifted");
     notifier.status(&metrics::status_line(state, now()));
     let mut tick = tokio::time::interval(TICK);
