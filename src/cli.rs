@@ -378,11 +378,7 @@ fn setup_archive(
         return 1;
     };
     crate::telemetry::init("info");
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
-        eprintln!("error: cannot start the async runtime");
+    let Some(rt) = crate::telemetry::status::client_runtime() else {
         return 1;
     };
     match rt.block_on(crate::incident::archive::run(
@@ -512,8 +508,7 @@ fn teardown(
         (None, false, _) => left.push(format!("no tunnel ID in {}: if a tunnel exists, archive it in the Console", dir.display())),
         (Some(id), false, Ok(settings)) => {
             crate::telemetry::init("info");
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                eprintln!("error: cannot start the async runtime");
+            let Some(rt) = crate::telemetry::status::client_runtime() else {
                 return 1;
             };
             match rt.block_on(td::archive(&settings, id)) {

@@ -711,6 +711,25 @@ async fn token_rotation_schedule_and_rotation() {
     );
 }
 
+/// The binary as an operator runs it against the local Tunnels API: a clean environment
+/// but `API_URL`, then `args` and `--config CONFIG`.
+async fn cli(url: &str, config: &Path, args: &[&str]) -> std::process::Output {
+    let (url, config) = (url.to_string(), config.to_path_buf());
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .env_clear()
+            .env("API_URL", url)
+            .args(&args)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// The binary: `setup init` reads the environment and the `[provision]` section, prints no
 /// secret, and a rerun reports that nothing changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -728,17 +747,7 @@ async fn setup_init_cli_uses_env_and_config_section() {
     )
     .unwrap();
     let run = |config: std::path::PathBuf, url: String| async move {
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-                .env_clear()
-                .env("API_URL", url)
-                .args(["setup", "init", "--config"])
-                .arg(config)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap()
+        cli(&url, &config, &["setup", "init"]).await
     };
     let first = run(config.clone(), fake.url.clone()).await;
     let stdout = String::from_utf8_lossy(&first.stdout).to_string();
@@ -791,18 +800,8 @@ async fn setup_archive_severs_archives_and_reprovisions_once() {
     let run = |args: Vec<String>| {
         let (config, url) = (config.clone(), fake.url.clone());
         async move {
-            tokio::task::spawn_blocking(move || {
-                std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-                    .env_clear()
-                    .env("API_URL", url)
-                    .args(&args)
-                    .arg("--config")
-                    .arg(config)
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap()
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli(&url, &config, &args).await
         }
     };
     let text = |o: &std::process::Output| {
@@ -1001,18 +1000,8 @@ async fn teardown_stops_archives_and_removes_the_secrets() {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let (config, url) = (config.clone(), fake.url.clone());
         async move {
-            let o = tokio::task::spawn_blocking(move || {
-                std::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-                    .env_clear()
-                    .env("API_URL", url)
-                    .args(&args)
-                    .arg("--config")
-                    .arg(config)
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let o = cli(&url, &config, &args).await;
             let text = format!(
                 "{}{}",
                 String::from_utf8_lossy(&o.stdout),

@@ -20,6 +20,7 @@ use tokio::process::{Child, Command};
 
 const DOMAIN: &str = "t.test";
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-tunnel");
+mod common;
 #[path = "common/standin.rs"]
 mod standin_bin;
 const SECRET: &str = "c3VwZXItc2VjcmV0LXR1bm5lbC1zZWNyZXQ=";
@@ -793,21 +794,9 @@ fn start_with_state(env: &Env, config: &Path, log: &str) -> Child {
         .unwrap()
 }
 
-/// The address a value of `field` names in the first log line containing `message`.
+/// The address the service logged in `field` of its `message` line, in the log file `log`.
 async fn logged_addr(env: &Env, log: &str, message: &str, field: &str) -> SocketAddr {
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(env.path(log)).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(message)) {
-            let at = line.find(&format!("{field}=")).expect("field in line") + field.len() + 1;
-            return line[at..].split(' ').next().unwrap().parse().unwrap();
-        }
-        assert!(
-            Instant::now() < end,
-            "no {message:?} line in {log}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::logged_addr(&env.path(log), message, field).await
 }
 
 /// `mcp-tunnel sever` as an operator runs it: its exit status and what it printed.

@@ -151,7 +151,6 @@ impl RouteMcp {
         "log_argument_names",
     ];
 
-    /// Whether the proxy reads this route's MCP messages at all.
     /// How the route's MCP traffic is read, for `doctor`, `status` and the status page:
     /// `policy`, `audited`, or `not audited` (forwarded without being read).
     pub fn audit_label(&self) -> &'static str {
@@ -162,6 +161,7 @@ impl RouteMcp {
         }
     }
 
+    /// Whether the proxy reads this route's MCP messages at all.
     pub fn active(&self) -> bool {
         self.inspect || self.policy.is_some()
     }

@@ -71,7 +71,7 @@ fn audit(config: &Config) -> Check {
     let plain: Vec<&str> = config
         .routes
         .iter()
-        .filter(|r| r.mcp.audit_label() == "not audited")
+        .filter(|r| !r.mcp.active())
         .map(|r| r.name.as_str())
         .collect();
     let reason = if plain.is_empty() {

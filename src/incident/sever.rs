@@ -261,7 +261,7 @@ fn tell_service(opts: &Options, sever: bool) -> Told {
             }
         };
         let v: serde_json::Value = serde_json::from_str(&readyz).unwrap_or_default();
-        let Some(pid) = v["pid"].as_u64() else {
+        let Some(pid) = crate::telemetry::status::pid_in_readyz(&readyz) else {
             return Told::Failed(format!("{addr}/readyz does not name the service's PID"));
         };
         if !sever && v["severed"].is_null() {

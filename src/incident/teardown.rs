@@ -33,10 +33,9 @@ pub fn running_pid(admin: std::net::SocketAddr) -> Option<u32> {
     let (_, body) = rt
         .block_on(crate::telemetry::status::get(admin, "/readyz"))
         .ok()?;
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    let pid = v["pid"].as_u64()? as i32;
+    let pid = crate::telemetry::status::pid_in_readyz(&body)?;
     // Only a live process counts: whatever still answers for a PID that is gone is not it.
-    (kill(Pid::from_raw(pid), None).is_ok() && !exited(pid)).then_some(pid as u32)
+    (kill(Pid::from_raw(pid as i32), None).is_ok() && !exited(pid as i32)).then_some(pid)
 }
 
 /// SIGTERM to `pid` and a wait for it to be gone (a clean stop: systemd does not restart a

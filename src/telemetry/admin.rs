@@ -126,7 +126,7 @@ pub fn status_json(s: &AppState, now: i64) -> serde_json::Value {
             .map(|routes| {
                 routes
                     .iter()
-                    .filter(|r| r.mcp.audit_label() == "not audited")
+                    .filter(|r| !r.mcp.active())
                     .map(|r| r.name.clone())
                     .collect::<Vec<_>>()
             })

@@ -50,9 +50,7 @@ fn series(text: &str, name: &str) -> f64 {
 
 async fn replace(addr: SocketAddr, timeout: Duration) -> Result<String, (u8, String)> {
     let (_, readyz) = get(addr, "/readyz").await.map_err(|e| (2, e))?;
-    let pid = serde_json::from_str::<serde_json::Value>(&readyz)
-        .ok()
-        .and_then(|v| v["pid"].as_u64())
+    let pid = super::status::pid_in_readyz(&readyz)
         .ok_or((2, format!("{addr}/readyz does not name the service's PID")))?;
     let (ok0, failed0) = counts(addr).await?;
     kill(Pid::from_raw(pid as i32), Signal::SIGUSR2).map_err(|e| {

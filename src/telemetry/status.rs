@@ -215,6 +215,16 @@ pub(crate) fn admin_addr(admin: Option<SocketAddr>, config: &Path) -> SocketAddr
     })
 }
 
+/// The service's PID as its `/readyz` body names it, so that client commands can signal it
+/// (the kernel decides whether they may).
+pub(crate) fn pid_in_readyz(body: &str) -> Option<u32> {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()?
+        .get("pid")?
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+}
+
 /// A small runtime for a client command; `None` (reported) if it cannot start.
 pub(crate) fn client_runtime() -> Option<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
