@@ -316,6 +316,40 @@ pub enum SetupCommand {
         #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Rotate now, after a suspected leak, with no gap in service on this host: a new server
+    /// key and certificate, a new tunnel token (cloudflared is replaced on it), and with --ca a
+    /// new CA (the old one archived once certificates under the new one are served). No flag:
+    /// --cert and --token. The running service carries the steps out (SIGHUP and a request
+    /// file in the state directory); with none running, or a severed one, this command does.
+    /// Safe to repeat: each run rotates again.
+    Rotate {
+        /// Required: rotations otherwise run on the [provision] schedule.
+        #[arg(long)]
+        now: bool,
+        /// A new server key and certificate from the stored CA.
+        #[arg(long)]
+        cert: bool,
+        /// A new tunnel token (`rotate_token`; the old one admits no new connector).
+        #[arg(long)]
+        token: bool,
+        /// A new CA, the server certificate reissued under it, the old CA archived.
+        #[arg(long)]
+        ca: bool,
+        /// Recorded with the token rotation by the API.
+        #[arg(long, default_value = "mcp-tunnel setup rotate --now")]
+        reason: String,
+        /// Claude API base URL [env: API_URL] (used when no service runs)
+        #[arg(long)]
+        api_url: Option<String>,
+        /// dir:PATH [default: provision.state_dir or /var/lib/mcp-tunnel]
+        #[arg(long)]
+        output: Option<String>,
+        /// Admin endpoint of the running service; default from the config.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        #[arg(long, short, env = "MCP_TUNNEL_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Issue a new server certificate from the stored CA; no API calls.
     RenewCert {
         /// dir:PATH [default: provision.state_dir or /var/lib/mcp-tunnel]
@@ -670,6 +704,40 @@ fn setup(command: SetupCommand) -> u8 {
             admin,
             &config,
         ),
+        SetupCommand::Rotate {
+            now,
+            cert,
+            token,
+            ca,
+            reason,
+            api_url,
+            output,
+            admin,
+            config,
+        } => {
+            if !now {
+                eprintln!(
+                    "error: pass --now: without it rotations run on the [provision] schedule (ca_renew_before, rotate_token_every, certs.renew_before)"
+                );
+                return 2;
+            }
+            let section = match provision_section(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            crate::incident::rotate::main(&crate::incident::rotate::Options {
+                config,
+                section,
+                admin,
+                what: crate::incident::rotate::What::from_flags(cert, token, ca),
+                reason,
+                overrides: Overrides {
+                    api_url,
+                    output,
+                    ..Overrides::default()
+                },
+            })
+        }
         SetupCommand::RenewCert {
             output,
             cert_duration,

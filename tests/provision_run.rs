@@ -2,6 +2,7 @@
 //! cloudflared stand-in: provisioning an empty state directory at start, a CA rotation near
 //! expiry with continuous handshakes, and a scheduled token rotation restarting cloudflared.
 
+mod common;
 mod fake_tunnels_api;
 
 use std::net::SocketAddr;
@@ -265,6 +266,89 @@ async fn serve_upstream(l: TcpListener) {
     }
 }
 
+/// Inner-TLS handshakes to the proxy in a loop until stopped, each trusting the tunnel's
+/// active CAs at that moment (as Anthropic's backend does); records the order of the
+/// presented certificates' serials.
+struct Hammer {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    serials: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hammer {
+    fn start(env: &Env, tunnel_id: &str, domain: &str) -> Hammer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let serials: Arc<Mutex<Vec<String>>> = Arc::default();
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let (fake, stop2, ok2, failed2, serials2) = (
+            env.fake.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            serials.clone(),
+        );
+        let target =
+            mcp_tunnel::proxy::edge::WsTarget::parse(&format!("ws://{}", env.proxy)).unwrap();
+        let (tunnel_id, name, proxy) = (tunnel_id.to_string(), format!("up.{domain}"), env.proxy);
+        let task = tokio::spawn(async move {
+            // Wait for the listener; connection refusals before it are not handshakes.
+            while TcpStream::connect(proxy).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            while !stop2.load(Ordering::Relaxed) {
+                let client = mcp_tunnel::proxy::tls::client_config(
+                    roots(&fake.trusted_pems(&tunnel_id)),
+                    vec![b"http/1.1".to_vec()],
+                );
+                match target.connect_tls(client, &name).await {
+                    Ok(tls) => {
+                        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+                        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+                        let serial = cert.raw_serial_as_string();
+                        let mut seen = serials2.lock().unwrap();
+                        if seen.last() != Some(&serial) {
+                            seen.push(serial);
+                        }
+                        ok2.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        eprintln!("handshake failed: {e}");
+                        failed2.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        });
+        Hammer {
+            stop,
+            ok,
+            failed,
+            serials,
+            task,
+        }
+    }
+
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    fn serials(&self) -> Vec<String> {
+        self.serials.lock().unwrap().clone()
+    }
+
+    /// Stops it; (succeeded, failed).
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
 fn sigterm(child: &Child) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
@@ -383,52 +467,7 @@ async fn run_rotates_a_ca_near_expiry_with_zero_failed_handshakes() {
     );
     let mut sup = env.start(&cfg);
 
-    // Continuous handshakes, each trusting the tunnel's active CAs at that moment.
-    let stop = Arc::new(AtomicBool::new(false));
-    // Serial of each presented certificate in order: it switches once, from old to new.
-    let issuers: Arc<Mutex<Vec<String>>> = Arc::default();
-    let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let hammer = {
-        let (fake, stop, ok, failed, issuers) = (
-            env.fake.clone(),
-            stop.clone(),
-            ok.clone(),
-            failed.clone(),
-            issuers.clone(),
-        );
-        let target =
-            mcp_tunnel::proxy::edge::WsTarget::parse(&format!("ws://{}", env.proxy)).unwrap();
-        let (tunnel_id, name, proxy) = (tunnel_id.clone(), format!("up.{domain}"), env.proxy);
-        tokio::spawn(async move {
-            // Wait for the listener; connection refusals before it are not handshakes.
-            while TcpStream::connect(proxy).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            while !stop.load(Ordering::Relaxed) {
-                let client = mcp_tunnel::proxy::tls::client_config(
-                    roots(&fake.trusted_pems(&tunnel_id)),
-                    vec![b"http/1.1".to_vec()],
-                );
-                match target.connect_tls(client, &name).await {
-                    Ok(tls) => {
-                        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-                        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
-                        let issuer = cert.raw_serial_as_string();
-                        let mut seen = issuers.lock().unwrap();
-                        if seen.last() != Some(&issuer) {
-                            seen.push(issuer);
-                        }
-                        ok.fetch_add(1, Ordering::Relaxed)
-                    }
-                    Err(e) => {
-                        eprintln!("handshake failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        })
-    };
+    let hammer = Hammer::start(&env, &tunnel_id, &domain);
     let old_fp = provision::fingerprint(&old_ca).unwrap();
     env.wait("the old CA archived", Duration::from_secs(20), || {
         env.fake.with(|s| {
@@ -438,11 +477,10 @@ async fn run_rotates_a_ca_near_expiry_with_zero_failed_handshakes() {
         })
     })
     .await;
-    let at_archive = ok.load(Ordering::Relaxed);
+    let at_archive = hammer.ok();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    hammer.await.unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let serials = hammer.serials();
+    let (ok, failed) = hammer.finish().await;
     eprintln!("handshakes: {ok} ok ({at_archive} by the archive), {failed} failed");
     assert_eq!(failed, 0, "{}", env.log());
     assert!(
@@ -450,7 +488,7 @@ async fn run_rotates_a_ca_near_expiry_with_zero_failed_handshakes() {
         "handshakes ran throughout"
     );
     assert_eq!(
-        issuers.lock().unwrap().len(),
+        serials.len(),
         2,
         "the presented certificate switched exactly once, from the old CA's to the new CA's"
     );
@@ -534,4 +572,158 @@ async fn scheduled_token_rotation_restarts_cloudflared_with_the_new_token() {
     sigterm(&sup);
     assert_eq!(exit_code(&mut sup).await, Some(0));
     env.assert_no_secret_logged();
+}
+
+async fn rotate_now(config: &Path, admin: SocketAddr, flags: &[&str]) -> (bool, String) {
+    let o = Command::new(BIN)
+        .args(["setup", "rotate", "--now"])
+        .args(flags)
+        .arg("--admin")
+        .arg(admin.to_string())
+        .arg("--config")
+        .arg(config)
+        .env_clear()
+        .output()
+        .await
+        .unwrap();
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// `setup rotate --now` (issue 26) with the service running and handshakes throughout: the
+/// default (certificate and token), then `--ca`, then `--token` again. The service carries
+/// each out; not one handshake fails, cloudflared ends up on the newest token, and the
+/// presented certificate changes once per certificate rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_now_with_the_service_running_fails_no_handshake() {
+    let env = Env::new().await;
+    let first_ca = env.seed(5 * 365);
+    let (tunnel_id, domain) = (env.tunnel_id(), env.domain());
+    let cfg = env.config("ca_rotation_settle = \"700ms\"", true);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[admin]\nenabled = false",
+        "[admin]\nlisten_addr = \"127.0.0.1:0\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut sup = env.start(&cfg);
+    let admin = common::logged_addr(
+        &env.path("supervisor.log"),
+        "admin endpoint listening",
+        "listen",
+    )
+    .await;
+    env.wait("cloudflared ready", Duration::from_secs(20), || {
+        !env.events("ready").is_empty()
+    })
+    .await;
+    let hammer = Hammer::start(&env, &tunnel_id, &domain);
+    env.wait("handshakes", Duration::from_secs(10), || hammer.ok() > 5)
+        .await;
+    let first_token = std::fs::read_to_string(env.state("tunnel-token")).unwrap();
+
+    let (ok, said) = rotate_now(&cfg, admin, &[]).await;
+    assert!(ok, "{said}\n{}", env.log());
+    for line in [
+        "rotating now: server key and certificate and tunnel token",
+        "done: tunnel token rotated",
+        "done: new server key and certificate",
+        "done: cloudflared replaced",
+        "tunnel-token (each host's cloudflared",
+        "stay connected until",
+    ] {
+        assert!(said.contains(line), "{line:?} in:\n{said}");
+    }
+    let token = env.fake.with(|s| {
+        assert_eq!(s.rotations, 1);
+        s.tunnels[0].token.clone()
+    });
+    assert_ne!(token, first_token);
+    assert_eq!(
+        std::fs::read_to_string(env.state("tunnel-token")).unwrap(),
+        token
+    );
+    let last_start = |env: &Env| {
+        env.events("started").last().unwrap()["pid"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(environ(last_start(&env)).contains(&format!("TUNNEL_TOKEN={token}")));
+    env.wait(
+        "a handshake on the new certificate",
+        Duration::from_secs(10),
+        || hammer.serials().len() == 2,
+    )
+    .await;
+
+    let (ok, said) = rotate_now(&cfg, admin, &["--ca"]).await;
+    assert!(ok, "{said}\n{}", env.log());
+    assert!(said.contains("done: new CA record"), "{said}");
+    assert!(said.contains("done: old CA archived"), "{said}");
+    assert!(said.contains("ca.crt (ca.key stays"), "{said}");
+    assert!(!said.contains("tunnel-token"), "--ca alone: {said}");
+    let new_ca = std::fs::read_to_string(env.state("ca.crt")).unwrap();
+    assert_ne!(new_ca, first_ca);
+    env.fake.with(|s| {
+        let active = s.active_certs(&tunnel_id);
+        assert_eq!(active.len(), 1);
+        assert_eq!(
+            Some(active[0].fingerprint.clone()),
+            provision::fingerprint(&new_ca)
+        );
+        assert_eq!(s.rotations, 1, "--ca leaves the token alone");
+    });
+    env.wait(
+        "a handshake on the certificate under the new CA",
+        Duration::from_secs(10),
+        || hammer.serials().len() == 3,
+    )
+    .await;
+
+    // Again: a repeat is another rotation, as safe as the first.
+    let (ok, said) = rotate_now(&cfg, admin, &["--token"]).await;
+    assert!(ok, "{said}\n{}", env.log());
+    let token = env.fake.with(|s| {
+        assert_eq!(s.rotations, 2);
+        s.tunnels[0].token.clone()
+    });
+    assert!(environ(last_start(&env)).contains(&format!("TUNNEL_TOKEN={token}")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let serials = hammer.serials();
+    let (ok, failed) = hammer.finish().await;
+    eprintln!("handshakes: {ok} ok, {failed} failed, serials {serials:?}");
+    assert_eq!(failed, 0, "{}", env.log());
+    assert_eq!(serials.len(), 3, "--token alone keeps the certificate");
+
+    let (_, metrics) = mcp_tunnel::telemetry::status::get(admin, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("mcp_tunnel_incident_actions_total{action=\"rotate\"} 3"),
+        "{metrics}"
+    );
+    let (_, status) = mcp_tunnel::telemetry::status::get(admin, "/status")
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!(status["rotation"]["last"]["error"].is_null(), "{status}");
+    assert!(
+        status["rotation"]["last"]["done"][0]
+            .as_str()
+            .unwrap()
+            .contains("tunnel token rotated"),
+        "{status}"
+    );
+    assert!(!env.state("rotate-now").exists());
+    sigterm(&sup);
+    assert_eq!(exit_code(&mut sup).await, Some(0));
+    env.assert_no_secret_logged();
+    for secret in env.fake.with(|s| s.secrets()) {
+        assert!(!said.contains(&secret), "a secret reached the terminal");
+    }
 }

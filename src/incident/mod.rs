@@ -4,5 +4,6 @@
 
 pub mod archive;
 pub mod audit;
+pub mod rotate;
 pub mod sever;
 pub mod teardown;

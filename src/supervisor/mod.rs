@@ -213,12 +213,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
     let reloader = Arc::new(reload::Reloader::new(config.clone(), proxy.clone(), facts));
     let reload_loop_reloader = reloader.clone();
+    // SIGHUP also tells the provisioning task to look for a `setup rotate --now` request.
+    let mut rotate_tx = None;
     if let Some(settings) = provisioning::settings(&config)?
         && let Some(task) =
             provisioning::Task::new(&config, settings, reloader.clone(), state.clone())
     {
         info!("provisioning task started: CA rotation, server certificate renewal, token rotation");
-        tokio::spawn(provisioning::run_loop(task, shutdown.clone()));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        rotate_tx = Some(tx);
+        tokio::spawn(provisioning::run_loop(task, rx, shutdown.clone()));
     }
     let hooks = Arc::new(SupervisorHooks {
         notifier,
@@ -279,6 +283,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 Sig::Reload => {
                     info!("SIGHUP: reloading configuration and certificates");
                     let _ = reload_tx.send(());
+                    if let Some(tx) = &rotate_tx {
+                        let _ = tx.send(());
+                    }
                 }
                 Sig::RestartConnector => match &cf {
                     Some(sup) => {

@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use super::reload::Reloader;
 use crate::config::Config;
+use crate::incident::rotate;
 use crate::lifecycle::Shutdown;
 use crate::provision::{
     self, ErrorClass, Overrides, PendingRotation, ProvisionError, RetryPolicy, Settings,
@@ -232,6 +233,65 @@ impl Task {
     }
 }
 
+impl Task {
+    /// Carries out a `setup rotate --now` request left in the state directory, if there is
+    /// one (a plain SIGHUP finds none), and reports it in `/status` for the waiting command.
+    /// Runs between checks, so the task stays the only writer of the state directory.
+    pub async fn rotate_requested(&self) {
+        let output = &self.settings.output;
+        let req = match rotate::read_request(output) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "rotation request ignored and removed");
+                rotate::remove_request(output);
+                return;
+            }
+        };
+        info!(id = %req.id, what = %req.what.describe(), by_uid = req.by_uid, "rotating now (mcp-tunnel setup rotate --now)");
+        let (done, result) = rotate::perform(
+            &self.settings,
+            req.what,
+            &req.reason,
+            self.reloader.as_ref(),
+            self.settle,
+        )
+        .await;
+        if req.what.ca || req.what.cert {
+            self.installed();
+        }
+        let outcome = rotate::Outcome {
+            id: req.id.clone(),
+            at: OffsetDateTime::now_utc().unix_timestamp(),
+            done,
+            error: result.as_ref().err().map(|e| e.to_string()),
+            error_class: result
+                .as_ref()
+                .err()
+                .map(|e| rotate::class_name(e.class()).into()),
+        };
+        match &result {
+            Ok(()) => {
+                info!(id = %req.id, done = ?outcome.done, "rotation done");
+                *self
+                    .state
+                    .incident_actions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry("rotate")
+                    .or_default() += 1;
+            }
+            Err(e) => error!(id = %req.id, done = ?outcome.done, error = %e, "rotation failed"),
+        }
+        rotate::remove_request(output);
+        *self
+            .state
+            .last_rotation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+    }
+}
+
 /// Renews the state directory's server certificate from its CA when due and installs it.
 pub fn renew_server(
     settings: &Settings,
@@ -249,25 +309,43 @@ pub fn renew_server(
 /// ends the task: transient errors are retried with backoff, others at the next interval;
 /// both are logged, counted and shown in STATUS until a check succeeds. Stopping mid-way is
 /// safe: `rotate_ca` resumes from its `ca-next.*` / `ca-previous.crt` files.
-pub async fn run_loop(task: Task, shutdown: Shutdown) {
+pub async fn run_loop(
+    task: Task,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<()>,
+    shutdown: Shutdown,
+) {
+    task.state.rotation_enabled.store(true, Ordering::Relaxed);
+    // A request from before this start has no one waiting for it any more: running it
+    // later, unannounced, would surprise whoever gave up on it.
+    if let Ok(Some(r)) = rotate::read_request(&task.settings.output) {
+        warn!(id = %r.id, since = r.since, "a `setup rotate --now` request from before this start was discarded; rerun the command");
+        rotate::remove_request(&task.settings.output);
+    }
     let mut failures = 0u32;
-    let mut wait = Duration::ZERO;
+    let mut next = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.started() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(next) => {}
+            Some(()) = requests.recv() => {
+                tokio::select! {
+                    _ = shutdown.started() => return,
+                    _ = task.rotate_requested() => {}
+                }
+                continue;
+            }
         }
         let result = tokio::select! {
             _ = shutdown.started() => return,
             r = task.check(SystemTime::now()) => r,
         };
-        match result {
+        let wait = match result {
             Ok(_) => {
                 failures = 0;
-                wait = task.interval;
                 if let Ok(mut p) = task.state.provisioning.lock() {
                     *p = None;
                 }
+                task.interval
             }
             Err((step, e)) => {
                 failures += 1;
@@ -275,7 +353,7 @@ pub async fn run_loop(task: Task, shutdown: Shutdown) {
                     .provision_failures
                     .fetch_add(1, Ordering::Relaxed);
                 let class = e.class();
-                wait = if class == ErrorClass::Transient {
+                let wait = if class == ErrorClass::Transient {
                     retry_delay(failures, task.interval)
                 } else {
                     task.interval
@@ -291,8 +369,10 @@ pub async fn run_loop(task: Task, shutdown: Shutdown) {
                         wait.as_secs()
                     ));
                 }
+                wait
             }
-        }
+        };
+        next = tokio::time::Instant::now() + wait;
     }
 }
 

@@ -150,8 +150,15 @@ pub fn status_json(s: &AppState, now: i64) -> serde_json::Value {
             "version": cf.and_then(|c| c.version()),
             "connector_id": cf.and_then(|c| c.connector_id()),
             "restarts": cf.map_or(0, |c| c.restarts.load(Relaxed)),
+            "pid": cf.map(|c| c.pid.load(Relaxed)).filter(|p| *p != 0),
+            "replacements": cf.map_or(0, |c| c.replacements.load(Relaxed)),
+            "replacements_failed": cf.map_or(0, |c| c.replacements_failed.load(Relaxed)),
             "crash_loop": cf.is_some_and(|c| c.crash_loop.load(Relaxed)),
             "last_problem": cf.and_then(|c| c.last_problem()),
+        },
+        "rotation": {
+            "enabled": s.rotation_enabled.load(Relaxed),
+            "last": s.last_rotation.lock().ok().and_then(|r| r.clone()),
         },
         "watchdog_usec": (watchdog != 0).then_some(watchdog),
         "peer_check": s.peer_check.get().map(|p| {

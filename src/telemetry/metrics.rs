@@ -47,7 +47,12 @@ pub struct AppState {
     pub restart_required: std::sync::Mutex<Vec<&'static str>>,
     /// Set once `mcp-tunnel sever` took effect: what the marker says (`incident::sever`).
     pub severed: std::sync::Mutex<Option<String>>,
-    /// Incident actions this process carried out, by action (`sever`).
+    /// Whether this process runs the provisioning task, which carries out
+    /// `mcp-tunnel setup rotate --now` requests.
+    pub rotation_enabled: AtomicBool,
+    /// The last `setup rotate --now` request this process carried out.
+    pub last_rotation: std::sync::Mutex<Option<crate::incident::rotate::Outcome>>,
+    /// Incident actions this process carried out, by action (`sever`, `rotate`).
     pub incident_actions: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
@@ -81,6 +86,8 @@ impl AppState {
             listener_bound: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             severed: std::sync::Mutex::new(None),
+            rotation_enabled: AtomicBool::new(false),
+            last_rotation: std::sync::Mutex::new(None),
             incident_actions: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             provisioning: std::sync::Mutex::new(None),
             provision_failures: AtomicU64::new(0),
@@ -591,7 +598,7 @@ pub fn render(s: &AppState, now: i64) -> String {
         &mut o,
         "mcp_tunnel_incident_actions_total",
         "counter",
-        "Incident actions this process carried out (mcp-tunnel sever), by action.",
+        "Incident actions this process carried out (mcp-tunnel sever, setup rotate --now), by action.",
     );
     for (action, n) in s
         .incident_actions

@@ -168,6 +168,28 @@ pub fn render(s: &AppState, now: i64) -> String {
     if let Some(p) = provisioning {
         let _ = writeln!(o, "<tr><th>provisioning</th><td>{}</td></tr>", escape(&p));
     }
+    let rotation = s.last_rotation.lock().ok().and_then(|r| r.clone());
+    if let Some(r) = rotation {
+        let text = match &r.error {
+            None => format!("{} {}", badge(true, "done"), escape(&r.done.join("; "))),
+            Some(e) => format!(
+                "{} {}{}",
+                badge(false, "failed"),
+                escape(e),
+                if r.done.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (done before it: {})", escape(&r.done.join("; ")))
+                }
+            ),
+        };
+        let _ = writeln!(
+            o,
+            "<tr><th>last rotate --now</th><td>{} ({}): {text}</td></tr>",
+            escape(&utc(r.at)),
+            escape(&ago(now, r.at)),
+        );
+    }
     o.push_str("</table>\n</body></html>\n");
     o
 }
