@@ -1055,3 +1055,144 @@ async fn teardown_stops_archives_and_removes_the_secrets() {
         "nothing created or sent twice"
     );
 }
+
+/// Every file of the state directory with its content and mode.
+fn whole_dir(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                (
+                    std::fs::read(e.path()).unwrap(),
+                    meta.permissions().mode() & 0o777,
+                ),
+            )
+        })
+        .collect()
+}
+
+/// `setup rotate --now` (issue 26) with no service running: refused without --now; API
+/// errors (403 scope, 404 unknown tunnel, 5xx) are named and leave every file of the state
+/// directory as it was, `--ca` included; then the default pair, a repeat, and `--ca` rotate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_rotate_now_without_a_service_and_api_errors_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fake, env) = setup(tmp.path()).await;
+    let out = tmp.path().join("state");
+    let config = tmp.path().join("mcp-tunnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[admin]\nlisten_addr = \"127.0.0.1:1\"\n[provision]\nstate_dir = \"state\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
+            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let (config, url) = (config.clone(), fake.url.clone());
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let o = cli(&url, &config, &args).await;
+            (
+                o.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            )
+        }
+    };
+    let (code, said) = run(&["setup", "init"]).await;
+    assert_eq!(code, Some(0), "{said}");
+    let (code, said) = run(&["setup", "rotate"]).await;
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("pass --now"), "{said}");
+
+    let before = whole_dir(&out);
+    fake.with(|s| s.manage_tunnels_scope = false);
+    for flags in [&["--token"][..], &["--ca"], &[]] {
+        let args = [&["setup", "rotate", "--now"][..], flags].concat();
+        let (code, said) = run(&args).await;
+        assert_eq!(code, Some(78), "{flags:?}: {said}");
+        assert!(said.contains("workspace:manage_tunnels"), "{said}");
+        assert!(said.contains("no service answers at 127.0.0.1:1"), "{said}");
+        assert!(said.contains("safe to rerun"), "{said}");
+        assert_eq!(whole_dir(&out), before, "{flags:?} changed the state");
+    }
+    fake.with(|s| s.manage_tunnels_scope = true);
+
+    let tunnel = std::fs::read_to_string(out.join("tunnel-id")).unwrap();
+    std::fs::write(out.join("tunnel-id"), "tnl_unknown").unwrap();
+    let unknown = whole_dir(&out);
+    let (code, said) = run(&["setup", "rotate", "--now", "--ca", "--token"]).await;
+    assert_eq!(code, Some(78), "{said}");
+    assert!(said.contains("tnl_unknown"), "{said}");
+    assert_eq!(whole_dir(&out), unknown);
+    std::fs::write(out.join("tunnel-id"), &tunnel).unwrap();
+
+    // 503 on every attempt: retried, then reported; the default pair changed nothing.
+    fake.with(|s| s.fail_next = 1000);
+    let (code, said) = run(&["setup", "rotate", "--now"]).await;
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("503"), "{said}");
+    assert_eq!(whole_dir(&out), before);
+    fake.with(|s| s.fail_next = 0);
+
+    let (code, said) = run(&["setup", "rotate", "--now"]).await;
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("done: tunnel token rotated"), "{said}");
+    assert!(
+        said.contains("done: new server key and certificate"),
+        "{said}"
+    );
+    let after = whole_dir(&out);
+    for f in ["tunnel-token", "tls.crt", "tls.key"] {
+        assert_ne!(after[f], before[f], "{f}");
+    }
+    for f in ["ca.crt", "ca.key", "tunnel-id"] {
+        assert_eq!(after[f], before[f], "{f}");
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&after["tunnel-token"].0),
+        fake.with(|s| s.tunnels[0].token.clone())
+    );
+    // Twice: another rotation, nothing else.
+    let (code, said) = run(&["setup", "rotate", "--now", "--token"]).await;
+    assert_eq!(code, Some(0), "{said}");
+    assert_eq!(fake.with(|s| s.rotations), 2);
+    assert_eq!(whole_dir(&out)["tls.crt"], after["tls.crt"]);
+
+    let old_fp = provision::fingerprint(&String::from_utf8_lossy(&before["ca.crt"].0)).unwrap();
+    let (code, said) = run(&["setup", "rotate", "--now", "--ca"]).await;
+    assert_eq!(code, Some(0), "{said}");
+    let new_ca = std::fs::read_to_string(out.join("ca.crt")).unwrap();
+    fake.with(|s| {
+        let active = s.active_certs(&tunnel);
+        assert_eq!(active.len(), 1);
+        assert_eq!(
+            Some(active[0].fingerprint.clone()),
+            provision::fingerprint(&new_ca)
+        );
+        assert!(
+            s.certs
+                .iter()
+                .any(|c| c.fingerprint == old_fp && c.archived_at.is_some())
+        );
+    });
+    let names: Vec<String> = whole_dir(&out).into_keys().collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("ca-next") || n.starts_with("ca-previous") || n == "rotate-now"),
+        "{names:?}"
+    );
+    for secret in fake.with(|s| s.secrets()) {
+        assert!(!said.contains(&secret), "a secret reached the terminal");
+    }
+}

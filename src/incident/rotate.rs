@@ -289,7 +289,9 @@ pub fn main(opts: &Options) -> u8 {
             rt.block_on(here(opts, &state_dir))
         }
     };
-    print!("{}", other_hosts(opts.what, &state_dir));
+    if code == 0 {
+        print!("{}", other_hosts(opts.what, &state_dir));
+    }
     code
 }
 
