@@ -9,6 +9,8 @@
 //! (`cargo test` alone lists them as ignored, with that reason). Every test fails loudly when
 //! the shared binaries are absent: see README "The real cloudflared in tests".
 
+mod fake_tunnels_api;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -156,6 +158,9 @@ struct Env {
     notify: Arc<Mutex<Vec<String>>>,
     upstream: SocketAddr,
     edge: Arc<Edge>,
+    /// With `[provision]`: callers trust the tunnel's active CAs at each request, as
+    /// Anthropic's backend does, instead of the `ca.crt` file.
+    api_roots: std::sync::OnceLock<(Arc<fake_tunnels_api::Fake>, String)>,
 }
 
 impl Env {
@@ -212,6 +217,7 @@ impl Env {
             notify,
             upstream,
             edge,
+            api_roots: std::sync::OnceLock::new(),
         }
     }
 
@@ -359,8 +365,18 @@ TUNNEL_CACERT = "{d}/pki/ca.crt"
 
     fn tls(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
-        let ca = mcp_tunnel::certs::load_certs("ca", &self.path("ca.crt")).unwrap();
-        roots.add(ca[0].clone()).unwrap();
+        if let Some((fake, tunnel)) = self.api_roots.get() {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            for pem in fake.trusted_pems(tunnel) {
+                roots
+                    .add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+                    .unwrap();
+            }
+        } else {
+            let ca = mcp_tunnel::certs::load_certs("ca", &self.path("ca.crt")).unwrap();
+            roots.add(ca[0].clone()).unwrap();
+        }
         Arc::new(
             rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
@@ -1699,4 +1715,107 @@ async fn a_replacement_that_cannot_register_keeps_the_old_connector_and_is_not_r
         .await;
     signal(sup.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(exit_code(&mut sup, Duration::from_secs(20), &env).await, 0);
+}
+
+/// `setup rotate --now` (issue 26) against the running service with `[provision]` (the local
+/// Tunnels API), under load through fake-edge and the real cloudflared: the certificate and
+/// token (the connector replaced on the new token), then the CA. Not one request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs the real cloudflared: only inside a loopback-only netns, via tests/real-cloudflared.sh"]
+async fn rotate_now_under_load_through_the_real_connector_fails_nothing() {
+    let env = Arc::new(Env::new(4, &["-quiet"]).await);
+    let fake = Arc::new(fake_tunnels_api::Fake::start().await);
+    let assertion = fake.with(|s| s.accept_assertion("vm-1"));
+    std::fs::write(env.path("token.jwt"), &assertion).unwrap();
+    // The state directory is the test's directory: the tunnel, its token, its CA registered.
+    let tunnel = fake.with(|s| {
+        let mut t = s.create_tunnel();
+        t.domain = DOMAIN.into();
+        s.tunnels.last_mut().unwrap().domain = DOMAIN.into();
+        t
+    });
+    let first_ca = std::fs::read_to_string(env.path("ca.crt")).unwrap();
+    fake.with(|s| s.register(&tunnel.id, &first_ca)).unwrap();
+    std::fs::write(env.path("tunnel-id"), &tunnel.id).unwrap();
+    std::fs::write(env.path("tunnel-domain"), DOMAIN).unwrap();
+    write_secret(&env.path("tunnel-token"), &tunnel.token);
+    let _ = env.api_roots.set((fake.clone(), tunnel.id.clone()));
+    let (rule, org) = fake.with(|s| (s.federation_rule_id.clone(), s.organization_id.clone()));
+    let cfg = env.config("grace_period = \"3s\"");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "[provision]\napi_url = \"{}\"\nstate_dir = \"{}\"\nfederation_rule_id = \"{rule}\"\norganization_id = \"{org}\"\nidentity_token_file = \"{}\"\nca_rotation_settle = \"1s\"\n",
+        fake.url,
+        env.dir.path().display(),
+        env.path("token.jwt").display()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let mut sup = env.start(&cfg);
+    env.wait_state("connected 4/4", Duration::from_secs(30))
+        .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_load(env.clone(), 16, 0, stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let rotate = |flags: &'static [&'static str]| {
+        let (cfg, admin) = (cfg.clone(), env.admin());
+        async move {
+            let o = Command::new(BIN)
+                .args(["setup", "rotate", "--now"])
+                .args(flags)
+                .arg("--admin")
+                .arg(admin.to_string())
+                .arg("--config")
+                .arg(&cfg)
+                .output()
+                .await
+                .unwrap();
+            (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            )
+        }
+    };
+    let first_connector = env.cloudflared_pid(&sup).unwrap();
+    let (ok, said) = rotate(&[]).await;
+    assert!(ok, "{said}\n{}", env.logs());
+    assert!(said.contains("done: cloudflared replaced"), "{said}");
+    let token = fake.with(|s| {
+        assert_eq!(s.rotations, 1);
+        s.tunnels.last().unwrap().token.clone()
+    });
+    let connector = env.cloudflared_pid(&sup).unwrap();
+    assert_ne!(connector, first_connector);
+    let environ = std::fs::read(format!("/proc/{connector}/environ")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&environ).contains(&format!("TUNNEL_TOKEN={token}")),
+        "the connector runs on the new token"
+    );
+    env.wait_state("connected 4/4", Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (ok, said) = rotate(&["--ca"]).await;
+    assert!(ok, "{said}\n{}", env.logs());
+    assert!(said.contains("done: old CA archived"), "{said}");
+    let new_ca = std::fs::read_to_string(env.path("ca.crt")).unwrap();
+    assert_ne!(new_ca, first_ca);
+    assert_eq!(fake.trusted_pems(&tunnel.id), vec![new_ca]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let samples = load.await.unwrap();
+    let (sent, failed) = (samples.len(), failures(&samples));
+    println!(
+        "setup rotate --now (certificate + token, then CA) under 16 sessions through the real connector: {sent} requests, {} failed {:?}",
+        failed.len(),
+        failed.iter().take(3).collect::<Vec<_>>()
+    );
+    assert_eq!(failed, Vec::<String>::new(), "{sent} sent\n{}", env.logs());
+    assert!(sent > 100, "load ran throughout: {sent}");
+    signal(sup.id().unwrap() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(30), &env).await, 0);
 }

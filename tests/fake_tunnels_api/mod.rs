@@ -108,6 +108,29 @@ impl State {
         ))
     }
 
+    /// A JWT-shaped identity assertion for `sub`, valid for an hour, accepted from now on
+    /// (the fake checks the set of accepted assertions, not signatures).
+    pub fn accept_assertion(&mut self, sub: &str) -> String {
+        use base64::Engine;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let b = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = format!(
+            "{}.{}.{}",
+            b(r#"{"alg":"ES256","kid":"k1"}"#.into()),
+            b(format!(
+                r#"{{"iss":"https://idp.example","aud":"api.anthropic.com","sub":"{sub}","iat":{},"exp":{}}}"#,
+                now - 60,
+                now + 3600
+            )),
+            b(format!("signature-of-{sub}"))
+        );
+        self.accepted_assertions.insert(jwt.clone());
+        jwt
+    }
+
     /// Creates a tunnel directly (as the Console would).
     pub fn create_tunnel(&mut self) -> TunnelRec {
         let n = self.next();
