@@ -776,6 +776,57 @@ async fn cloudflared_dies_with_the_supervisor() {
     }
 }
 
+/// Issue 25 item 6: a package upgrade replaces the binary under a running supervisor. Every
+/// later cloudflared start must go through the running image's trampoline, never through
+/// whatever file now sits at the path the supervisor was started from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudflared_restarts_through_the_running_image_after_the_binary_is_replaced() {
+    let env = Env::new().await;
+    std::fs::create_dir(env.path("bin")).unwrap();
+    let installed = env.path("bin/mcp-tunnel");
+    std::fs::copy(BIN, &installed).unwrap();
+    let cfg = env.config(None, "", &[("STANDIN_CRASH_AFTER_MS", "300")]);
+    let log = std::fs::File::create(env.path("supervisor.log")).unwrap();
+    let mut sup = Command::new(&installed)
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", env.path("notify.sock"))
+        .env("RUST_LOG", "info")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    env.wait_events("started", 1, Duration::from_secs(10)).await;
+    // The "new version": a file that records being run, renamed over the old one as dpkg
+    // and rpm do.
+    let ran = env.path("new-version-ran");
+    let next = env.path("bin/mcp-tunnel.dpkg-new");
+    std::fs::write(
+        &next,
+        format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", ran.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&next, &installed).unwrap();
+    // The stand-in crashes every 300 ms: each restart is a new trampoline.
+    let started = env.wait_events("started", 4, Duration::from_secs(20)).await;
+    assert!(
+        !ran.exists(),
+        "a restart ran the replaced file: {}\n{}",
+        std::fs::read_to_string(&ran).unwrap_or_default(),
+        env.log()
+    );
+    let pids: std::collections::HashSet<u64> =
+        started.iter().map(|e| e["pid"].as_u64().unwrap()).collect();
+    assert_eq!(pids.len(), started.len(), "each start is a new cloudflared");
+    sigterm(&sup);
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(10)).await, 0);
+}
+
 /// `mcp-tunnel run` with its state directory in the test's folder and its log in `log`.
 fn start_with_state(env: &Env, config: &Path, log: &str) -> Child {
     let file = std::fs::File::create(env.path(log)).unwrap();

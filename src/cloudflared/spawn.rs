@@ -25,6 +25,9 @@ use crate::config::CloudflaredConfig;
 /// The bundled binary the packages install.
 pub const BUNDLED: &str = "/usr/lib/mcp-tunnel/cloudflared";
 
+/// The running process's own image, whatever has happened to the file it came from.
+const RUNNING_IMAGE: &str = "/proc/self/exe";
+
 /// Name of the hidden subcommand that runs the trampoline.
 pub const EXEC_CHILD: &str = "__exec-child";
 
@@ -151,8 +154,16 @@ pub enum Launcher {
 }
 
 impl Launcher {
-    /// The running `mcp-tunnel` binary as the trampoline.
+    /// The running image as the trampoline: `/proc/self/exe`, not the path the process was
+    /// started from. A package upgrade replaces that file while the supervisor runs; a
+    /// trampoline started from the path would then be the *new* version's, whose
+    /// `__exec-child` may differ or refuse, and every cloudflared restart would depend on it.
+    /// The kernel keeps the running image reachable there even after the file is replaced.
     pub fn current() -> Launcher {
+        let running = Path::new(RUNNING_IMAGE);
+        if running.exists() {
+            return Launcher::Trampoline(running.to_path_buf());
+        }
         match std::env::current_exe() {
             Ok(exe) => Launcher::Trampoline(exe),
             Err(_) => Launcher::Direct,
@@ -205,7 +216,9 @@ impl Spawner {
         let mut cmd = match &self.launcher {
             Launcher::Trampoline(exe) => {
                 let mut c = Command::new(exe);
-                c.arg(EXEC_CHILD)
+                // `ps` shows the trampoline as mcp-tunnel, not as `exe`, for its instant.
+                c.arg0("mcp-tunnel")
+                    .arg(EXEC_CHILD)
                     .arg("--parent")
                     .arg(std::process::id().to_string())
                     .arg("--")
@@ -270,6 +283,14 @@ pub fn exec_child(parent: u32, argv: &[OsString]) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trampoline_is_the_running_image_not_its_path() {
+        match Launcher::current() {
+            Launcher::Trampoline(p) => assert_eq!(p, Path::new("/proc/self/exe")),
+            Launcher::Direct => panic!("no trampoline on Linux"),
+        }
+    }
 
     #[test]
     fn argv_has_no_token_and_loopback_origin() {
