@@ -1788,8 +1788,24 @@ async fn rotate_now_under_load_through_the_real_connector_fails_nothing() {
         assert_eq!(s.rotations, 1);
         s.tunnels.last().unwrap().token.clone()
     });
-    let connector = env.cloudflared_pid(&sup).unwrap();
+    // The command names the connector that serves now; the old one may still be draining
+    // (grace_period) as a second child, so the children list alone does not say which is new.
+    let connector: i32 = said
+        .split("serves (PID ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no PID in {said}"));
     assert_ne!(connector, first_connector);
+    let retired = tokio::time::Instant::now() + Duration::from_secs(20);
+    while env.cloudflared_pid(&sup) != Some(connector) {
+        assert!(
+            tokio::time::Instant::now() < retired,
+            "the old connector {first_connector} was not retired\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let environ = std::fs::read(format!("/proc/{connector}/environ")).unwrap();
     assert!(
         String::from_utf8_lossy(&environ).contains(&format!("TUNNEL_TOKEN={token}")),

@@ -440,7 +440,7 @@ async fn ask_service(
         );
         if serving && count(&v, "pid") != pid_before {
             println!(
-                "done: cloudflared replaced: a connector on the new token serves (PID {}, {} edge connections), the old one is retired",
+                "done: cloudflared replaced: a connector on the new token serves (PID {}, {} edge connections), the old one unregisters and drains",
                 count(&v, "pid"),
                 count(&v, "connections")
             );
