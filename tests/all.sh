@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step says when it starts and how long the suite has run, so a slow CI run shows where.
+started=$SECONDS
+step() { printf '\n==> [%s +%dm%02ds] %s\n' "$(date -u +%H:%M:%S)" $(((SECONDS - started) / 60)) $(((SECONDS - started) % 60)) "$*"; }
 
 step "dependencies (tests/install-deps.sh)"
 if [[ $EUID -eq 0 ]]; then
