@@ -79,13 +79,6 @@ async fn mcp_server() -> (SocketAddr, Shutdown) {
     (addr, sd)
 }
 
-fn ca_of(pki: &TestPki) -> IssuedPair {
-    IssuedPair {
-        cert_pem: std::fs::read_to_string(pki.path("ca.crt")).unwrap(),
-        key_pem: std::fs::read_to_string(pki.path("ca.key")).unwrap(),
-    }
-}
-
 fn write_server(pki: &TestPki, pair: &IssuedPair) {
     std::fs::write(pki.path("tls.crt"), &pair.cert_pem).unwrap();
     std::fs::write(pki.path("tls.key"), &pair.key_pem).unwrap();
@@ -173,7 +166,7 @@ async fn healthy_setup_is_all_ok_and_the_probe_reports_the_server() {
 async fn wrong_san_names_the_uncovered_routes() {
     let pki = TestPki::new();
     let (up, _sd) = mcp_server().await;
-    let other = issue::issue_server(&ca_of(&pki), "other.test", issue::SERVER_VALIDITY).unwrap();
+    let other = issue::issue_server(&pki.ca(), "other.test", issue::SERVER_VALIDITY).unwrap();
     write_server(&pki, &other);
     let routes = format!("echo = \"http://{up}\"\nwiki = \"http://{up}\"");
     let r = doctor(&pki, &config_text(&pki, "", &routes, LOOPBACK)).await;
@@ -227,7 +220,7 @@ async fn expired_certificate_is_refused_with_the_renewal_command() {
     let pki = TestPki::new();
     let (up, _sd) = mcp_server().await;
     let old = issue::issue_server_at(
-        &ca_of(&pki),
+        &pki.ca(),
         DOMAIN,
         Duration::from_secs(86400),
         KeyType::default(),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::TestPki;
+use mcp_tunnel::certs::issue::issue_server_at;
 use mcp_tunnel::config::Config;
 use mcp_tunnel::proxy::Proxy;
 use mcp_tunnel::supervisor::reload::{self, ReloadError, Reloader, unix_now};
@@ -298,4 +299,103 @@ fn log_level_applies_live() {
             .any(|v| v["MESSAGE"] == "log level changing" && v["F_TO"] == "warn"),
         "the change is logged at the level it leaves"
     );
+}
+
+/// The serial of a certificate in PEM.
+fn serial_of(pem: &str) -> String {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    mcp_tunnel::certs::preflight::facts(&der).unwrap().serial
+}
+
+fn serial_presented(proxy: &Proxy) -> String {
+    mcp_tunnel::certs::preflight::facts(&proxy.generation().cert.cert[0])
+        .unwrap()
+        .serial
+}
+
+/// One reload swaps the routes, the upstream plane and the certificate as one generation
+/// (issue 22 item 3): a request and a handshake each load one value, so neither can see the
+/// routes of one reload beside the upstream plane or certificate of another. A certificate
+/// that provisioning installs is a generation of its own, and a later reload that brings no
+/// certificate keeps it rather than putting back the one it loaded before.
+#[tokio::test]
+async fn routes_upstream_plane_and_certificate_land_as_one_generation() {
+    let pki = TestPki::new();
+    let path = pki.path("live.toml");
+    let (reloader, proxy) = start(
+        &path,
+        &text(&pki, "", "echo = \"http://10.0.0.5:9000\"", ""),
+    );
+    let first = proxy.generation();
+    assert_eq!(first.number, 1);
+    let first_serial = serial_presented(&proxy);
+
+    let next = issue_server_at(
+        &pki.ca(),
+        common::DOMAIN,
+        Duration::from_secs(86400 * 30),
+        Default::default(),
+        unix_now(),
+    )
+    .unwrap();
+    std::fs::write(pki.path("tls.crt"), &next.cert_pem).unwrap();
+    std::fs::write(pki.path("tls.key"), &next.key_pem).unwrap();
+    std::fs::write(
+        &path,
+        text(
+            &pki,
+            "",
+            "echo = \"http://10.0.0.5:9000\"\nother = \"http://10.0.0.6:9000\"",
+            "connect_timeout = \"2s\"",
+        ),
+    )
+    .unwrap();
+    let r = reloader.reload(unix_now()).await.unwrap();
+    assert_eq!(r.routes.added, ["other"]);
+    assert!(r.routes.upstream_policy_changed, "{r:?}");
+    let second = proxy.generation();
+    assert_eq!(second.number, 2);
+    assert_eq!(reloader.generation(), 2);
+    assert_eq!(second.snapshot.routes.iter().count(), 2);
+    assert!(!Arc::ptr_eq(&second.plane, &first.plane), "a new plane");
+    assert_eq!(serial_presented(&proxy), serial_of(&next.cert_pem));
+    // What a request that started before the reload holds is the first generation, whole.
+    assert_eq!(first.snapshot.routes.iter().count(), 1);
+    assert_eq!(
+        mcp_tunnel::certs::preflight::facts(&first.cert.cert[0])
+            .unwrap()
+            .serial,
+        first_serial
+    );
+
+    // Provisioning installs a certificate: a generation of its own, same routes and plane.
+    let installed = issue_server_at(
+        &pki.ca(),
+        common::DOMAIN,
+        Duration::from_secs(86400 * 30),
+        Default::default(),
+        unix_now(),
+    )
+    .unwrap();
+    let key = mcp_tunnel::certs::issue::certified_key(&installed).unwrap();
+    assert_eq!(proxy.install_cert(key), 3);
+    let third = proxy.generation();
+    assert!(Arc::ptr_eq(&third.snapshot, &second.snapshot));
+    assert!(Arc::ptr_eq(&third.plane, &second.plane));
+    // A reload that changes a route but brings no new certificate keeps the installed one.
+    std::fs::write(
+        &path,
+        text(
+            &pki,
+            "",
+            "echo = \"http://10.0.0.5:9000\"",
+            "connect_timeout = \"2s\"",
+        ),
+    )
+    .unwrap();
+    let r = reloader.reload(unix_now()).await.unwrap();
+    assert_eq!(r.routes.removed, ["other"]);
+    assert_eq!(proxy.generation().number, 4);
+    assert_eq!(serial_presented(&proxy), serial_of(&installed.cert_pem));
 }

@@ -634,13 +634,9 @@ async fn ca_rotation_uses_both_slots_with_zero_failed_handshakes() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before_rotation = ok.load(Ordering::Relaxed);
 
-    let rotation = provision::rotate_ca(
-        &settings,
-        proxy.cert_store().as_ref(),
-        Duration::from_millis(300),
-    )
-    .await
-    .unwrap();
+    let rotation = provision::rotate_ca(&settings, proxy.as_ref(), Duration::from_millis(300))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     hammer.await.unwrap();

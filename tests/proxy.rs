@@ -632,7 +632,7 @@ async fn a_new_upstream_policy_never_reuses_a_connection_checked_under_the_old_o
         &format!("{LOOPBACK}\nconnect_timeout = \"3s\""),
     );
     let next = mcp_tunnel::config::Config::parse(&pki.path("mcp-tunnel.toml"), &text).unwrap();
-    proxy.proxy.apply(&next).await.unwrap();
+    proxy.proxy.apply(&next, None, true).await.unwrap();
     assert_eq!(a.get(host, "/").await, (200, "conn 2".into()));
     assert_eq!(a.get(host, "/").await, (200, "conn 2".into()));
     assert_eq!(accepted.load(Ordering::SeqCst), 2);

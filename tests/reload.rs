@@ -14,7 +14,7 @@ use common::*;
 use http::{Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use mcp_tunnel::certs::issue::{IssuedPair, issue_server_at};
+use mcp_tunnel::certs::issue::issue_server_at;
 use mcp_tunnel::config::Config;
 use mcp_tunnel::lifecycle::Shutdown;
 use mcp_tunnel::proxy::Proxy;
@@ -466,13 +466,6 @@ async fn presented_serial(proxy: &TestProxy, pki: &TestPki) -> Result<String, St
     Ok(mcp_tunnel::certs::preflight::facts(&der).unwrap().serial)
 }
 
-fn ca_of(pki: &TestPki) -> IssuedPair {
-    IssuedPair {
-        cert_pem: std::fs::read_to_string(pki.path("ca.crt")).unwrap(),
-        key_pem: std::fs::read_to_string(pki.path("ca.key")).unwrap(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cert_rotation_under_continuous_handshakes() {
     let pki = TestPki::new();
@@ -511,7 +504,7 @@ async fn cert_rotation_under_continuous_handshakes() {
 
     // A new pair from the same CA, written the bad way round: certificate first, then the key.
     let next = issue_server_at(
-        &ca_of(&pki),
+        &pki.ca(),
         DOMAIN,
         Duration::from_secs(86400 * 90),
         Default::default(),
@@ -538,7 +531,7 @@ async fn cert_rotation_under_continuous_handshakes() {
 
     // A mismatched pair (a key from elsewhere) and an expired pair are refused.
     let other = issue_server_at(
-        &ca_of(&pki),
+        &pki.ca(),
         DOMAIN,
         Duration::from_secs(86400),
         Default::default(),
@@ -555,7 +548,7 @@ async fn cert_rotation_under_continuous_handshakes() {
         "{r:?}"
     );
     let expired = issue_server_at(
-        &ca_of(&pki),
+        &pki.ca(),
         DOMAIN,
         Duration::from_secs(3600),
         Default::default(),
@@ -700,7 +693,7 @@ async fn renewal_with_injected_time() {
     );
     assert_eq!(key_mode & 0o777, 0o600);
     // The proxy presents the renewed certificate.
-    let presented = live.proxy.proxy.cert_store().current();
+    let presented = live.proxy.proxy.generation().cert.clone();
     assert_eq!(
         mcp_tunnel::certs::preflight::facts(&presented.cert[0])
             .unwrap()
@@ -791,7 +784,7 @@ fn rsa_4096_server_certificates_when_asked() {
     let pki = TestPki::new();
     let now = unix_now();
     let pair = issue_server_at(
-        &ca_of(&pki),
+        &pki.ca(),
         DOMAIN,
         Duration::from_secs(86400),
         mcp_tunnel::certs::issue::KeyType::Rsa4096,

@@ -770,6 +770,12 @@ impl InstallCert for CertStore {
     }
 }
 
+impl InstallCert for crate::proxy::Proxy {
+    fn install(&self, key: Arc<CertifiedKey>) {
+        self.install_cert(key);
+    }
+}
+
 impl<F: Fn(Arc<CertifiedKey>) + Sync> InstallCert for F {
     fn install(&self, key: Arc<CertifiedKey>) {
         self(key)

@@ -19,7 +19,7 @@ use super::keepalive::SseKeepalive;
 use super::mcp::{self, Exchange, Inspected, ResponseInspector};
 use super::metrics::UpstreamOutcome;
 use super::session::Session;
-use super::state::Snapshot;
+use super::state::Generation;
 use super::upstream::{ConnectError, find_connect_error};
 use crate::config::Route;
 
@@ -34,7 +34,10 @@ impl Session {
         let Some(host) = request_host(&req) else {
             return Ok(self.refuse(req, Answer::MissingHost, "", "", None).await);
         };
-        let snapshot = self.proxy.snapshot.load_full();
+        // One generation for the whole request: its route, lease and upstream plane come
+        // from the same reload.
+        let generation = self.proxy.generation();
+        let snapshot = &generation.snapshot;
         let Some(route) = snapshot.routes.lookup(&host).cloned() else {
             return Ok(self.refuse(req, Answer::NoRoute, "", &host, None).await);
         };
@@ -89,7 +92,7 @@ impl Session {
             match mcp::request(scope, upstream_req).await {
                 Inspected::Forward(req, exchange) => {
                     let resp = self
-                        .forward(req, &route, &host, &snapshot, active, exchange.clone())
+                        .forward(req, &route, &host, &generation, active, exchange.clone())
                         .await;
                     if let Some(ex) = &exchange {
                         ex.set_status(resp.status());
@@ -103,7 +106,7 @@ impl Session {
                 upstream_req.map(Either::Left),
                 &route,
                 &host,
-                &snapshot,
+                &generation,
                 active,
                 None,
             )
@@ -136,7 +139,7 @@ impl Session {
         upstream_req: Request<UpstreamBody>,
         route: &Arc<Route>,
         host: &str,
-        snapshot: &Snapshot,
+        generation: &Generation,
         active: ActiveGuard,
         exchange: Option<Arc<Exchange>>,
     ) -> Response<ProxyBody> {
@@ -145,12 +148,12 @@ impl Session {
             upstream_req.method().clone(),
             upstream_req.uri().path().to_owned(),
         );
+        let (snapshot, plane) = (&generation.snapshot, &generation.plane);
         let lease = snapshot
             .leases
             .get(&route.name)
             .cloned()
             .unwrap_or_default();
-        let plane = self.proxy.upstream.load_full();
         let request = exchange::send(
             &plane.settings,
             plane.idle.here(),

@@ -36,13 +36,11 @@ pub use forward::{upstream_host, upstream_uri};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 use crate::certs::{self, CertError};
 use crate::config::{Config, Limits, PeerCheck};
-use state::{ApplyReport, Snapshot, UpstreamPlane};
-use tls::CertStore;
+use state::{ApplyReport, Generation, Snapshot, Store, UpstreamPlane};
 use upstream::{Resolve, SystemResolver};
 
 /// Errors that stop the proxy from starting.
@@ -62,10 +60,9 @@ pub enum ProxyError {
 /// Shared proxy state. Readers on the request path load snapshots without locking.
 pub struct Proxy {
     resolver: Arc<dyn Resolve>,
-    snapshot: ArcSwap<Snapshot>,
-    upstream: ArcSwap<UpstreamPlane>,
-    certs: Arc<CertStore>,
-    /// Inner TLS: the certificate comes from `certs` at each handshake.
+    /// The current generation: routes, upstream plane, certificate.
+    store: Arc<Store>,
+    /// Inner TLS: the certificate comes from `store` at each handshake.
     server_tls: Arc<rustls::ServerConfig>,
     /// Serialises reloads so two never interleave their lease bookkeeping.
     apply_lock: tokio::sync::Mutex<()>,
@@ -110,19 +107,21 @@ impl Proxy {
             }
             PeerCheck::Off(_) => None,
         };
-        let certs = Arc::new(CertStore::new(pair));
         let worker_count = workers::count(config.workers);
-        let upstream = ArcSwap::from_pointee(UpstreamPlane::new(
-            &config.upstream,
-            &resolver,
-            worker_count,
-        )?);
+        let store = Arc::new(Store::new(Generation {
+            number: 1,
+            snapshot: Arc::new(Snapshot::new(config)),
+            plane: Arc::new(UpstreamPlane::new(
+                &config.upstream,
+                &resolver,
+                worker_count,
+            )?),
+            cert: pair,
+        }));
         let proxy = Proxy {
             resolver,
-            snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
-            upstream,
-            server_tls: tls::server_config(certs.clone()),
-            certs,
+            server_tls: tls::server_config(store.clone()),
+            store,
             apply_lock: tokio::sync::Mutex::new(()),
             limits: config.limits.clone(),
             session_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_sessions)),
@@ -137,12 +136,20 @@ impl Proxy {
         Ok(Arc::new(proxy))
     }
 
-    /// Replaces routes and upstream policy with those of `config`. Requests in flight keep
-    /// what they started with; streams on routes that were removed, changed, or are no longer
-    /// allowed are closed, each logged; every other stream is untouched.
-    pub async fn apply(&self, config: &Config) -> Result<ApplyReport, ProxyError> {
+    /// Builds the next generation from `config` (and `cert`, when the reload brings a new
+    /// one) and stores it whole; `changed` says whether it counts as a new generation.
+    /// Requests in flight keep the generation they started with; streams on routes that were
+    /// removed, changed, or are no longer allowed are closed once it is stored, each logged;
+    /// every other stream is untouched. Nothing is stored when building fails.
+    pub async fn apply(
+        &self,
+        config: &Config,
+        cert: Option<Arc<rustls::sign::CertifiedKey>>,
+        changed: bool,
+    ) -> Result<ApplyReport, ProxyError> {
         let _serial = self.apply_lock.lock().await;
-        let old_plane = self.upstream.load_full();
+        let current = self.store.load();
+        let old_plane = current.plane.clone();
         let policy_changed = old_plane.config != config.upstream;
         let plane = if policy_changed {
             Arc::new(UpstreamPlane::new(
@@ -153,11 +160,15 @@ impl Proxy {
         } else {
             old_plane
         };
-        let old = self.snapshot.load_full();
         let (next, cancel, report) =
-            state::next_snapshot(&old, config, &plane, policy_changed).await;
-        self.upstream.store(plane);
-        self.snapshot.store(Arc::new(next));
+            state::next_snapshot(&current.snapshot, config, &plane, policy_changed).await;
+        let next = Arc::new(next);
+        self.store.publish(|cur| Generation {
+            number: cur.number + u64::from(changed),
+            snapshot: next.clone(),
+            plane: plane.clone(),
+            cert: cert.clone().unwrap_or_else(|| cur.cert.clone()),
+        });
         for closed in &report.closed {
             warn!(route = %closed.route, reason = %closed.reason, "closing the route's open streams");
         }
@@ -175,7 +186,7 @@ impl Proxy {
 
     /// The routes served now (after the last applied reload), for the status page.
     pub fn routes(&self) -> Vec<Arc<crate::config::Route>> {
-        let mut routes: Vec<_> = self.snapshot.load().routes.iter().cloned().collect();
+        let mut routes: Vec<_> = self.store.load().snapshot.routes.iter().cloned().collect();
         routes.sort_by(|a, b| a.name.cmp(&b.name));
         routes
     }
@@ -190,9 +201,21 @@ impl Proxy {
         self.peer_gate.as_ref()
     }
 
-    /// The certificate store, for rotation.
-    pub fn cert_store(&self) -> &Arc<CertStore> {
-        &self.certs
+    /// The current generation.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.store.load()
+    }
+
+    /// Presents `cert` to new handshakes from now on, as a new generation with the same
+    /// routes and upstream plane (provisioning's renewals and CA rotation).
+    pub fn install_cert(&self, cert: Arc<rustls::sign::CertifiedKey>) -> u64 {
+        self.store
+            .publish(|cur| Generation {
+                number: cur.number + 1,
+                cert: cert.clone(),
+                ..cur.clone()
+            })
+            .number
     }
 
     /// The data-plane workers, once serving (for the watchdog and `/metrics`).

@@ -1,5 +1,6 @@
-//! The proxy's swappable state: routes with their stream leases, and the upstream plane
-//! (policy, trust, connection pool). Built complete from a config, then swapped in one store.
+//! The proxy's swappable state, one [`Generation`]: routes with their stream leases, the
+//! upstream plane (policy, trust, connection pool) and the presented certificate. A live
+//! change builds the whole next generation, then swaps it in one store.
 //!
 //! Each route holds a lease (a cancellation token) that every response streaming on it
 //! watches. A reload carries a route's lease over when the route still means the same thing
@@ -11,6 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 
 use super::exchange::IdlePools;
@@ -18,6 +21,53 @@ use super::tls;
 use super::upstream::{ConnectError, Resolve, UpstreamSettings, resolve_checked};
 use crate::certs::CertError;
 use crate::config::{Config, McpConfig, Route, RouteTable, UpstreamConfig};
+
+/// Everything a live change swaps, as one value. A request, a handshake and `/status` each
+/// load one generation, so none of them can see the routes of one reload with the upstream
+/// plane or the certificate of another.
+#[derive(Clone)]
+pub struct Generation {
+    /// 1 at start, +1 per applied change (a reload that changed something, or a certificate
+    /// installed by provisioning).
+    pub number: u64,
+    pub snapshot: Arc<Snapshot>,
+    pub plane: Arc<UpstreamPlane>,
+    /// What new inner-TLS handshakes are given; sessions set up before keep theirs.
+    pub cert: Arc<CertifiedKey>,
+}
+
+/// The one store of the current [`Generation`]. It is also the inner-TLS certificate
+/// resolver (`proxy::tls`), so a handshake reads the same store as the request after it.
+pub struct Store {
+    current: ArcSwap<Generation>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("generation", &self.current.load().number)
+            .finish()
+    }
+}
+
+impl Store {
+    pub fn new(first: Generation) -> Store {
+        Store {
+            current: ArcSwap::from_pointee(first),
+        }
+    }
+
+    pub fn load(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Stores `next` as the following generation of whatever is current when it lands, so
+    /// a certificate installed between a reload's load and its store is never lost.
+    pub(super) fn publish(&self, next: impl Fn(&Generation) -> Generation) -> Arc<Generation> {
+        self.current.rcu(|cur| Arc::new(next(cur)));
+        self.current.load_full()
+    }
+}
 
 /// Routes and per-route leases.
 pub struct Snapshot {

@@ -11,8 +11,10 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use crate::certs::{self, CertError};
 use crate::config::UpstreamConfig;
 
-/// The server certificate currently presented; swapping it affects new handshakes only,
-/// so established sessions continue undisturbed.
+/// A certificate store on its own, for a TLS server that has no proxy generation behind it
+/// (the inner-TLS tests, a provisioning run outside the service). The proxy presents the
+/// certificate of its current [`super::state::Generation`] instead. Swapping affects new
+/// handshakes only, so established sessions continue undisturbed.
 #[derive(Debug)]
 pub struct CertStore {
     current: ArcSwap<CertifiedKey>,
@@ -41,6 +43,13 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+impl ResolvesServerCert for super::state::Store {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        HELLO_SNI.set(hello.server_name().map(Into::into));
+        Some(self.load().cert.clone())
+    }
+}
+
 thread_local! {
     /// The SNI of the ClientHello this thread resolved last, for [`super::inner_tls`]
     /// (rustls' unbuffered server does not expose it). rustls asks the resolver on every
@@ -58,7 +67,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Server config for inner TLS: ALPN h2 and http/1.1, certificate from the store.
-pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
+pub fn server_config(store: Arc<dyn ResolvesServerCert>) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")

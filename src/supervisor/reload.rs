@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use tokio::sync::{Mutex, mpsc};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::watch::{self, FileWatcher, WatchSet};
 use crate::certs::preflight::{self, CertFacts, Expectations, PreflightError};
@@ -150,7 +150,6 @@ pub struct Reloader {
     /// Facts of the presented certificate (a plain lock: never held across an await).
     facts: std::sync::Mutex<CertFacts>,
     provisioned: bool,
-    generation: AtomicU64,
     failures: AtomicU64,
     attempts: AtomicU64,
     /// The running cloudflared supervision, which applies a changed `[cloudflared]` by
@@ -178,7 +177,6 @@ impl Reloader {
                 config,
                 warned_days: None,
             }),
-            generation: AtomicU64::new(1),
             failures: AtomicU64::new(0),
             attempts: AtomicU64::new(0),
             cloudflared: std::sync::OnceLock::new(),
@@ -190,9 +188,9 @@ impl Reloader {
         let _ = self.cloudflared.set(tx);
     }
 
-    /// Config generation: 1 at start, +1 per applied change.
+    /// The proxy's generation: 1 at start, +1 per applied change.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
+        self.proxy.generation().number
     }
 
     /// Reloads attempted since start (applied, refused, or with nothing to do).
@@ -230,7 +228,8 @@ impl Reloader {
             }
             Err(e) => warn!(error = %e, "installed a certificate whose facts cannot be read"),
         }
-        self.proxy.cert_store().swap(key);
+        let generation = self.proxy.install_cert(key);
+        debug!(generation, "certificate installed as a new generation");
     }
 
     /// The running config.
@@ -269,7 +268,13 @@ impl Reloader {
             cert_refused,
             restart_required,
         } = checked;
-        let routes = match self.proxy.apply(&next).await {
+        let new_cert = pair.as_ref().is_some_and(|(_, facts)| {
+            facts.serial != self.facts().serial || bytes != cur.pair_bytes
+        });
+        let changed = new_cert || next != cur.config;
+        // One store: the routes, the upstream plane and the certificate land together.
+        let cert = pair.as_ref().map(|(key, _)| key.clone());
+        let routes = match self.proxy.apply(&next, cert, changed).await {
             Ok(r) => r,
             Err(e) => return Err(self.refused(e.into())),
         };
@@ -279,12 +284,11 @@ impl Reloader {
             restart_required,
             ..Reloaded::default()
         };
-        if let Some((pair, facts)) = pair {
-            if facts.serial != self.facts().serial || bytes != cur.pair_bytes {
+        if let Some((_, facts)) = pair {
+            if new_cert {
                 info!(serial = %facts.serial, not_after = facts.not_after, "server certificate swapped; new sessions get it");
                 out.new_cert_serial = Some(facts.serial.clone());
             }
-            self.proxy.cert_store().swap(pair);
             cur.pair_bytes = bytes;
             *self.facts.lock().expect("facts lock") = facts;
             cur.warned_days = None;
@@ -313,10 +317,9 @@ impl Reloader {
                 ),
             }
         }
-        let changed = !out.routes.is_empty() || out.new_cert_serial.is_some() || next != cur.config;
         cur.config = next;
         if changed {
-            let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+            let g = self.generation();
             info!(generation = g, added = ?out.routes.added, removed = ?out.routes.removed, changed = ?out.routes.changed, "config reloaded");
         }
         Ok(out)

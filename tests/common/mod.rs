@@ -54,6 +54,14 @@ impl TestPki {
     pub fn roots(&self) -> RootCertStore {
         roots_from(&self.path("ca.crt"))
     }
+
+    /// The CA's pair, to issue further server certificates from.
+    pub fn ca(&self) -> issue::IssuedPair {
+        issue::IssuedPair {
+            cert_pem: std::fs::read_to_string(self.path("ca.crt")).unwrap(),
+            key_pem: std::fs::read_to_string(self.path("ca.key")).unwrap(),
+        }
+    }
 }
 
 pub fn roots_from(ca: &Path) -> RootCertStore {
