@@ -996,3 +996,67 @@ async fn sever_stops_serving_at_once_and_the_host_stays_down_until_lifted() {
     sigterm(&back);
     assert_eq!(exit_code(&mut back, Duration::from_secs(40)).await, 0);
 }
+
+/// `READY=1` and `/readyz` come from one readiness registry (issue 22): READY=1 waits for
+/// what `/readyz` waits for, and a server certificate that expires while the service runs
+/// turns `/readyz` to 503 and leads every later `STATUS=` with `NOT READY (certificate)`.
+/// `READY=1` cannot be taken back, so `STATUS=` is where systemd hears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_while_running_is_not_ready_for_systemd_and_readyz_alike() {
+    let env = Env::new().await;
+    let ca = mcp_tunnel::certs::issue::IssuedPair {
+        cert_pem: std::fs::read_to_string(env.path("ca.crt")).unwrap(),
+        key_pem: std::fs::read_to_string(env.path("ca.key")).unwrap(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let short = mcp_tunnel::certs::issue::issue_server_at(
+        &ca,
+        DOMAIN,
+        Duration::from_secs(6),
+        Default::default(),
+        now,
+    )
+    .unwrap();
+    std::fs::write(env.path("tls.crt"), &short.cert_pem).unwrap();
+    std::fs::write(env.path("tls.key"), &short.key_pem).unwrap();
+    let cfg = env.config(
+        Some("127.0.0.1:0".parse().unwrap()),
+        "ready_requires_tunnel = true",
+        &[("STANDIN_FORWARD", "127.0.0.1:0")],
+    );
+    let mut sup = env.start(&cfg, false);
+    let admin = logged_addr(&env, "supervisor.log", "admin endpoint listening", "listen").await;
+    let ready = env
+        .wait_notify(|m| m.starts_with("READY=1\n"), Duration::from_secs(15))
+        .await;
+    assert!(!ready.contains("NOT READY"), "{ready:?}");
+    assert_eq!(
+        http_get(admin, "/readyz").await.0,
+        200,
+        "ready when READY=1 was sent"
+    );
+
+    let status = env
+        .wait_notify(
+            |m| m.starts_with("STATUS=NOT READY (certificate); "),
+            Duration::from_secs(15),
+        )
+        .await;
+    assert!(status.contains("CERT EXPIRED"), "{status:?}");
+    let (code, body) = http_get(admin, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cert = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "certificate")
+        .unwrap();
+    assert_eq!(cert["ready"], false, "{body}");
+    assert_eq!(cert["state"], "expired", "{body}");
+    sigterm(&sup);
+    assert_eq!(exit_code(&mut sup, Duration::from_secs(20)).await, 0);
+}

@@ -2,7 +2,8 @@
 //!
 //! Start: with `[provision]`, provisioning of an empty state directory
 //! ([`provisioning::at_start`]) -> proxy (config, certificate) -> listener -> admin endpoint -> cloudflared ->
-//! `READY=1` (after cloudflared's first edge connection when `ready_requires_tunnel`).
+//! `READY=1` (from the readiness registry `/readyz` answers from; after cloudflared's first
+//! edge connection when `ready_requires_tunnel`).
 //! Run: with `[provision]`, [`provisioning::run_loop`] owns certificate and token rotation;
 //! STATUS kept current, WATCHDOG=1 while the accept loop and this loop progress,
 //! SIGHUP goes to [`reload`] (the hook for hot reload), a permanent cloudflared failure ends
@@ -265,8 +266,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let stop_reason: Result<&'static str, String>;
     let mut severed: Option<String> = None;
+    // READY=1 comes from the readiness registry that /readyz answers from, the first time it
+    // holds (without waiting for the tunnel unless `ready_requires_tunnel`).
+    let wait_for_tunnel = config.cloudflared.ready_requires_tunnel && cf.is_some();
+    let started = |state: &AppState| metrics::Readiness::of(state, now()).started(wait_for_tunnel);
     let mut ready_sent = false;
-    if !(config.cloudflared.ready_requires_tunnel && cf.is_some()) {
+    if started(&state) {
         notifier.ready(&metrics::status_line(&state, now()));
         ready_sent = true;
     }
@@ -313,14 +318,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 break;
             }
             Ok(()) = async { health.as_mut().expect("guarded").changed().await }, if health.is_some() => {
-                if !ready_sent && state.cloudflared.get().is_some_and(|s| s.health().is_ready()) {
+                if !ready_sent && started(&state) {
                     notifier.ready(&metrics::status_line(&state, now()));
                     ready_sent = true;
                 }
             }
             _ = tick.tick() => {
                 let line = metrics::status_line(&state, now());
-                if ready_sent && line != last_status {
+                if !ready_sent && started(&state) {
+                    notifier.ready(&line);
+                    ready_sent = true;
+                    last_status = line;
+                } else if ready_sent && line != last_status {
                     notifier.status(&line);
                     last_status = line;
                 }

@@ -225,10 +225,51 @@ pub fn readiness(s: &AppState, now: i64) -> Vec<Component> {
     out
 }
 
+/// The one readiness rule, read by `/readyz`, by the supervisor for `READY=1` and by every
+/// `STATUS=` line, so that what a probe sees and what systemd was told cannot differ.
+pub struct Readiness {
+    pub components: Vec<Component>,
+}
+
+impl Readiness {
+    pub fn of(s: &AppState, now: i64) -> Readiness {
+        Readiness {
+            components: readiness(s, now),
+        }
+    }
+
+    /// Every component is ready: `/readyz` answers 200.
+    pub fn ready(&self) -> bool {
+        self.components.iter().all(|c| c.ready)
+    }
+
+    /// The start has finished (`READY=1`): every component is ready, except that with
+    /// `ready_requires_tunnel = false` the start does not wait for the tunnel. It is the same
+    /// registry, with one component named as not waited for, not a second rule.
+    pub fn started(&self, wait_for_tunnel: bool) -> bool {
+        self.components
+            .iter()
+            .filter(|c| wait_for_tunnel || c.name != "cloudflared")
+            .all(|c| c.ready)
+    }
+
+    /// `NOT READY (certificate, cloudflared)`, or `None` when ready.
+    pub fn lacking(&self) -> Option<String> {
+        let names: Vec<&str> = self
+            .components
+            .iter()
+            .filter(|c| !c.ready)
+            .map(|c| c.name)
+            .collect();
+        (!names.is_empty()).then(|| format!("NOT READY ({})", names.join(", ")))
+    }
+}
+
 /// The `/readyz` body and whether every component is ready.
 pub fn readyz(s: &AppState, now: i64) -> (bool, String) {
-    let comps = readiness(s, now);
-    let ready = comps.iter().all(|c| c.ready);
+    let r = Readiness::of(s, now);
+    let ready = r.ready();
+    let comps = r.components;
     // The PID lets `mcp-tunnel restart-connector` signal the service (the kernel checks it
     // may: only root or the service's user can).
     let body = serde_json::json!({
@@ -249,7 +290,10 @@ fn incoming_text(s: &AppState) -> Option<String> {
     ))
 }
 
-/// `STATUS=` for systemd, e.g. `tunnel 4/4 connections; 3 routes; cert expires in 61d`.
+/// `STATUS=` for systemd, e.g. `tunnel 4/4 connections; 3 routes; cert expires in 61d`,
+/// led by `NOT READY (...)` whenever `/readyz` would answer 503 (a certificate that expired
+/// while running, the tunnel lost): `READY=1` cannot be taken back, so this line is where
+/// systemd hears it.
 pub fn status_line(s: &AppState, now: i64) -> String {
     let tunnel = match s.cloudflared_health() {
         Health::Disabled => "cloudflared disabled".to_string(),
@@ -285,8 +329,13 @@ pub fn status_line(s: &AppState, now: i64) -> String {
         .and_then(|p| p.clone())
         .map(|p| format!("; provisioning: {p}"))
         .unwrap_or_default();
+    let lacking = match Readiness::of(s, now).lacking() {
+        // Stopping and severed say so themselves.
+        Some(l) if stopping.is_empty() => format!("{l}; "),
+        _ => String::new(),
+    };
     format!(
-        "{stopping}{tunnel}; {routes} route{}; {cert}{provisioning}",
+        "{lacking}{stopping}{tunnel}; {routes} route{}; {cert}{provisioning}",
         if routes == 1 { "" } else { "s" }
     )
 }
@@ -744,15 +793,23 @@ mod tests {
             .store(1000 + 61 * 86400 + 5, Ordering::Relaxed);
         assert_eq!(
             status_line(&s, 1000),
-            "cloudflared disabled; 3 routes; cert expires in 61d"
+            "NOT READY (listener); cloudflared disabled; 3 routes; cert expires in 61d"
         );
         let (ready, _) = readyz(&s, 1000);
         assert!(!ready, "listener not bound yet");
         s.listener_bound.store(true, Ordering::Relaxed);
         let (ready, body) = readyz(&s, 1000);
         assert!(ready, "{body}");
+        assert_eq!(
+            status_line(&s, 1000),
+            "cloudflared disabled; 3 routes; cert expires in 61d"
+        );
         let (ready, body) = readyz(&s, 1000 + 62 * 86400);
         assert!(!ready && body.contains("expired"), "{body}");
+        assert_eq!(
+            status_line(&s, 1000 + 62 * 86400),
+            "NOT READY (certificate); cloudflared disabled; 3 routes; CERT EXPIRED"
+        );
         s.proxy.request("echo", 200);
         s.proxy.request("", 502);
         let m = render(&s, 1000);
