@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine;
 use bytes::Bytes;
 use fake_tunnels_api::Fake;
 use http_body_util::{BodyExt, Full};
@@ -35,24 +34,6 @@ fn free_port() -> SocketAddr {
         .unwrap()
 }
 
-fn jwt(sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let b = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    format!(
-        "{}.{}.{}",
-        b(r#"{"alg":"ES256","kid":"k1"}"#.into()),
-        b(format!(
-            r#"{{"iss":"https://idp.example","aud":"api.anthropic.com","sub":"{sub}","iat":{},"exp":{}}}"#,
-            now - 60,
-            now + 3600
-        )),
-        b(format!("signature-of-{sub}"))
-    )
-}
-
 struct Env {
     dir: tempfile::TempDir,
     fake: Arc<Fake>,
@@ -66,8 +47,7 @@ impl Env {
     async fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let fake = Fake::start().await;
-        let assertion = jwt("vm-1");
-        fake.with(|s| s.accepted_assertions.insert(assertion.clone()));
+        let assertion = fake.with(|s| s.accept_assertion("vm-1"));
         std::fs::write(dir.path().join("token.jwt"), &assertion).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = l.local_addr().unwrap();
