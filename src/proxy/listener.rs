@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -40,6 +39,7 @@ impl Proxy {
             },
         };
         let mut beat = tokio::time::interval(workers::BEAT);
+        let mut backoff = crate::telemetry::limiter::AcceptBackoff::default();
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.started() => break,
@@ -51,6 +51,7 @@ impl Proxy {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    backoff.accepted();
                     let _ = stream.set_nodelay(true);
                     let proxy = self.clone();
                     let sd = shutdown.clone();
@@ -80,9 +81,27 @@ impl Proxy {
                     });
                 }
                 Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors and similar: the connection stays in the listen
+                    // backlog, so back off instead of spinning; sessions in flight go on.
+                    let out_of_files = matches!(
+                        e.raw_os_error().map(nix::errno::Errno::from_raw),
+                        Some(nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE)
+                    );
+                    if out_of_files {
+                        self.metrics.limit(metrics::LimitHit::OpenFiles);
+                    }
+                    let wait = backoff.failed();
+                    if let Some(suppressed) = self.accept_log.permit() {
+                        if out_of_files {
+                            warn!(error = %e, suppressed, retry_in = ?wait, "accept failed: out of file descriptors (LimitNOFILE); new connections wait in the listen backlog, open sessions go on");
+                        } else {
+                            warn!(error = %e, suppressed, retry_in = ?wait, "accept failed");
+                        }
+                    }
+                    tokio::select! {
+                        _ = shutdown.started() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             }
         }

@@ -66,10 +66,13 @@ pub enum LimitHit {
     WsMessageTooLarge,
     IdleSession,
     RequestBodyTooLarge,
+    /// An accept refused because the process (or the system) is out of file descriptors:
+    /// `LimitNOFILE`, not a `[limits]` bound, but a limit hit all the same.
+    OpenFiles,
 }
 
 impl LimitHit {
-    pub const ALL: [LimitHit; 8] = [
+    pub const ALL: [LimitHit; 9] = [
         LimitHit::Sessions,
         LimitHit::UpgradeTimeout,
         LimitHit::TlsHandshakeTimeout,
@@ -78,6 +81,7 @@ impl LimitHit {
         LimitHit::WsMessageTooLarge,
         LimitHit::IdleSession,
         LimitHit::RequestBodyTooLarge,
+        LimitHit::OpenFiles,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +94,7 @@ impl LimitHit {
             LimitHit::WsMessageTooLarge => "max_ws_message_bytes",
             LimitHit::IdleSession => "idle_session_timeout",
             LimitHit::RequestBodyTooLarge => "max_request_body_bytes",
+            LimitHit::OpenFiles => "open_files",
         }
     }
 }
@@ -251,7 +256,7 @@ impl RouteTable {
 pub struct ProxyMetrics {
     routes: RouteTable,
     refusals: [AtomicU64; Refusal::ALL.len()],
-    limits: [AtomicU64; 8],
+    limits: [AtomicU64; LimitHit::ALL.len()],
     peer_refusals: [AtomicU64; 2],
     sessions_open: AtomicI64,
     sessions_total: AtomicU64,

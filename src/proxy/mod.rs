@@ -73,6 +73,8 @@ pub struct Proxy {
     metrics: Arc<metrics::ProxyMetrics>,
     /// `[peer_check]` on: who may connect to the listener (fixed at start).
     peer_gate: Option<peer::PeerGate>,
+    /// Failed accepts come in floods (out of descriptors): their log lines are sampled.
+    accept_log: crate::telemetry::limiter::LogLimiter,
     /// How many data-plane workers `serve` starts (`workers`, fixed at start).
     worker_count: usize,
     /// The data-plane workers, once `serve` has started them.
@@ -127,6 +129,7 @@ impl Proxy {
             session_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_sessions)),
             metrics: Arc::default(),
             peer_gate,
+            accept_log: Default::default(),
             worker_count,
             workers: std::sync::OnceLock::new(),
         };

@@ -6,19 +6,13 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::metrics::{PeerRefusal, ProxyMetrics};
 use super::sockdiag::{self, SocketOwner};
-
-/// At most this many refusal lines per window; the next line after a quiet spell says how
-/// many were left out (the metric counts every one).
-const LOG_BURST: u64 = 5;
-const LOG_WINDOW: Duration = Duration::from_secs(10);
+use crate::telemetry::limiter::LogLimiter;
 
 /// The check cannot work on this host or under this sandbox; `run` refuses to start.
 #[derive(Debug, thiserror::Error)]
@@ -177,41 +171,6 @@ fn self_test(own_uid: u32, ip: IpAddr) -> Result<(), String> {
     Ok(())
 }
 
-/// Lets `LOG_BURST` lines through per `LOG_WINDOW`, and counts the rest.
-#[derive(Default)]
-struct LogLimiter {
-    state: Mutex<LogWindow>,
-}
-
-#[derive(Default)]
-struct LogWindow {
-    start: Option<Instant>,
-    lines: u64,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    /// `Some(lines left out since the last one written)` when a line may be written now.
-    fn permit(&self) -> Option<u64> {
-        self.permit_at(Instant::now())
-    }
-
-    fn permit_at(&self, now: Instant) -> Option<u64> {
-        let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if w.start.is_none_or(|s| now.duration_since(s) >= LOG_WINDOW) {
-            w.start = Some(now);
-            w.lines = 0;
-        }
-        if w.lines < LOG_BURST {
-            w.lines += 1;
-            Some(std::mem::take(&mut w.suppressed))
-        } else {
-            w.suppressed += 1;
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,19 +221,6 @@ mod tests {
             matches!(failed, Err(Refused::UnknownOwner(_))),
             "{failed:?}"
         );
-    }
-
-    #[test]
-    fn log_lines_are_rate_limited_and_the_gap_is_reported() {
-        let l = LogLimiter::default();
-        let t0 = Instant::now();
-        for _ in 0..LOG_BURST {
-            assert_eq!(l.permit_at(t0), Some(0));
-        }
-        assert_eq!(l.permit_at(t0 + Duration::from_secs(1)), None);
-        assert_eq!(l.permit_at(t0 + Duration::from_secs(2)), None);
-        assert_eq!(l.permit_at(t0 + LOG_WINDOW), Some(2));
-        assert_eq!(l.permit_at(t0 + LOG_WINDOW), Some(0));
     }
 
     #[test]

@@ -185,14 +185,23 @@ pub fn status_json(s: &AppState, now: i64) -> serde_json::Value {
 
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+    let mut backoff = super::limiter::AcceptBackoff::default();
+    let log = super::limiter::LogLimiter::default();
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => match a {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff.accepted();
+                    a
+                }
                 Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // Out of descriptors, most likely: the connection waits in the backlog.
+                    let wait = backoff.failed();
+                    if let Some(suppressed) = log.permit() {
+                        warn!(error = %e, suppressed, retry_in = ?wait, "admin accept failed");
+                    }
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
             },

@@ -452,7 +452,7 @@ pub fn render(s: &AppState, now: i64) -> String {
         &mut o,
         "mcp_tunnel_limit_hits_total",
         "counter",
-        "Times a [limits] bound refused or closed something, by limit.",
+        "Times a [limits] bound refused or closed something, by limit; open_files counts accepts refused for want of file descriptors (LimitNOFILE).",
     );
     for (l, n) in s.proxy.limits_snapshot() {
         let _ = writeln!(

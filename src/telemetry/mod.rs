@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod journal;
 pub mod json;
+pub mod limiter;
 pub mod metrics;
 pub mod page;
 pub mod restart_connector;
