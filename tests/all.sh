@@ -26,6 +26,8 @@ step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 step "cargo test --workspace"
 cargo test --locked --workspace
+step "full disk: a rotation on a full state directory (a tmpfs, in a private mount namespace)"
+unshare -m cargo test --locked --test provision -- --ignored --exact a_full_state_directory_fails_a_rotation_whole_and_the_next_attempt_succeeds
 step "monitoring: promtool check/test rules, dashboard queries (packaging/monitoring/check.sh)"
 packaging/monitoring/check.sh
 step "status page: the admin endpoint's / in headless Chromium (tests/status_page.sh)"

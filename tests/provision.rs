@@ -1192,3 +1192,107 @@ async fn setup_rotate_now_without_a_service_and_api_errors_change_nothing() {
         assert!(!said.contains(&secret), "a secret reached the terminal");
     }
 }
+
+/// The state directory's filesystem is full during a rotation (issue 23 item 4): a small
+/// tmpfs is the state directory, filled to the last byte. `setup rotate --now` (no service)
+/// fails naming the file it could not write, every file is as it was (a key is never left
+/// beside a certificate it does not match, no temp file stays), and the next attempt, once
+/// there is space again, succeeds. Needs root for the mount: tests/all.sh runs it in a
+/// private mount namespace (`unshare -m`).
+#[tokio::test]
+#[ignore = "mounts a tmpfs: needs root, run by tests/all.sh inside unshare -m"]
+async fn a_full_state_directory_fails_a_rotation_whole_and_the_next_attempt_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fake, env) = setup(tmp.path()).await;
+    let out = tmp.path().join("state");
+    std::fs::create_dir(&out).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs on {}", out.display());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(out.clone());
+    let config = tmp.path().join("mcp-tunnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[admin]\nlisten_addr = \"127.0.0.1:1\"\n[provision]\nstate_dir = \"state\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
+            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
+        ),
+    )
+    .unwrap();
+    let run = |args: &'static [&'static str]| {
+        let (config, url) = (config.clone(), fake.url.clone());
+        async move {
+            let o = cli(&url, &config, args).await;
+            (
+                o.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            )
+        }
+    };
+    let (code, said) = run(&["setup", "init"]).await;
+    assert_eq!(code, Some(0), "{said}");
+    // Fill the filesystem to the last byte.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(out.join("filler")).unwrap();
+        let chunk = vec![0u8; 512];
+        while filler.write_all(&chunk).is_ok() {}
+        let _ = filler.flush();
+    }
+    let full = whole_dir(&out);
+    for flags in [&["--cert"][..], &["--token"]] {
+        let args: &'static [&'static str] = if flags == ["--cert"] {
+            &["setup", "rotate", "--now", "--cert"]
+        } else {
+            &["setup", "rotate", "--now", "--token"]
+        };
+        let (code, said) = run(args).await;
+        assert_ne!(code, Some(0), "{flags:?}: {said}");
+        assert!(
+            said.contains(&out.display().to_string()) && said.contains("No space left on device"),
+            "{flags:?}: the error names the path and the cause: {said}"
+        );
+        assert_eq!(whole_dir(&out), full, "{flags:?} changed the state");
+        if flags == ["--token"] {
+            assert!(
+                said.contains("The old token no longer opens new connections"),
+                "what the API already did is said: {said}"
+            );
+        }
+        println!(
+            "{flags:?} on a full disk: {}",
+            said.trim().replace('\n', " | ")
+        );
+    }
+    // Space again: both succeed, and the files are the new ones.
+    std::fs::remove_file(out.join("filler")).unwrap();
+    let before = whole_dir(&out);
+    let (code, said) = run(&["setup", "rotate", "--now", "--cert", "--token"]).await;
+    assert_eq!(code, Some(0), "{said}");
+    let after = whole_dir(&out);
+    for f in ["tls.crt", "tls.key", "tunnel-token"] {
+        assert_ne!(after[f], before[f], "{f}");
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&after["tunnel-token"].0),
+        fake.with(|s| s.tunnels[0].token.clone())
+    );
+    assert!(
+        after.keys().all(|k| !k.contains(".tmp.")),
+        "no temp file: {:?}",
+        after.keys()
+    );
+}

@@ -14,7 +14,7 @@ use rcgen::{
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
 
-use super::{CertError, write_atomic};
+use super::{CertError, write_atomic, write_atomic_all};
 
 /// A certificate and its private key, PEM-encoded (no Debug: it holds a key).
 #[derive(Clone)]
@@ -208,10 +208,14 @@ impl Pki {
             path: dir.to_path_buf(),
             source,
         })?;
-        write_atomic(&dir.join("ca.crt"), self.ca.cert_pem.as_bytes(), 0o644)?;
-        write_atomic(&dir.join("ca.key"), self.ca.key_pem.as_bytes(), 0o600)?;
-        write_atomic(&dir.join("tls.crt"), self.server.cert_pem.as_bytes(), 0o644)?;
-        write_atomic(&dir.join("tls.key"), self.server.key_pem.as_bytes(), 0o600)?;
+        let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+        let (tls_crt, tls_key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        write_atomic_all(&[
+            (&ca_crt, self.ca.cert_pem.as_bytes(), 0o644),
+            (&ca_key, self.ca.key_pem.as_bytes(), 0o600),
+            (&tls_crt, self.server.cert_pem.as_bytes(), 0o644),
+            (&tls_key, self.server.key_pem.as_bytes(), 0o600),
+        ])?;
         Ok(())
     }
 }

@@ -124,20 +124,64 @@ fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
 /// Writes a file so that readers see either the old or the new content, never half of it:
 /// temp file in the same directory, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
+    write_atomic_all(&[(path, bytes, mode)])
+}
+
+/// Writes files that only make sense together (a key and its certificate) so that either
+/// all of them land or none does: every one is written whole to a temp file and fsynced
+/// first, and only then are they renamed into place. A full disk or any other failure
+/// while writing leaves the old files as they were and no temp file behind; the error
+/// names the file that could not be written.
+pub fn write_atomic_all(files: &[(&Path, &[u8], u32)]) -> Result<(), CertError> {
+    let mut staged: Vec<(PathBuf, &Path)> = Vec::with_capacity(files.len());
+    for (path, bytes, mode) in files {
+        match stage(path, bytes, *mode) {
+            Ok(tmp) => staged.push((tmp, path)),
+            Err(e) => {
+                for (tmp, _) in &staged {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                return Err(e);
+            }
+        }
+    }
+    // Renames need no space; one can still fail (the target became a directory), and then
+    // the temp files of the rest are removed too.
+    for (renamed, (tmp, path)) in staged.iter().enumerate() {
+        if let Err(source) = std::fs::rename(tmp, path) {
+            for (tmp, _) in &staged[renamed..] {
+                let _ = std::fs::remove_file(tmp);
+            }
+            return Err(CertError::Write {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+        if let Ok(d) = std::fs::File::open(parent(path)) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// The temp file beside `path`, written whole and fsynced (removed again on failure).
+fn stage(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, CertError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |source| CertError::Write {
         path: path.to_path_buf(),
         source,
     };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let tmp = parent(path).join(format!(".{name}.tmp.{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -145,16 +189,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertErro
         .mode(mode)
         .open(&tmp)
         .map_err(err)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(err)?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(err)?;
+    let written = f
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|_| f.write_all(bytes))
+        .and_then(|_| f.sync_all());
     drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| {
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        err(e)
-    })?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+        return Err(err(e));
     }
-    Ok(())
+    Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_written_together_land_all_or_none_and_leave_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("tls.key"), dir.path().join("tls.crt"));
+        std::fs::write(&key, "old key").unwrap();
+        std::fs::write(&cert, "old cert").unwrap();
+        // The second file cannot be written (its directory does not exist): the first,
+        // already staged, is not renamed into place, and its temp file is gone.
+        let nowhere = dir.path().join("missing").join("tls.crt");
+        let e = write_atomic_all(&[(&key, b"new key", 0o600), (&nowhere, b"new cert", 0o644)])
+            .unwrap_err();
+        assert!(e.to_string().contains("missing/tls.crt"), "{e}");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "old key");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        write_atomic_all(&[(&key, b"new key", 0o600), (&cert, b"new cert", 0o644)]).unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "new key");
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), "new cert");
+    }
 }

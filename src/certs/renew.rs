@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::issue::{IssuedPair, KeyType, issue_server_at};
-use super::{CertError, write_atomic};
+use super::{CertError, write_atomic_all};
 
 /// Where renewal reads the CA and writes the server pair.
 pub struct RenewFiles<'a> {
@@ -53,12 +53,15 @@ pub fn warning_threshold(not_after: i64, now: i64) -> Option<i64> {
     WARN_DAYS.iter().rev().copied().find(|d| left_days <= *d)
 }
 
-/// Writes a renewed pair: key first, then certificate, each atomically (key 0600).
-/// A watcher that sees the key before the certificate refuses the mismatched pair and
-/// keeps the old one until the certificate lands.
+/// Writes a renewed pair, all or none (key 0600): both are written whole first, so a full
+/// disk leaves the old pair as it was; then the key is renamed into place, then the
+/// certificate. A watcher that sees the key before the certificate refuses the mismatched
+/// pair and keeps the old one until the certificate lands.
 pub fn write_pair(pair: &IssuedPair, cert_file: &Path, key_file: &Path) -> Result<(), CertError> {
-    write_atomic(key_file, pair.key_pem.as_bytes(), 0o600)?;
-    write_atomic(cert_file, pair.cert_pem.as_bytes(), 0o644)
+    write_atomic_all(&[
+        (key_file, pair.key_pem.as_bytes(), 0o600),
+        (cert_file, pair.cert_pem.as_bytes(), 0o644),
+    ])
 }
 
 #[cfg(test)]

@@ -136,12 +136,29 @@ pub enum ProvisionError {
     Protocol(String),
     #[error(transparent)]
     Files(#[from] CertError),
+    #[error(
+        "the Tunnels API issued a new tunnel token for {tunnel_id}, but it could not be saved: {source}. The old token no longer opens new connections (connectors already connected stay up); once the file can be written, rotate again (`mcp-tunnel setup rotate --now --token`), which issues and saves another"
+    )]
+    TokenNotSaved {
+        tunnel_id: String,
+        source: CertError,
+    },
+}
+
+/// A full disk: the next attempt succeeds once there is space again.
+fn storage_full(e: &CertError) -> bool {
+    matches!(e, CertError::Write { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
 }
 
 impl ProvisionError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ProvisionError::Unreachable { .. } => ErrorClass::Transient,
+            ProvisionError::Files(e) | ProvisionError::TokenNotSaved { source: e, .. }
+                if storage_full(e) =>
+            {
+                ErrorClass::Transient
+            }
             ProvisionError::Api { status, .. } if *status >= 500 || *status == 429 => {
                 ErrorClass::Transient
             }
@@ -479,8 +496,7 @@ pub async fn ensure(settings: &Settings) -> Result<Outcome, ProvisionError> {
         None => {
             let ca = issue::generate_ca(issue::CA_VALIDITY)?;
             // Key first: a CA certificate on disk always has its key beside it.
-            dir.write(state::CA_KEY, &ca.key_pem)?;
-            dir.write(state::CA_CRT, &ca.cert_pem)?;
+            dir.write_together(&[(state::CA_KEY, &ca.key_pem), (state::CA_CRT, &ca.cert_pem)])?;
             changed.extend([state::CA_KEY, state::CA_CRT]);
             info!(tunnel_id = %tunnel.id, "generated a new CA (ECDSA P-256, 5 years)");
             ca
@@ -556,8 +572,10 @@ fn read_pair(dir: &StateDir, crt: &str, key: &str) -> Option<IssuedPair> {
 
 fn write_server(dir: &StateDir, server: &IssuedPair) -> Result<(), CertError> {
     // Key before certificate: a watcher that reloads on the certificate sees a matching key.
-    dir.write(state::TLS_KEY, &server.key_pem)?;
-    dir.write(state::TLS_CRT, &server.cert_pem)?;
+    dir.write_together(&[
+        (state::TLS_KEY, &server.key_pem),
+        (state::TLS_CRT, &server.cert_pem),
+    ])?;
     Ok(())
 }
 
@@ -821,8 +839,10 @@ pub async fn rotate_ca(
         Some(n) => n,
         None => {
             let n = issue::generate_ca(issue::CA_VALIDITY)?;
-            dir.write(state::CA_NEXT_KEY, &n.key_pem)?;
-            dir.write(state::CA_NEXT_CRT, &n.cert_pem)?;
+            dir.write_together(&[
+                (state::CA_NEXT_KEY, &n.key_pem),
+                (state::CA_NEXT_CRT, &n.cert_pem),
+            ])?;
             n
         }
     };
@@ -841,8 +861,10 @@ pub async fn rotate_ca(
     if let Some(old) = old.as_ref().filter(|o| o.cert_pem != next.cert_pem) {
         dir.write(state::CA_PREVIOUS_CRT, &old.cert_pem)?;
     }
-    dir.write(state::CA_KEY, &next.key_pem)?;
-    dir.write(state::CA_CRT, &next.cert_pem)?;
+    dir.write_together(&[
+        (state::CA_KEY, &next.key_pem),
+        (state::CA_CRT, &next.cert_pem),
+    ])?;
     dir.remove(state::CA_NEXT_KEY)?;
     dir.remove(state::CA_NEXT_CRT)?;
     tokio::time::sleep(settle).await;
@@ -918,7 +940,11 @@ pub async fn rotate_token(settings: &Settings, reason: &str) -> Result<String, P
         ))
     })?;
     let token = settings.client().rotate_token(&tunnel_id, reason).await?;
-    dir.write(state::TUNNEL_TOKEN, token.tunnel_token.expose())?;
+    dir.write(state::TUNNEL_TOKEN, token.tunnel_token.expose())
+        .map_err(|source| ProvisionError::TokenNotSaved {
+            tunnel_id: tunnel_id.clone(),
+            source,
+        })?;
     info!(tunnel_id = %tunnel_id, token_id = %token.id, "rotated tunnel token");
     Ok(token.id)
 }

@@ -105,6 +105,32 @@ impl StateDir {
         Ok(true)
     }
 
+    /// Writes files that belong together (a key and its certificate) as [`write`] does,
+    /// but all or none: on a full disk the old pair stays whole (`certs::write_atomic_all`).
+    /// Returns whether any content changed.
+    ///
+    /// [`write`]: StateDir::write
+    pub fn write_together(&self, files: &[(&str, &str)]) -> Result<bool, CertError> {
+        let changed: Vec<(PathBuf, &str, u32)> = files
+            .iter()
+            .filter(|(name, content)| {
+                !std::fs::read(self.file(name)).is_ok_and(|old| old == content.as_bytes())
+            })
+            .map(|(name, content)| (self.file(name), *content, mode_of(name)))
+            .collect();
+        for (name, content) in files {
+            if changed.iter().all(|(p, _, _)| *p != self.file(name)) {
+                self.write(name, content)?;
+            }
+        }
+        let batch: Vec<(&Path, &[u8], u32)> = changed
+            .iter()
+            .map(|(p, c, m)| (p.as_path(), c.as_bytes(), *m))
+            .collect();
+        crate::certs::write_atomic_all(&batch)?;
+        Ok(!changed.is_empty())
+    }
+
     pub fn remove(&self, name: &str) -> Result<(), CertError> {
         match std::fs::remove_file(self.file(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CertError::Write {
