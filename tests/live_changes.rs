@@ -331,14 +331,17 @@ async fn routes_upstream_plane_and_certificate_land_as_one_generation() {
     assert_eq!(first.number, 1);
     let first_serial = serial_presented(&proxy);
 
-    let next = issue_server_at(
-        &pki.ca(),
-        common::DOMAIN,
-        Duration::from_secs(86400 * 30),
-        Default::default(),
-        unix_now(),
-    )
-    .unwrap();
+    let issue = || {
+        issue_server_at(
+            &pki.ca(),
+            common::DOMAIN,
+            Duration::from_secs(86400 * 30),
+            Default::default(),
+            unix_now(),
+        )
+        .unwrap()
+    };
+    let next = issue();
     std::fs::write(pki.path("tls.crt"), &next.cert_pem).unwrap();
     std::fs::write(pki.path("tls.key"), &next.key_pem).unwrap();
     std::fs::write(
@@ -370,14 +373,7 @@ async fn routes_upstream_plane_and_certificate_land_as_one_generation() {
     );
 
     // Provisioning installs a certificate: a generation of its own, same routes and plane.
-    let installed = issue_server_at(
-        &pki.ca(),
-        common::DOMAIN,
-        Duration::from_secs(86400 * 30),
-        Default::default(),
-        unix_now(),
-    )
-    .unwrap();
+    let installed = issue();
     let key = mcp_tunnel::certs::issue::certified_key(&installed).unwrap();
     assert_eq!(proxy.install_cert(key), 3);
     let third = proxy.generation();

@@ -6,7 +6,7 @@ mod fake_tunnels_api;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -726,6 +726,41 @@ async fn cli(url: &str, config: &Path, args: &[&str]) -> std::process::Output {
     .unwrap()
 }
 
+/// Runs the binary as `cli` does; its exit code and what it printed (stdout, then stderr).
+fn cli_said(
+    url: &str,
+    config: &Path,
+    args: &[&str],
+) -> impl std::future::Future<Output = (Option<i32>, String)> + use<> {
+    let (url, config) = (url.to_string(), config.to_path_buf());
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = cli(&url, &config, &args).await;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code(), said)
+    }
+}
+
+/// The config of a provisioned host whose state directory is `dir/state`, with the admin
+/// endpoint at `admin` (`127.0.0.1:1`: no service answers).
+fn provisioned_config(dir: &Path, env: &Env, admin: &str) -> PathBuf {
+    let config = dir.join("mcp-tunnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[admin]\nlisten_addr = \"{admin}\"\n[provision]\nstate_dir = \"state\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
+            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// The binary: `setup init` reads the environment and the `[provision]` section, prints no
 /// secret, and a rerun reports that nothing changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -784,15 +819,7 @@ async fn setup_archive_severs_archives_and_reprovisions_once() {
     let tmp = tempfile::tempdir().unwrap();
     let (fake, env) = setup(tmp.path()).await;
     let out = tmp.path().join("state");
-    let config = tmp.path().join("mcp-tunnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[admin]\nlisten_addr = \"127.0.0.1:1\"\n[provision]\nstate_dir = \"state\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
-            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
-        ),
-    )
-    .unwrap();
+    let config = provisioned_config(tmp.path(), &env, "127.0.0.1:1");
     let run = |args: Vec<String>| {
         let (config, url) = (config.clone(), fake.url.clone());
         async move {
@@ -983,27 +1010,12 @@ async fn teardown_stops_archives_and_removes_the_secrets() {
         .spawn()
         .unwrap();
     let admin = readyz_naming(service.id()).await;
-    let config = tmp.path().join("mcp-tunnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[admin]\nlisten_addr = \"{admin}\"\n[provision]\nstate_dir = \"state\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
-            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
-        ),
-    )
-    .unwrap();
+    let config = provisioned_config(tmp.path(), &env, &admin.to_string());
     let run = |args: &[&str]| {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (config, url) = (config.clone(), fake.url.clone());
+        let said = cli_said(&fake.url, &config, args);
         async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let o = cli(&url, &config, &args).await;
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            (o.status.code().unwrap_or(-1), text)
+            let (code, text) = said.await;
+            (code.unwrap_or(-1), text)
         }
     };
     let (code, said) = run(&["setup", "init"]).await;
@@ -1079,31 +1091,8 @@ async fn setup_rotate_now_without_a_service_and_api_errors_change_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let (fake, env) = setup(tmp.path()).await;
     let out = tmp.path().join("state");
-    let config = tmp.path().join("mcp-tunnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[admin]\nlisten_addr = \"127.0.0.1:1\"\n[provision]\nstate_dir = \"state\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
-            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
-        ),
-    )
-    .unwrap();
-    let run = |args: &[&str]| {
-        let (config, url) = (config.clone(), fake.url.clone());
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let o = cli(&url, &config, &args).await;
-            (
-                o.status.code(),
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                ),
-            )
-        }
-    };
+    let config = provisioned_config(tmp.path(), &env, "127.0.0.1:1");
+    let run = |args: &[&str]| cli_said(&fake.url, &config, args);
     let (code, said) = run(&["setup", "init"]).await;
     assert_eq!(code, Some(0), "{said}");
     let (code, said) = run(&["setup", "rotate"]).await;
@@ -1212,36 +1201,15 @@ async fn a_full_state_directory_fails_a_rotation_whole_and_the_next_attempt_succ
         .status()
         .unwrap();
     assert!(mounted.success(), "mount tmpfs on {}", out.display());
-    struct Unmount(std::path::PathBuf);
+    struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
             let _ = std::process::Command::new("umount").arg(&self.0).status();
         }
     }
     let _unmount = Unmount(out.clone());
-    let config = tmp.path().join("mcp-tunnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tls]\ncert_file = \"state/tls.crt\"\nkey_file = \"state/tls.key\"\n[routes]\necho = \"http://127.0.0.1:9\"\n[admin]\nlisten_addr = \"127.0.0.1:1\"\n[provision]\nstate_dir = \"state\"\nfederation_rule_id = \"{}\"\norganization_id = \"{}\"\nidentity_token_file = \"token.jwt\"\n",
-            env.vars["ANTHROPIC_FEDERATION_RULE_ID"], env.vars["ANTHROPIC_ORGANIZATION_ID"]
-        ),
-    )
-    .unwrap();
-    let run = |args: &'static [&'static str]| {
-        let (config, url) = (config.clone(), fake.url.clone());
-        async move {
-            let o = cli(&url, &config, args).await;
-            (
-                o.status.code(),
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                ),
-            )
-        }
-    };
+    let config = provisioned_config(tmp.path(), &env, "127.0.0.1:1");
+    let run = |args: &[&str]| cli_said(&fake.url, &config, args);
     let (code, said) = run(&["setup", "init"]).await;
     assert_eq!(code, Some(0), "{said}");
     // Fill the filesystem to the last byte.
@@ -1254,12 +1222,8 @@ async fn a_full_state_directory_fails_a_rotation_whole_and_the_next_attempt_succ
     }
     let full = whole_dir(&out);
     for flags in [&["--cert"][..], &["--token"]] {
-        let args: &'static [&'static str] = if flags == ["--cert"] {
-            &["setup", "rotate", "--now", "--cert"]
-        } else {
-            &["setup", "rotate", "--now", "--token"]
-        };
-        let (code, said) = run(args).await;
+        let args = [&["setup", "rotate", "--now"][..], flags].concat();
+        let (code, said) = run(&args).await;
         assert_ne!(code, Some(0), "{flags:?}: {said}");
         assert!(
             said.contains(&out.display().to_string()) && said.contains("No space left on device"),
